@@ -1,0 +1,321 @@
+"""The decoder-only transformer: one `GPTConfig`, one `GPT`, two families.
+
+GPT-2/3 (the classic recipe):   learned positions, pre-LayerNorm with bias, multi-head attention,
+                                GELU feed-forward of 4h, biases everywhere, output tied to the embedding.
+Llama-style:                    RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention, tied or not.
+
+Per GPT block the parameters are exactly `12h^2 + 13h`:
+    attention  4h^2 + 4h   (fused q,k,v: 3h^2 + 3h; output projection: h^2 + h)
+    MLP        8h^2 + 5h   (h -> 4h: 4h^2 + 4h; 4h -> h: 4h^2 + h)
+    2 norms    4h          (weight + bias each)
+
+Inference uses a KV cache: `forward(idx, cache=cache)` appends this call's keys/values to the cache and
+attends over everything cached so far. Prefill + one-token steps give the same logits as a full pass.
+
+    python -m chatstack.model      # prints the parameter breakdown of the tiny preset
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024          # context length T
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head (plain multi-head)
+    n_embd: int = 768
+    ffn_hidden: Optional[int] = None  # None = 4h (gelu) / 8h/3 rounded to 64 (swiglu)
+    pos: str = "learned"            # "learned" | "rope"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"         # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"               # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            if self.mlp == "gelu":
+                self.ffn_hidden = 4 * self.n_embd
+            else:
+                self.ffn_hidden = int(math.ceil(8 * self.n_embd / 3 / 64) * 64)
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.pos not in ("learned", "rope"):
+            problems.append(f"pos must be 'learned' or 'rope', got {self.pos!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            problems.append(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append("rope needs an even head dimension")
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, f) <= 0:
+                problems.append(f"{f} must be positive, got {getattr(self, f)}")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
+
+    All rows share one write position `pos`; rows with shorter prompts are left-padded and masked
+    by the caller (`attn_mask`/`positions`). The engine may bring its own cache object: the model only
+    calls `update(layer, k, v)` and reads/advances `pos`.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int):
+        self.pos += T
+
+    def reorder(self, index: torch.Tensor):
+        """Keep only rows `index` (e.g. drop finished rows from a batch)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+def rope_tables(head_dim: int, max_pos: int, base: float):
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_pos, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)                 # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)          # (T, hd), the "rotate_half" layout of HF Llama
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd)
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # one fused projection for q, k, v: a single matmul is faster than three on every device
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)      # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)   # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)           # (B, Hkv, past+T, hd)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            S = k.size(2)
+            k = k[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
+            v = v[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
+        drop = self.dropout if self.training else 0.0
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # one new token sees all the past
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            # a chunk after a cached prefix: query i (absolute past+i) sees keys 0..past+i
+            S = k.size(2)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)   # (B, T, H*hd)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        f = cfg.ffn_hidden
+        # swiglu: gate and up fused in one matmul, split after
+        self.fc = nn.Linear(cfg.n_embd, f if cfg.mlp == "gelu" else 2 * f, bias=cfg.bias)
+        self.proj = nn.Linear(f, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))   # Add & Norm (pre-norm)
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream keeps its variance
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, exclude_positions: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())   # parameters() counts a tied weight once
+        if exclude_positions and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
+        """Final-normed hidden states (B, T, n_embd): what the LM head, a reward head or a value head read."""
+        cfg = self.config
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        if positions is None:
+            if past + T > cfg.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
+            positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)   # (1, T)
+        x = self.tok_emb(idx)                                    # (B, T, h)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, hd)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm_f(x)
+
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None,
+                last_only: bool = False):
+        """Logits (B, T, V) (or (B, 1, V) with last_only); with targets also the mean cross-entropy.
+
+        targets: (B, T) next tokens, -1 = ignore. loss_mask: optional (B, T) weights (1 = count).
+        """
+        x = self.hidden_states(idx, cache, positions, attn_mask)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        loss = lm_loss(logits, targets, loss_mask)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
+
+
+def lm_loss(logits, targets, loss_mask=None):
+    """Mean next-token cross-entropy over counted positions (targets == -1 never count)."""
+    V = logits.size(-1)
+    if loss_mask is None:
+        return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-1)
+    per_tok = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1).clamp_min(0), reduction="none")
+    w = loss_mask.reshape(-1).float() * (targets.reshape(-1) >= 0).float()
+    return (per_tok * w).sum() / w.sum().clamp_min(1.0)
+
+
+if __name__ == "__main__":
+    from chatstack.presets import get_preset
+
+    cfg = get_preset("tiny")
+    m = GPT(cfg)
+    print(cfg)
+    for name, mod in [("embedding", m.tok_emb), ("positions", m.pos_emb), ("block 0", m.blocks[0]), ("final norm", m.norm_f)]:
+        if mod is not None:
+            print(f"{name:12s} {sum(p.numel() for p in mod.parameters()):>12,}")
+    print(f"{'total':12s} {m.num_params():>12,}")
