@@ -1,0 +1,1 @@
+"""RLHF: rankings -> reward model -> PPO (InstructGPT's recipe). See docs/rlhf.md."""
