@@ -1,0 +1,321 @@
+"""The OpenAI API's shapes as pydantic models: requests (validated) and responses (what we emit).
+
+Field names, defaults and ranges follow OpenAI's chat/completions and legacy completions
+endpoints (and vLLM / llama.cpp where OpenAI is silent). A request that fails validation is
+answered 400 in OpenAI's error envelope with `param` naming the offending field
+(see `error_body` and chatstack/serve/app.py).
+
+Accepted but ignored (as llama.cpp does): presence_penalty, frequency_penalty, logit_bias, user,
+response_format {"type": "text"}. Extensions (as vLLM): top_k.
+
+    python -m chatstack.serve.protocol     # prints the JSON schema of a chat request
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# torch.Generator.manual_seed accepts this range; outside it the engine would raise
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
+MAX_N = 16            # choices per request (each one is a row in the batch)
+MAX_STOP = 16         # stop strings per request
+MAX_TOP_LOGPROBS = 20
+CHAT_ROLES = ("system", "user", "assistant", "developer")   # "developer" is OpenAI's new name for system
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ----------------------------------------------------------------------------- errors
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """Raised anywhere in request handling; app.py turns it into the OpenAI envelope with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+# ----------------------------------------------------------------------------- requests
+
+class _Lenient(BaseModel):
+    # unknown fields are ignored rather than rejected, as vLLM and llama.cpp do: newer clients send new knobs
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v not in CHAT_ROLES:
+            raise ValueError(f"unsupported role {v!r}; expected one of {', '.join(CHAT_ROLES)}")
+        return v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text"] = "text"   # json modes are not supported: say so with a 400 rather than ignore
+
+
+def _stop_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    return v
+
+
+class _SamplingFields(_Lenient):
+    model: str = Field(min_length=1, max_length=512)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(None, ge=0, le=1_000_000)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    max_tokens: Optional[int] = Field(None, ge=1, le=10_000_000)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        stops = _stop_list(v)
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @property
+    def stops(self) -> list[str]:
+        return _stop_list(self.stop)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=10_000_000)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        # max_completion_tokens is the newer name; it wins when both are given
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def chat_messages(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_SamplingFields):
+    # str | [str, ...] | [token ids] | [[token ids], ...], as OpenAI's legacy endpoint
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=1, le=10_000_000)   # the legacy endpoint's default is 16
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: Optional[bool] = False
+    best_of: Optional[int] = Field(None, ge=1, le=1)   # only best_of == n == 1 semantics; larger is refused
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and len(v) == 0:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and v and isinstance(v[0], list) and any(len(p) == 0 for p in v):
+            raise ValueError("token-id prompts must not be empty")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        if v:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return v
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+
+# ----------------------------------------------------------------------------- rank page
+
+class RankSampleRequest(_Lenient):
+    messages: list[ChatMessage] = Field(min_length=1)
+    k: int = Field(4, ge=2, le=8)
+    temperature: float = Field(1.0, gt=0.0, le=2.0)   # > 0: K greedy answers would all be the same
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _ends_with_user(self):
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be from the assistant: it is what is being sampled")
+        return self
+
+
+class RankSubmitRequest(_Lenient):
+    prompt: list[ChatMessage] = Field(min_length=1)
+    responses: list[str] = Field(min_length=2)   # best first
+
+
+# ----------------------------------------------------------------------------- responses
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprob]] = None
+    refusal: Optional[list[TokenLogprob]] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    refusal: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: Optional[str] = None
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "chatstack"
+    max_model_len: Optional[int] = None   # vLLM's extension: the context length
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(ChatCompletionRequest.model_json_schema(), indent=2))
