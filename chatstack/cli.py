@@ -124,4 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m chatstack.cli`: call the imported module's main, so stage modules raise the same CLIError class
+    from chatstack.cli import main as _main
+
+    sys.exit(_main())
