@@ -1,0 +1,480 @@
+"""The inference engine: one generator for the chat CLI, the HTTP server, PPO rollouts and the evals.
+
+How it works
+  * Prefill: a new request's whole prompt goes through the model once, filling its KV-cache slot; the
+    logits at its last prompt token give the first new token.
+  * Decode: every step feeds each running row its latest token (one position per row) and attends over
+    that row's cached keys/values only, so each step costs one small forward for the whole batch.
+  * Continuous batching: rows live in slots 0..n-1 of a `SlotCache`; each row keeps its own length. Rows
+    of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
+    row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
+    of the cache and no gather is needed) and a waiting request joins at the next `step()`.
+  * Sampling per row (greedy / temperature / top-k / top-p, see chatstack.sampling); a request's seed fixes
+    its random draws, whatever else is in the batch.
+  * Detokenisation is incremental and UTF-8 safe: token bytes go through an incremental UTF-8 decoder, so
+    a multi-byte character split over tokens is emitted once complete, never half. Stop strings are
+    searched in the decoded text; text that might be the start of a stop string is held back until it
+    can't be.
+
+Context length: a prompt must leave room for at least one new token (len(prompt) < block_size), else
+ValueError. A row stops with finish_reason "length" when prompt + generated tokens reach block_size
+(or max_new_tokens), so the model never reads a position past its context.
+
+Outputs: `Completion.token_ids` holds every generated token, including a final stop token (the model did
+produce it; PPO trains on it, and servers count it), but `text` never contains the stop token's or the
+stop string's text. `logprobs` are log-probabilities of the chosen tokens under the model's raw
+distribution (log-softmax of the logits, before temperature / top-k / top-p); `top_logprobs` the top-N
+alternatives of that same distribution, most likely first.
+
+    from chatstack.engine import Engine, SamplingParams
+    engine = Engine(model, tokenizer)
+    out = engine.generate([tokenizer.encode("Once upon a time")], SamplingParams(max_new_tokens=50, temperature=0))
+    for ev in engine.stream(ids, SamplingParams(temperature=0.8, seed=1)): print(ev.text, end="", flush=True)
+
+The engine is not thread-safe: one scheduler (the server's, or generate/stream here) drives `step()`.
+"""
+from __future__ import annotations
+
+import codecs
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from chatstack.sampling import sample
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0                  # 0 = greedy
+    top_k: int = 0                            # 0 = off
+    top_p: float = 1.0                        # 1.0 = off
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the returned text)
+    stop_token_ids: Optional[list[int]] = None  # None = the tokenizer's <|endoftext|> and <|im_end|>
+    seed: Optional[int] = None                # per-request generator: same seed -> same output
+    logprobs: bool = False                    # per-token log-probability of the chosen token
+    top_logprobs: int = 0                     # also the top-N alternatives per position
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_logprobs < 0:
+            problems.append(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append("stop strings must be non-empty strings")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+
+@dataclass
+class Completion:
+    """One finished request."""
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str                        # "stop" | "length"
+    logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request."""
+    request_id: int
+    token_id: Optional[int]
+    text: str                                 # newly completed UTF-8 text (may be "")
+    logprob: Optional[float]
+    top_logprobs: Optional[list[tuple[int, float]]]
+    finished: bool
+    finish_reason: Optional[str]
+
+
+class SlotCache:
+    """KV cache with one slot per running row and per-row lengths.
+
+    k, v: (n_layer, slots, n_kv_head, length, head_dim). The running batch is always slots 0..B-1, so the
+    keys a decode step attends over are a view `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)`
+    and reads `.pos`; the engine says beforehand where this forward writes (`prefill` or `decode`).
+    Capacity grows on demand (doubling), so a short request doesn't allocate the whole context.
+    """
+
+    def __init__(self, cfg, device, dtype, max_slots: int):
+        self.max_slots = max_slots
+        self.n_layer, self.n_kv, self.hd = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
+        self.max_len = cfg.block_size
+        self.device, self.dtype = device, dtype
+        self.k = self.v = None
+        self.slots = self.length = 0
+        self.pos = 0             # read by the model only when it builds default positions/masks (prefill: 0)
+        self._mode = None
+
+    def reserve(self, slots: int, length: int):
+        if slots <= self.slots and length <= self.length:
+            return
+        new_slots = max(slots, min(2 * self.slots, self.max_slots))
+        new_len = min(self.max_len, max(length, 2 * self.length))
+        shape = (self.n_layer, new_slots, self.n_kv, new_len, self.hd)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if self.k is not None:
+            k[:, :self.slots, :, :self.length] = self.k
+            v[:, :self.slots, :, :self.length] = self.v
+        self.k, self.v, self.slots, self.length = k, v, new_slots, new_len
+
+    def prefill(self, first_slot: int, B: int):
+        """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions 0..T-1."""
+        self._mode = ("prefill", first_slot, B)
+        self.pos = 0
+
+    def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
+        """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,))."""
+        self._mode = ("decode", B, write_pos, S)
+        self.pos = S - 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        mode = self._mode
+        if mode[0] == "prefill":
+            _, s0, B = mode
+            T = k.size(2)
+            self.k[layer, s0:s0 + B, :, :T] = k                  # (B, Hkv, T, hd)
+            self.v[layer, s0:s0 + B, :, :T] = v
+            return k, v
+        _, B, wp, S = mode
+        if isinstance(wp, int):
+            self.k[layer, :B, :, wp:wp + 1] = k
+            self.v[layer, :B, :, wp:wp + 1] = v
+        else:
+            rows = torch.arange(B, device=k.device)
+            self.k[layer, rows, :, wp] = k[:, :, 0]               # (B, Hkv, hd) into per-row positions
+            self.v[layer, rows, :, wp] = v[:, :, 0]
+        return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]  # (B, Hkv, S, hd) views
+
+    def advance(self, T: int):
+        pass  # lengths are per row; the engine tracks them
+
+    def move(self, src: int, dst: int, n: int):
+        """Copy the first n positions of slot src into slot dst (compaction after a row leaves)."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
+
+class _Row:
+    """A request's state while it runs."""
+
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
+                 uniforms: Optional[list[float]], collect: bool):
+        self.rid, self.prompt, self.params, self.stop_ids = rid, prompt, params, stop_ids
+        self.uniforms = uniforms
+        self.collect = collect
+        self.out: list[int] = []
+        self.logprobs: Optional[list[float]] = [] if params.logprobs else None
+        self.top: Optional[list] = [] if params.top_logprobs else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""            # decoded so far (may extend past a stop string until it is found)
+        self.emitted = 0          # chars of self.text already handed out
+        self.finished = False
+        self.reason: Optional[str] = None
+
+    @property
+    def cache_len(self) -> int:
+        """Positions of this row in its KV slot (the latest token is not cached until it is fed)."""
+        return len(self.prompt) + len(self.out) - 1
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None):
+        self.model = model
+        self.tok = tokenizer
+        self.cfg = model.config
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        if self.device != p.device:
+            model.to(self.device)
+        self.max_batch_size = max_batch_size
+        self.block_size = self.cfg.block_size
+        # a model may have more output rows than the tokenizer has tokens (padded vocab): never sample those
+        tv = getattr(tokenizer, "vocab_size", self.cfg.vocab_size)
+        self.n_vocab = min(tv, self.cfg.vocab_size)
+        self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
+                                                    getattr(tokenizer, "im_end_id", None)) if i is not None})
+        self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
+        self.running: list[_Row] = []
+        self.pending: list[_Row] = []
+        self.done: dict[int, Completion] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random()
+        self._batch_key = None
+        self._batch_tensors = None
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("empty prompt: generation needs at least one prompt token")
+        if len(ids) >= self.block_size:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context length "
+                             f"{self.block_size} (it must leave room for at least one new token)")
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        return ids
+
+    def add_request(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    _collect: bool = False) -> int:
+        """Queue a request; it joins the running batch at the next `step()`. Returns its request id."""
+        params = params or SamplingParams()
+        ids = self.check_prompt(prompt_ids)
+        rid = next(self._ids)
+        stop_ids = set(self.default_stop_ids if params.stop_token_ids is None else params.stop_token_ids)
+        uniforms = None
+        if params.temperature > 0:
+            # all of this request's random draws come from its own generator, fixed by its seed
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            g = torch.Generator().manual_seed(seed)
+            uniforms = torch.rand(params.max_new_tokens, generator=g, dtype=torch.float64).tolist()
+        self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect))
+        return rid
+
+    def cancel(self, rid: int) -> bool:
+        """Drop a request (queued or running) and free its slot. True if it was found."""
+        for i, r in enumerate(self.pending):
+            if r.rid == rid:
+                del self.pending[i]
+                return True
+        for r in self.running:
+            if r.rid == rid and not r.finished:
+                r.finished, r.reason, r.collect = True, "cancelled", False
+                self._compact()
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.pending)
+
+    # ---- one scheduler step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One decode step for every running row, then prefill of newly admitted rows (one token each)."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()     # no dropout while generating (PPO generates with a model it trains)
+        try:
+            events = []
+            if self.running:
+                events += self._decode()
+                self._compact()
+            free = self.max_batch_size - len(self.running)
+            if self.pending and free > 0:
+                new, self.pending = self.pending[:free], self.pending[free:]
+                events += self._prefill(new)
+                self._compact()
+            return events
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _prefill(self, rows: list[_Row]) -> list[TokenEvent]:
+        s0 = len(self.running)
+        self.running.extend(rows)
+        need = max(min(self.block_size, len(r.prompt) + r.params.max_new_tokens) for r in self.running)
+        self.cache.reserve(len(self.running), need)
+        B = len(rows)
+        lens = [len(r.prompt) for r in rows]
+        T = max(lens)
+        idx = torch.zeros(B, T, dtype=torch.long)
+        for i, r in enumerate(rows):                        # right-padded; padding is never attended
+            idx[i, :lens[i]] = torch.tensor(r.prompt)
+        idx = idx.to(self.device)
+        positions = torch.arange(T, device=self.device)[None]  # (1, T)
+        self.cache.prefill(s0, B)
+        h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
+        last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
+        logits = self.model.lm_head(last)                   # (B, V)
+        return self._accept(rows, logits)
+
+    def _decode(self) -> list[TokenEvent]:
+        rows = self.running
+        B = len(rows)
+        idx = torch.tensor([[r.out[-1]] for r in rows], device=self.device)   # (B, 1)
+        pos = [r.cache_len for r in rows]
+        S = max(pos) + 1
+        if min(pos) == S - 1:
+            # every row at the same length (always so at batch 1): no mask, all S keys are valid
+            positions = torch.full((1, 1), S - 1, device=self.device, dtype=torch.long)
+            mask = None
+            self.cache.decode(B, S - 1, S)
+        else:
+            wp = torch.tensor(pos, device=self.device)
+            positions = wp[:, None]                                          # (B, 1)
+            mask = (torch.arange(S, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, S)
+            self.cache.decode(B, wp, S)
+        logits = self.model(idx, cache=self.cache, positions=positions, attn_mask=mask, last_only=True)[:, -1]
+        return self._accept(rows, logits)
+
+    # ---- sampling and bookkeeping --------------------------------------------------------------------------
+    def _sampling_tensors(self, rows: list[_Row]):
+        key = tuple(r.rid for r in rows)
+        if key != self._batch_key:
+            ps = [r.params for r in rows]
+            temp = torch.tensor([p.temperature for p in ps], device=self.device)
+            top_k = torch.tensor([p.top_k for p in ps], device=self.device)
+            top_p = torch.tensor([p.top_p for p in ps], device=self.device)
+            greedy = all(p.temperature == 0 for p in ps)
+            k_limit = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else 0
+            want_lp = any(p.logprobs or p.top_logprobs for p in ps)
+            n_top = max(p.top_logprobs for p in ps)
+            self._batch_key = key
+            self._batch_tensors = (temp, top_k, top_p, greedy, k_limit, want_lp, n_top)
+        return self._batch_tensors
+
+    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
+        logits = logits[:, :self.n_vocab]
+        temp, top_k, top_p, greedy, k_limit, want_lp, n_top = self._sampling_tensors(rows)
+        if greedy:
+            next_ids = logits.argmax(dim=-1)
+        else:
+            u = torch.tensor([r.uniforms[len(r.out)] if r.uniforms else 0.0 for r in rows], device=self.device)
+            next_ids = sample(logits, temp, top_k, top_p, u, k_limit)
+        lp = top_vals = top_ids = None
+        if want_lp:
+            logp = logits.float().log_softmax(dim=-1)                        # (B, V)
+            lp = logp.gather(1, next_ids[:, None])[:, 0].tolist()
+            if n_top:
+                tv, ti = logp.topk(min(n_top, logp.size(1)), dim=-1)
+                top_vals, top_ids = tv.tolist(), ti.tolist()
+        events = []
+        for i, (r, tid) in enumerate(zip(rows, next_ids.tolist())):
+            events.append(self._advance_row(r, tid, lp[i] if lp is not None else None,
+                                            list(zip(top_ids[i], top_vals[i]))[:r.params.top_logprobs]
+                                            if top_ids is not None and r.params.top_logprobs else None))
+        return events
+
+    def _advance_row(self, r: _Row, tid: int, lp, top) -> TokenEvent:
+        p = r.params
+        r.out.append(tid)
+        if r.logprobs is not None:
+            r.logprobs.append(lp)
+        if r.top is not None:
+            r.top.append(top)
+        if tid in r.stop_ids:
+            self._finish(r, "stop")
+        else:
+            r.text += r.decoder.decode(self.tok.token_bytes(tid))
+            if not self._find_stop(r) and (len(r.out) >= p.max_new_tokens
+                                           or len(r.prompt) + len(r.out) >= self.block_size):
+                self._finish(r, "length")
+        if r.finished:
+            end = len(r.text)
+        else:
+            end = len(r.text) - self._holdback(r)
+        piece = r.text[r.emitted:end] if end > r.emitted else ""
+        r.emitted = max(r.emitted, end)
+        return TokenEvent(r.rid, tid, piece, lp if p.logprobs else None, top if p.top_logprobs else None,
+                          r.finished, r.reason if r.finished else None)
+
+    def _find_stop(self, r: _Row) -> bool:
+        """Cut the text at the first stop string, if one has appeared; True when the row stopped."""
+        if not r.params.stop:
+            return False
+        longest = max(len(s) for s in r.params.stop)
+        start = max(0, r.emitted - longest)    # a match may begin inside text held back earlier
+        hits = [j for j in (r.text.find(s, start) for s in r.params.stop) if j >= 0]
+        if not hits:
+            return False
+        r.text = r.text[:min(hits)]
+        self._finish(r, "stop", flush=False)
+        return True
+
+    @staticmethod
+    def _holdback(r: _Row) -> int:
+        """Chars at the end of the text that could begin a stop string: not emitted yet."""
+        tail = r.text[r.emitted:]
+        for n in range(min(len(tail), max((len(s) for s in r.params.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in r.params.stop):
+                return n
+        return 0
+
+    def _finish(self, r: _Row, reason: str, flush: bool = True):
+        if flush:
+            r.text += r.decoder.decode(b"", final=True)  # an incomplete trailing character becomes U+FFFD
+            if reason == "length" and self._find_stop(r):
+                return
+        r.finished, r.reason = True, reason
+        if r.collect:
+            self.done[r.rid] = Completion(r.prompt, r.out, r.text, reason, r.logprobs, r.top)
+
+    def _compact(self):
+        """Remove finished rows; the last running row moves into each hole so slots stay 0..B-1."""
+        i = 0
+        while i < len(self.running):
+            if not self.running[i].finished:
+                i += 1
+                continue
+            last = self.running.pop()
+            if i < len(self.running):
+                self.cache.move(len(self.running), i, max(last.cache_len, 0))
+                self.running[i] = last
+
+    # ---- conveniences built on the primitives ----------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 progress: bool = False) -> list[Completion]:
+        """Complete many prompts (batched, continuous); results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        for i, pr in enumerate(prompts):
+            try:
+                self.check_prompt(pr)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        rids = [self.add_request(pr, pa, _collect=True) for pr, pa in zip(prompts, params)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rids), desc="generate", unit="seq")
+        wanted = set(rids)
+        try:
+            while wanted - self.done.keys():
+                if not self.has_unfinished():
+                    raise RuntimeError("engine idle but requests unfinished (cancelled elsewhere?)")
+                events = self.step()
+                if bar is not None:
+                    bar.update(sum(1 for e in events if e.finished and e.request_id in wanted))
+        finally:
+            if bar is not None:
+                bar.close()
+            for rid in rids:
+                if rid not in self.done:
+                    self.cancel(rid)
+        return [self.done.pop(rid) for rid in rids]
+
+    def stream(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> Iterator[TokenEvent]:
+        """One request, its tokens as they come. Closing the iterator early cancels the request."""
+        rid = self.add_request(prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                for ev in self.step():
+                    if ev.request_id == rid:
+                        finished = ev.finished
+                        yield ev
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def chat(self, messages: list[dict], params: Optional[SamplingParams] = None) -> Completion:
+        """Reply to a conversation (ChatML prompt ending in `<|im_start|>assistant\\n`)."""
+        return self.generate([self.tok.render_prompt(messages)], params)[0]
