@@ -102,11 +102,11 @@ def reference_logprobs(model, prompt: list[int], out: list[int]) -> list[float]:
     return [float(logp[P - 1 + t, tok]) for t, tok in enumerate(out)]
 
 
-def make_checkpoint(path, family: str = "nano", seed: int = 0):
+def make_checkpoint(path, family: str = "nano", seed: int = 0, **over):
     """A random nano checkpoint with the small tokenizer, saved in chatstack's format."""
     from chatstack.checkpoint import save_checkpoint
 
     tok = small_tokenizer()
-    model = nano_model(family, vocab_size=tok.vocab_size, seed=seed)
+    model = nano_model(family, vocab_size=tok.vocab_size, seed=seed, **over)
     save_checkpoint(path, model, {"model": model.config.to_dict(), "stage": "test", "tokenizer": tok.info()}, tok)
     return model, tok

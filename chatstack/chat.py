@@ -1,0 +1,233 @@
+"""`chatstack generate` (plain completion, for base models) and `chatstack chat` (a terminal chat).
+
+    chatstack generate runs/x/base --prompt "Once upon a time" --max-new-tokens 50 --temperature 0
+    chatstack generate runs/x/base --prompt "What is 7 times 6?" --few-shot examples.jsonl --cot \\
+        --paths 8 --path-temperatures 0.5 0.9      # self-consistency: majority answer + vote share
+    chatstack chat runs/x/sft --system "You are a helpful assistant."
+    printf 'Hi!\\nWhat is 2+2?\\n' | chatstack chat runs/x/sft       # piped: one user turn per line
+
+The chat keeps the whole conversation as ChatML (system, user, assistant turns) and streams each reply.
+Commands: /clear (forget the conversation, keep the system prompt), /system TEXT (set the system prompt;
+/system alone shows it, "/system -" removes it), /quit. When the conversation no longer fits the model's
+context, the oldest turns are dropped (the system prompt stays) and a note goes to stderr.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from chatstack.engine import Engine, SamplingParams
+
+HELP = "commands: /clear  /system [TEXT | -]  /quit"
+
+
+@dataclass
+class SamplingArgs:
+    max_new_tokens: int = field(default=256, metadata={"help": "most tokens to generate per reply/completion"})
+    temperature: float = field(default=0.8, metadata={"help": "0 = greedy"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = off)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass (1.0 = off)"})
+    seed: Optional[int] = field(default=None, metadata={"help": "fixes the random draws (reproducible output)"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop strings (not printed)"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | mps"})
+
+
+@dataclass
+class GenerateArgs:
+    prompt: str = field(default="", metadata={"help": "the text to continue (or the question, with --few-shot)"})
+    num_samples: int = field(default=1, metadata={"help": "independent completions (seed, seed+1, ...)"})
+    few_shot: str = field(default="", metadata={"help": "JSONL of {question, answer} examples: build a few-shot prompt"})
+    shots: int = field(default=0, metadata={"help": "how many of the --few-shot examples to use (0 = all)"})
+    cot: bool = field(default=False, metadata={"help": "end the prompt with \"Let's think step by step.\""})
+    paths: int = field(default=0, metadata={"help": "self-consistency: sample N reasoning paths, print the majority "
+                                                    "answer and its vote share (0 = off)"})
+    path_temperatures: list[float] = field(default_factory=lambda: [0.7],
+                                           metadata={"help": "temperatures the paths cycle through"})
+
+
+def _load(path: str, device: str):
+    from chatstack.checkpoint import CheckpointError, load_checkpoint
+    from chatstack.cli import CLIError
+
+    try:
+        ck = load_checkpoint(path, device=device)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    if ck.tokenizer is None:
+        raise CLIError(f"{path}: checkpoint has no tokenizer.json")
+    ck.model.eval()
+    return ck
+
+
+def _params(args, **over) -> SamplingParams:
+    from chatstack.cli import CLIError
+
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=list(args.stop or []))
+    kw.update(over)
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+# ---- generate ---------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from chatstack.cli import CLIError
+    from chatstack.prompting import few_shot_prompt, load_examples, self_consistency
+
+    if not args.prompt:
+        raise CLIError("--prompt is required")
+    ck = _load(args.checkpoint, args.device)
+    tok = ck.tokenizer
+    engine = Engine(ck.model, tok)
+    text = args.prompt
+    if args.few_shot:
+        try:
+            examples = load_examples(args.few_shot)
+        except (OSError, ValueError) as e:
+            raise CLIError(str(e)) from None
+        text = few_shot_prompt(examples, args.prompt, shots=args.shots, cot=args.cot)
+    elif args.cot:
+        text = text.rstrip() + " " + "Let's think step by step."
+    ids = tok.encode(text)
+    try:
+        engine.check_prompt(ids)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    # few-shot continuations must stop before the model invents the next question
+    stop = list(args.stop or []) + (["\n\nQ:", "\nQ:"] if args.few_shot else [])
+    if args.paths:
+        r = self_consistency(engine, ids, paths=args.paths, temperatures=args.path_temperatures,
+                             max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                             seed=args.seed, stop=stop)
+        for i, p in enumerate(r.paths):
+            body = p["text"].strip().replace("\n", " ")
+            print(f"[path {i + 1} T={p['temperature']:g}] answer={p['answer']!r}: {body}")
+        n_votes = max(r.votes.values()) if r.votes else 0
+        print(f"majority answer: {r.answer} (vote share {r.share:.2f}: {n_votes}/{args.paths} paths; "
+              f"votes {r.votes})")
+        return 0
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        for ev in engine.stream(ids, _params(args, seed=seed, stop=stop)):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    return 0
+
+
+# ---- chat -------------------------------------------------------------------------------------------------
+class ChatSession:
+    """A conversation with the model: ChatML history, slash commands, context trimming."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, system: str = "",
+                 note: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+        self.engine, self.params, self.system, self.note = engine, params, system, note
+        self.turns: list[dict] = []          # user/assistant messages (the system prompt is kept apart)
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def command(self, line: str) -> Optional[str]:
+        """Handle a /command; returns "quit" to end the session, None otherwise."""
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("/quit", "/exit"):
+            return "quit"
+        if cmd == "/clear":
+            self.turns = []
+            self.note("(conversation cleared)")
+        elif cmd == "/system":
+            if not rest.strip():
+                self.note(f"(system prompt: {self.system!r})")
+            else:
+                self.system = "" if rest.strip() == "-" else rest.strip()
+                self.note("(system prompt set)" if self.system else "(system prompt removed)")
+        else:
+            self.note(f"(unknown command {cmd}; {HELP})")
+        return None
+
+    def _fit(self) -> Optional[list[int]]:
+        """The prompt ids, dropping the oldest turns until it fits with room to answer; None if it can't."""
+        tok, limit = self.engine.tok, self.engine.block_size
+        room = min(self.params.max_new_tokens, max(1, limit // 4))
+        while True:
+            ids = tok.render_prompt(self.messages())
+            if len(ids) + room <= limit or len(self.turns) <= 1:
+                return ids if len(ids) < limit else None
+            # drop the oldest user turn and the assistant reply that follows it
+            self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]
+            self.note("(context full: dropped the oldest turn)")
+
+    def reply(self, user: str, on_text: Callable[[str], None] = lambda s: None) -> str:
+        self.turns.append({"role": "user", "content": user})
+        ids = self._fit()
+        if ids is None:
+            self.turns.pop()
+            self.note(f"(message too long for the model's context of {self.engine.block_size} tokens)")
+            return ""
+        out = []
+        try:
+            for ev in self.engine.stream(ids, self.params):
+                if ev.text:
+                    out.append(ev.text)
+                    on_text(ev.text)
+        except KeyboardInterrupt:
+            self.note("\n(interrupted)")         # keep what was said so far
+        text = "".join(out)
+        self.turns.append({"role": "assistant", "content": text})
+        return text
+
+
+def cmd_chat(args) -> int:
+    ck = _load(args.checkpoint, args.device)
+    engine = Engine(ck.model, ck.tokenizer)
+    session = ChatSession(engine, _params(args), system=args.system)
+    interactive = sys.stdin.isatty()
+
+    def write(s):
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    if interactive:
+        print(f"chatstack chat: {ck.path} ({HELP})", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break                                 # end of piped input
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if session.command(line) == "quit":
+                break
+            continue
+        if interactive:
+            write("assistant> ")
+        session.reply(line, on_text=write)
+        write("\n")
+    return 0
+
+
+def register(sub) -> None:
+    from chatstack.cli import add_dataclass_args
+
+    g = sub.add_parser("generate", help="continue a text prompt (base models); few-shot and self-consistency",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    g.add_argument("checkpoint", help="checkpoint directory")
+    add_dataclass_args(g, GenerateArgs, group="prompt")
+    add_dataclass_args(g, SamplingArgs, group="sampling")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="chat in the terminal (ChatML, streaming); reads turns from stdin when piped",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    c.add_argument("checkpoint", help="checkpoint directory")
+    c.add_argument("--system", default="", help="system prompt")
+    add_dataclass_args(c, SamplingArgs, group="sampling")
+    c.set_defaults(func=cmd_chat)
