@@ -1,0 +1,412 @@
+"""`chatstack ppo`: RLHF with PPO against a reward model, a KL penalty to the SFT model, and PPO-ptx.
+
+    chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo
+    chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --ptx-coef 0.5 --kl-coef 0.05
+    chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --resume       # continue exactly
+    chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --rounds 2     # label -> RM -> PPO again
+
+One iteration (InstructGPT / Ziegler et al. 2019):
+  1. rollout: sample one answer per prompt through the engine (temperature 1, per-token log-probs);
+  2. score: r = RM(prompt, answer) at the answer's final token, minus `no_eos_penalty` if it never ended;
+     per-token reward = -beta * KL_t(policy || SFT) (k1, or k3), plus r on the last token;
+     beta fixed, or adaptive toward `target_kl` (nats per answer);
+  3. GAE(gamma, lambda) with the value head, advantages whitened over the batch;
+  4. `ppo_epochs` passes over minibatches: clipped policy loss + vf_coef * clipped value loss
+     (+ ptx_coef * next-token loss on a pretraining batch: PPO-ptx).
+The policy shares its trunk with the value head (see chatstack/rlhf/rollout.py for why).
+
+Metrics per iteration go to OUT/metrics.jsonl: reward (mean RM score), kl (mean per-answer KL to the SFT
+model, k1), entropy, clipfrac, approx_kl, value_loss, response_length, ... ; every `eval_every`
+iterations also held-out exact-match accuracy on the built-in tasks and the held-out pretraining loss
+(`ptx_val_loss`: the "alignment tax"). The checkpoint in OUT is a plain language-model checkpoint (stage
+"ppo"); the value head, optimizer and KL controller are in OUT/state for exact resume.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from chatstack.rlhf import ppo_core as pc
+
+
+@dataclass
+class PPOConfig:
+    policy: str = field(default="", metadata={"help": "SFT checkpoint: the initial policy and the KL reference"})
+    reward: str = field(default="", metadata={"help": "reward-model checkpoint (chatstack reward)"})
+    reference: str = field(default="", metadata={"help": "frozen KL reference (default: --policy)"})
+    out: str = field(default="", metadata={"help": "checkpoint directory to write (and resume from)"})
+    prompts: str = field(default="", metadata={"help": "JSONL of {'prompt'} / {'messages'} (default: built-in task prompts)"})
+    tasks: str = field(default="", metadata={"help": "comma-separated built-in tasks for prompts and eval (default: all)"})
+    # -- schedule
+    iterations: int = field(default=300, metadata={"help": "PPO iterations (rollout + update)"})
+    time_budget: float = field(default=270.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
+    rollout_batch: int = field(default=64, metadata={"help": "prompts (one answer each) per iteration"})
+    max_new_tokens: int = field(default=40, metadata={"help": "answer length cap during rollouts and evals"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
+    minibatch: int = field(default=32, metadata={"help": "answers per PPO minibatch"})
+    lr: float = field(default=3e-5, metadata={"help": "learning rate (constant after warmup)"})
+    warmup: int = field(default=5, metadata={"help": "warmup iterations"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
+    # -- PPO
+    kl_coef: float = field(default=0.05, metadata={"help": "beta: KL penalty per token (initial value if adaptive)"})
+    target_kl: float = field(default=0.0, metadata={"help": "adaptive beta toward this KL per answer, nats (0 = fixed)"})
+    kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon (answers)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate in the reward", "choices": ["k1", "k3"]})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value-loss weight"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages per batch"})
+    no_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of answers that never end"})
+    # -- PPO-ptx
+    ptx_coef: float = field(default=0.0, metadata={"help": "gamma_ptx: weight of the pretraining loss (0 = plain PPO)"})
+    ptx_data: str = field(default="", metadata={"help": "prepared pretraining data dir (default: the base model's, "
+                                                        "else built-in Shakespeare)"})
+    ptx_batch: int = field(default=8, metadata={"help": "pretraining rows per PPO minibatch"})
+    ptx_len: int = field(default=128, metadata={"help": "tokens per pretraining row"})
+    # -- bookkeeping
+    eval_every: int = field(default=20, metadata={"help": "held-out accuracy + pretraining loss every N iterations (0 = ends only)"})
+    eval_n: int = field(default=30, metadata={"help": "held-out examples per task per eval"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N iterations (0 = end only)"})
+    seed: int = field(default=1337, metadata={"help": "seed for prompts, sampling and minibatches"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | ..."})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, exactly"})
+    progress: bool = field(default=True, metadata={"help": "progress bar"})
+    # -- iterated RLHF
+    rounds: int = field(default=1, metadata={"help": "repeat label -> reward -> PPO with the newest policy"})
+    label_prompts: int = field(default=400, metadata={"help": "rounds > 1: prompts labelled per round"})
+    label_k: int = field(default=4, metadata={"help": "rounds > 1: answers ranked per prompt"})
+
+
+# ---- prompts and pretraining data ------------------------------------------------------------------------
+def prompt_pool(cfg: PPOConfig, tokenizer) -> list[list[int]]:
+    from chatstack.data.label import file_prompts, task_prompts
+
+    if cfg.prompts:
+        items = file_prompts(cfg.prompts)
+    else:
+        names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
+        items = task_prompts(4000, "train", cfg.seed, names)
+    if not items:
+        raise ValueError(f"{cfg.prompts or 'built-in tasks'}: no prompts")
+    return [tokenizer.render_prompt(m) for m, _ in items]
+
+
+def _lineage_data(policy_path: str) -> str | None:
+    """The prepared pretraining data dir of the policy's ancestors (SFT -> base), if recorded and present."""
+    from chatstack.checkpoint import read_config
+
+    path = policy_path
+    for _ in range(4):
+        try:
+            c = read_config(path)
+        except Exception:
+            return None
+        d = (c.get("train") or {}).get("data")
+        if isinstance(d, str) and (Path(d) / "meta.json").exists():
+            return d
+        path = c.get("parent")
+        if not path:
+            return None
+    return None
+
+
+def pretraining_tokens(cfg: PPOConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(train tokens, held-out tokens, source) for PPO-ptx and the alignment-tax measurement."""
+    import numpy as np
+
+    src = cfg.ptx_data or _lineage_data(cfg.policy)
+    if src:
+        from chatstack.data.shards import TokenDataset
+
+        ds = TokenDataset(src)
+        ds.check_tokenizer(tokenizer, f"{cfg.policy}/tokenizer.json")
+        tr = torch.from_numpy(np.asarray(ds.split("train").tokens, dtype=np.int64))
+        va = torch.from_numpy(np.asarray(ds.split("val").tokens, dtype=np.int64))
+        return tr, va, src
+    from chatstack.data.builtin import builtin_texts
+
+    # the built-in corpus, tokenised here (a 1M-token sample of train is plenty for ptx batches)
+    def enc(split, max_chars):
+        ids, n = [], 0
+        for t in builtin_texts("shakespeare", split):
+            t = t[:max_chars - n]
+            ids += tokenizer.encode(t) + [tokenizer.eot_id]
+            n += len(t)
+            if n >= max_chars:
+                break
+        return torch.tensor(ids, dtype=torch.long)
+
+    return enc("train", 3_000_000), enc("val", 300_000), "builtin:shakespeare"
+
+
+def ptx_batch(tokens: torch.Tensor, B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, tokens.numel() - T - 1, (B,), generator=g)
+    rows = torch.stack([tokens[s:s + T + 1] for s in starts.tolist()])     # (B, T+1)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def ptx_val_loss(lm, val_tokens: torch.Tensor, T: int, n_rows: int = 32) -> float:
+    """Mean next-token loss on fixed held-out pretraining windows (evenly spaced: the same every time)."""
+    T = min(T, lm.config.block_size)
+    n = val_tokens.numel()
+    starts = torch.linspace(0, n - T - 2, n_rows).long().tolist()
+    x = torch.stack([val_tokens[s:s + T] for s in starts])
+    y = torch.stack([val_tokens[s + 1:s + T + 1] for s in starts])
+    dev = next(lm.parameters()).device
+    was = lm.training
+    lm.eval()
+    _, loss = lm(x.to(dev), targets=y.to(dev))
+    lm.train(was)
+    return loss.item()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2 ** 61 - 1)
+    return s
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
+    from chatstack.checkpoint import load_checkpoint, load_state, load_weights, recover, save_checkpoint
+    from chatstack.engine import Engine, SamplingParams
+    from chatstack.rlhf.reward_model import load_reward_model
+    from chatstack.rlhf.rollout import PolicyWithValue, rollout, task_accuracy
+    from chatstack.train.loop import Metrics
+    from chatstack.train.optim import build_adamw, lr_at
+
+    for name in ("policy", "reward", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"--{name}: required")
+    if cfg.minibatch <= 0 or cfg.rollout_batch <= 0 or cfg.ppo_epochs <= 0:
+        raise ValueError("--rollout-batch, --minibatch and --ppo-epochs must be positive")
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    ck = load_checkpoint(cfg.policy, device=device)
+    tok = ck.tokenizer
+    if tok is None:
+        raise ValueError(f"{cfg.policy}: checkpoint has no tokenizer.json")
+    rm, rm_cfg = load_reward_model(cfg.reward, device=device)
+    if rm_cfg.get("tokenizer", {}).get("vocab_size") not in (None, tok.vocab_size):
+        raise ValueError(f"{cfg.reward}: reward model's tokenizer (vocab {rm_cfg['tokenizer']['vocab_size']}) "
+                         f"differs from the policy's ({tok.vocab_size})")
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    ref = (copy.deepcopy(ck.model) if not cfg.reference or cfg.reference == cfg.policy
+           else load_checkpoint(cfg.reference, device=device).model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    policy = PolicyWithValue(ck.model).to(device)
+    policy.train()
+    opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
+    kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
+
+    out = Path(cfg.out)
+    recover(out)
+    metrics = Metrics(out, True)
+    start_it, max_iters = 0, cfg.iterations
+    if cfg.resume and (out / "state" / "ppo.pt").exists():
+        load_weights(out, policy.lm, strict=True)
+        st = load_state(out)["ppo"]
+        policy.value_head.load_state_dict(st["value_head"])
+        opt.load_state_dict(st["optimizer"])
+        kl_ctl.load_state_dict(st["kl_ctl"])
+        start_it, max_iters = int(st["iter"]), int(st["max_iters"])
+        print(f"resuming {out} from iteration {start_it} of {max_iters}")
+    else:
+        if cfg.resume:
+            print(f"--resume: no checkpoint in {out} yet, starting from iteration 0")
+        metrics.path.unlink(missing_ok=True)
+    metrics.truncate_after(start_it)
+
+    pool = prompt_pool(cfg, tok)
+    tr_tokens, va_tokens, ptx_src = pretraining_tokens(cfg, tok)
+    engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch, 8), device=device)
+    task_names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
+    ckpt_config = {"kind": "lm", "stage": "ppo", "model": ck.model.config.to_dict(), "parent": str(cfg.policy),
+                   "reference": str(cfg.reference or cfg.policy), "reward_model": str(cfg.reward), "tokenizer": tok.info(), "train": asdict(cfg),
+                   "ptx_source": ptx_src,
+                   "value_function": "scalar head on the policy's trunk (shared), zero-initialised"}
+
+    def evaluate(it: int, final: bool = False) -> dict:
+        t0 = time.perf_counter()
+        res = {}
+        if not cfg.prompts:
+            res.update(task_accuracy(engine, tok, cfg.eval_n, "test", cfg.max_new_tokens, cfg.seed, task_names))
+        res["ptx_val_loss"] = ptx_val_loss(policy.lm, va_tokens, cfg.ptx_len)
+        res["eval_s"] = round(time.perf_counter() - t0, 2)
+        metrics.write(step=it, iter=it, eval=True, **({"final": True} if final else {}), **res)
+        return res
+
+    def save(it: int, final_eval: dict | None = None):
+        state = {"ppo": {"iter": it, "max_iters": max_iters, "optimizer": opt.state_dict(),
+                         "value_head": policy.value_head.state_dict(), "kl_ctl": kl_ctl.state_dict()}}
+        conf = dict(ckpt_config)
+        if final_eval:
+            conf["eval"] = final_eval
+        save_checkpoint(out, policy.lm, conf, tok, state)
+
+    eval_cost = 0.0
+    if start_it == 0:
+        first = evaluate(0)
+        eval_cost = first["eval_s"]
+        print(f"SFT policy: {json.dumps({k: round(v, 4) for k, v in first.items()})}")
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_iters, initial=start_it, desc="ppo", dynamic_ncols=True)
+    it = start_it
+    while it < max_iters:
+        t_it = time.perf_counter()
+        torch.manual_seed(_seed(cfg.seed, it, 1))
+        lr = lr_at(it, cfg.lr, cfg.lr, cfg.warmup, max_iters)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
+        pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
+        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, logprobs=True,
+                                 seed=_seed(cfg.seed, it, 3, i)) for i in range(cfg.rollout_batch)]
+        ro = rollout(engine, policy, ref, rm, tok, [pool[j] for j in pick], params)
+        t_roll = time.perf_counter() - t_it
+
+        # rewards, advantages
+        B = len(ro)
+        score = ro.score - cfg.no_eos_penalty * (1.0 - ro.ended)
+        rewards, kl_tok = pc.token_rewards(score, ro.logp, ro.ref_logp, ro.mask, kl_ctl.value, cfg.kl_estimator)
+        adv, ret = pc.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = pc.whiten(adv, ro.mask)
+        kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)               # k1 per answer (B,)
+
+        # PPO epochs over minibatches
+        acc: dict[str, float] = {}
+        n_mb = 0
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=g).tolist()
+            for s in range(0, B, cfg.minibatch):
+                mb = torch.tensor(perm[s:s + cfg.minibatch], device=ro.idx.device)
+                R = int(ro.mask[mb].sum(1).max().item())
+                L = int((ro.prompt_lens[mb] + ro.mask[mb].sum(1).long()).max().item())
+                m = ro.mask[mb, :R]
+                logits, values = policy(ro.idx[mb, :L], ro.prompt_lens[mb], ro.resp[mb, :R])
+                logp = pc.logprobs_of(logits, ro.resp[mb, :R])
+                pg, s1 = pc.policy_loss(logp, ro.logp[mb, :R], adv[mb, :R], m, cfg.cliprange)
+                vf, s2 = pc.value_loss(values, ro.values[mb, :R], ret[mb, :R], m, cfg.cliprange_value)
+                with torch.no_grad():
+                    ent = pc.masked_mean(pc.entropy_from_logits(logits), m).item()
+                loss = pg + cfg.vf_coef * vf
+                parts = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent, **s1, **s2}
+                if cfg.ptx_coef > 0:
+                    x, y = ptx_batch(tr_tokens, cfg.ptx_batch, min(cfg.ptx_len, ck.model.config.block_size), g)
+                    _, ptx = policy.lm(x.to(device), targets=y.to(device))
+                    loss = loss + cfg.ptx_coef * ptx
+                    parts["ptx_loss"] = ptx.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                opt.step()
+                parts["grad_norm"] = float(gn)
+                for k, v in parts.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                n_mb += 1
+        kl_mean = kl_seq.mean().item()
+        kl_ctl.update(kl_mean, B)
+        it += 1
+        row = {"step": it, "iter": it, "reward": ro.score.mean().item(), "reward_penalised": score.mean().item(),
+               "kl": kl_mean, "kl_per_token": pc.masked_mean(ro.logp - ro.ref_logp, ro.mask).item(),
+               "kl_coef": kl_ctl.value, "response_length": ro.mask.sum(1).mean().item(),
+               "ended_frac": ro.ended.mean().item(), "lr": lr, "engine_logprob_err": ro.engine_logprob_err,
+               **{k: v / max(n_mb, 1) for k, v in acc.items()},
+               "rollout_s": round(t_roll, 3), "iter_s": round(time.perf_counter() - t_it, 3),
+               "elapsed_s": round(time.perf_counter() - t_start, 2)}
+        metrics.write(**row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{kl_mean:.3f}", len=f"{row['response_length']:.1f}")
+        # time budget: leave room for the final evaluation and save
+        elapsed = time.perf_counter() - t_start
+        per_it = elapsed / max(it - start_it, 1)
+        out_of_time = cfg.time_budget > 0 and elapsed + per_it + eval_cost * 1.2 + 2 > cfg.time_budget
+        if out_of_time:
+            max_iters = it
+        if it >= max_iters:
+            break
+        if cfg.eval_every and it % cfg.eval_every == 0:
+            eval_cost = evaluate(it)["eval_s"]
+        if cfg.save_every and it % cfg.save_every == 0:
+            save(it)
+    if bar is not None:
+        bar.close()
+    final = evaluate(it, final=True) if it > start_it or not (out / "state" / "ppo.pt").exists() else {}
+    save(it, final)
+    print(f"PPO done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
+          f"{json.dumps({k: round(v, 4) for k, v in final.items()})}")
+    return out
+
+
+# ---- iterated RLHF: label -> reward -> PPO with the newest policy ---------------------------------------------
+def run_rounds(cfg: PPOConfig) -> Path:
+    """Round 1 is PPO with the given reward model; each later round labels the newest policy's answers with
+    the built-in judge, trains a fresh reward model on them (from the newest policy) and runs PPO again
+    (the KL reference stays the original SFT policy). Earlier rounds live in OUT.rounds/."""
+    from chatstack.data.label import LabelConfig, label
+    from chatstack.train.reward import RewardConfig, train_reward
+
+    if cfg.rounds <= 1:
+        return run_ppo(cfg)
+    work = Path(str(cfg.out).rstrip("/") + ".rounds")
+    policy, reward = cfg.policy, cfg.reward
+    for r in range(1, cfg.rounds + 1):
+        rdir = work / f"round{r}"
+        if r > 1:
+            ranks = rdir / "ranks.jsonl"
+            print(f"round {r}: labelling answers of {policy}")
+            print(json.dumps(label(policy, str(ranks), LabelConfig(k=cfg.label_k, prompts=cfg.label_prompts,
+                                                                  seed=cfg.seed + r, device=cfg.device))))
+            rcfg = RewardConfig(sft=policy, data=[str(ranks)], out=str(rdir / "rm"), seed=cfg.seed + r,
+                                progress=cfg.progress)
+            print(json.dumps(train_reward(rcfg)))
+            reward = str(rdir / "rm")
+        target = cfg.out if r == cfg.rounds else str(rdir / "ppo")
+        rc = PPOConfig(**{**asdict(cfg), "policy": policy, "reward": reward, "out": target, "rounds": 1,
+                          "reference": cfg.reference or cfg.policy})
+        run_ppo(rc)
+        policy = target
+    return Path(cfg.out)
+
+
+def _cmd(args) -> int:
+    from chatstack.checkpoint import CheckpointError
+    from chatstack.cli import CLIError, dataclass_from_args
+
+    cfg = dataclass_from_args(PPOConfig, args)
+    try:
+        run_rounds(cfg)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        raise CLIError(str(e))
+    return 0
+
+
+def register(sub) -> None:
+    from chatstack.cli import add_dataclass_args
+
+    p = sub.add_parser("ppo", help="RLHF: PPO against a reward model with a KL penalty (and PPO-ptx)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, PPOConfig)
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,147 @@
+"""`chatstack reward`: train a reward model on rankings (or pairs) with the shared training loop.
+
+    chatstack reward --sft runs/x/sft --data runs/x/ranks.jsonl --out runs/x/rm
+
+The model is the SFT transformer without its output layer plus a scalar head (chatstack.rlhf.reward_model).
+One batch element = one prompt with all its comparisons (InstructGPT's K-wise loss); `--batch-size` counts
+prompts. Prompts are split into train / held-out by a hash of the prompt, so held-out pairwise accuracy
+(`val_accuracy` in metrics.jsonl) measures answers to prompts the model never saw.
+
+After training, the head's bias is shifted so the mean reward over the training responses (the SFT
+model's own samples: the reference responses) is 0; the shift is logged as `reward_bias_shift`.
+The loss is invariant to that shift, so it does not change training or resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from chatstack.train.loop import TrainConfig
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    sft: str = field(default="", metadata={"help": "SFT checkpoint to initialise the reward model from"})
+    data: list[str] = field(default_factory=list, metadata={"help": "rankings / pairs JSONL file(s)"})
+    val_frac: float = field(default=0.15, metadata={"help": "fraction of prompts held out (by prompt hash)"})
+    # overrides of the loop's defaults, sized for the built-in demo on a CPU (see docs/rlhf.md)
+    max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "prompts (comparison groups) per micro-batch"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
+    eval_every: int = field(default=50, metadata={"help": "evaluate held-out accuracy every N steps"})
+    log_every: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
+    time_budget: float = field(default=110.0, metadata={"help": "seconds of training (0 = no limit)"})
+
+
+class RewardTask:
+    """Batches of comparison groups for the shared loop (deterministic in step/micro/rank: exact resume)."""
+
+    def __init__(self, train_groups, val_groups, tokenizer, block_size: int, cfg: RewardConfig):
+        self.train_groups, self.val_groups = train_groups, val_groups
+        self.tok, self.block_size, self.cfg = tokenizer, block_size, cfg
+        self.encoded: dict = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        return torch.randperm(len(self.train_groups), generator=g).tolist()
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        from chatstack.rlhf.reward_model import collate
+
+        B, N = self.cfg.batch_size, len(self.train_groups)
+        start = ((step * self.cfg.grad_accum + micro) * world + rank) * B
+        picked, orders = [], {}
+        for j in range(start, start + B):
+            epoch, pos = divmod(j, N)
+            if epoch not in orders:
+                orders[epoch] = self._order(epoch)
+            picked.append(self.train_groups[orders[epoch][pos]])
+        return collate(picked, self.tok, self.block_size, self.encoded)
+
+    def loss(self, model, batch):
+        from chatstack.rlhf.reward_model import ranking_loss
+
+        scores = model(batch["idx"], batch["lengths"])
+        return ranking_loss(scores, batch["pair_w"], batch["pair_l"], batch["pair_group"], int(batch["n_groups"]))
+
+    def evaluate(self, model) -> dict[str, float]:
+        from chatstack.rlhf.reward_model import evaluate_groups
+
+        if not self.val_groups:
+            return {}
+        return evaluate_groups(model, self.val_groups, self.tok, self.block_size, encoded=self.encoded)
+
+    def count_tokens(self, batch) -> int:
+        return int(batch["lengths"].sum())
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    from chatstack.checkpoint import load_checkpoint, load_state, save_checkpoint
+    from chatstack.data.preferences import load_preferences, split_by_prompt, summary
+    from chatstack.rlhf.reward_model import RewardModel, evaluate_groups, mean_score
+    from chatstack.train.loop import Metrics, train
+
+    if not cfg.sft:
+        raise ValueError("--sft: give the SFT checkpoint to start from")
+    if not cfg.data:
+        raise ValueError("--data: give at least one rankings / pairs JSONL file")
+    if not cfg.out:
+        raise ValueError("--out: give the reward-model directory to write")
+    torch.manual_seed(cfg.seed)
+    ck = load_checkpoint(cfg.sft, device="cpu")
+    if ck.tokenizer is None:
+        raise ValueError(f"{cfg.sft}: checkpoint has no tokenizer.json")
+    groups = load_preferences(cfg.data)
+    train_g, val_g = split_by_prompt(groups, cfg.val_frac, cfg.seed)
+    if not train_g:
+        raise ValueError(f"{', '.join(cfg.data)}: no training prompts left after holding out {cfg.val_frac:.0%}")
+    print(f"preferences: train {summary(train_g)}, held out {summary(val_g)}")
+    rm = RewardModel.from_lm(ck.model)
+    block = ck.model.config.block_size
+    task = RewardTask(train_g, val_g, ck.tokenizer, block, cfg)
+    ckpt_config = {"kind": "reward", "stage": "reward", "model": ck.model.config.to_dict(),
+                   "parent": str(cfg.sft), "tokenizer": ck.tokenizer.info(), "train": asdict(cfg),
+                   "data": {"files": list(cfg.data), "train": summary(train_g), "val": summary(val_g)}}
+    out = train(rm, task, cfg, ckpt_config, ck.tokenizer)
+
+    # centre the rewards on the reference responses (the loss is shift-invariant: resume is unaffected)
+    rm = rm.cpu().eval()
+    shift = mean_score(rm, train_g, ck.tokenizer, block, encoded=task.encoded)
+    rm.normalise_(shift)
+    final = evaluate_groups(rm, val_g, ck.tokenizer, block, encoded=task.encoded) if val_g else {}
+    state = load_state(out)
+    ckpt_config["reward_bias_shift"] = shift
+    ckpt_config["val"] = final
+    save_checkpoint(out, rm, ckpt_config, ck.tokenizer, state)
+    step = int(state.get("train", {}).get("step", 0))
+    Metrics(out, True).write(step=step, reward_bias_shift=shift, **final)
+    return {"out": str(out), "reward_bias_shift": shift, **final}
+
+
+def _cmd(args) -> int:
+    from chatstack.checkpoint import CheckpointError
+    from chatstack.cli import CLIError, dataclass_from_args
+    from chatstack.data.preferences import PreferenceError
+
+    cfg = dataclass_from_args(RewardConfig, args)
+    try:
+        res = train_reward(cfg)
+    except (ValueError, PreferenceError, CheckpointError, FileNotFoundError) as e:
+        raise CLIError(str(e))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    from chatstack.cli import add_dataclass_args
+
+    p = sub.add_parser("reward", help="train a reward model on rankings / pairs (InstructGPT K-wise loss)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, RewardConfig)
+    p.set_defaults(func=_cmd)
