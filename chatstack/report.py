@@ -1,0 +1,209 @@
+"""The run's report card: `report.md` + `report.json` + PNG plots, from the stage directories of a run.
+
+    python -m chatstack.report runs/speedrun        # (re)build the report of a finished speedrun
+
+Everything here reads what the stages wrote (config.json, metrics.jsonl, eval JSONs) — it never trains.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_metrics(stage_dir: Path) -> list[dict]:
+    path = Path(stage_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass   # a line cut by a kill; the loop rewrites on resume
+    return rows
+
+
+def series(rows: list[dict], key: str, x: str = "step") -> tuple[list, list]:
+    pts = [(r.get(x, i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def last(rows: list[dict], key: str) -> Optional[float]:
+    for r in reversed(rows):
+        if isinstance(r.get(key), (int, float)):
+            return r[key]
+    return None
+
+
+def first(rows: list[dict], key: str) -> Optional[float]:
+    for r in rows:
+        if isinstance(r.get(key), (int, float)):
+            return r[key]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def environment() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except Exception:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def measure_peak_flops(seconds: float = 1.0, n: int = 1024) -> float:
+    """Achievable fp32 matmul FLOP/s on this device (the MFU denominator on CPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot(path: Path, title: str, curves: list[tuple[str, list, list]], xlabel: str = "step", ylabel: str = "") -> Optional[str]:
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for label, xs, ys in curves:
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(x) for x in r) + " |")
+    return "\n".join(out)
+
+
+def render_markdown(rep: dict) -> str:
+    env = rep["environment"]
+    lines = [f"# chatstack report: {rep['name']}", ""]
+    if rep.get("smoke"):
+        lines += ["> **Smoke run**: tiny settings that check the pipeline's plumbing; its numbers mean nothing.", ""]
+    lines += [f"Total wall time **{rep['wall_time_s'] / 60:.1f} min**. "
+              f"{env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads)"
+              f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, Python {env['python']}, "
+              f"commit {env.get('git_commit') or '–'}, {env['date']}. Measured peak matmul "
+              f"{rep['peak_flops'] / 1e9:.0f} GFLOP/s (the MFU denominator).", ""]
+    lines += ["## Headline", ""]
+    h = rep["headline"]
+    targets = rep.get("targets", {})
+    rows = []
+    for key, label in (("bits_per_char", "base: held-out bits per character"),
+                       ("sft_lift_points", "SFT lift over base few-shot (points)"),
+                       ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
+                       ("ppo_lift_points", "PPO lift over SFT (points)"),
+                       ("ppo_kl", "PPO mean KL to the reference (nats/token)")):
+        t = targets.get(key, {})
+        rows.append([label, h.get(key), t.get("goal", ""), t.get("met")])
+    lines += [table(["what", "value", "goal", "met"], rows), ""]
+    lines += ["## Evals per stage", ""]
+    ev = rep["evals"]
+    task_names = sorted({t for stage in ev.values() for t in stage.get("tasks", {})})
+    header = ["task"] + list(ev)
+    rows = [[t] + [ev[s].get("tasks", {}).get(t, {}).get("accuracy") for s in ev] for t in task_names]
+    rows.append(["**mean accuracy**"] + [ev[s].get("mean_accuracy") for s in ev])
+    lines += ["Held-out exact-match accuracy (greedy; base model few-shot, chat models zero-shot with the chat template).", "",
+              table(header, rows), ""]
+    lines += ["## Stages", ""]
+    rows = []
+    for name, s in rep["stages"].items():
+        rows.append([name, s.get("wall_s"), s.get("params"), s.get("tokens"), s.get("flops"), s.get("flops_per_s"),
+                     s.get("mfu"), s.get("key")])
+    lines += [table(["stage", "wall s", "params", "tokens", "FLOPs", "FLOP/s", "MFU", "key number"], rows), ""]
+    if rep.get("plots"):
+        lines += ["## Curves", ""]
+        for title, fname in rep["plots"].items():
+            lines += [f"**{title}**", "", f"![{title}]({fname})", ""]
+    for stage, convs in rep.get("samples", {}).items():
+        if not convs:
+            continue
+        lines += [f"## Sample conversations: {stage}", ""]
+        for c in convs:
+            lines += [f"- **user**: {c['user']}", f"  **assistant**: {c['assistant']!s}".replace("\n", " "), ""]
+    lines += ["## Notes", "", *[f"- {n}" for n in rep.get("notes", [])], ""]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rep: dict) -> None:
+    out = Path(out)
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(rep, indent=2, default=str))
+    tmp.replace(out / "report.json")
+    tmp = out / "report.md.tmp"
+    tmp.write_text(render_markdown(rep))
+    tmp.replace(out / "report.md")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from chatstack.speedrun import build_report
+
+    run = Path(sys.argv[1])
+    rep = build_report(run)
+    write_report(run, rep)
+    print(f"wrote {run / 'report.md'}")
