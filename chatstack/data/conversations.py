@@ -242,7 +242,8 @@ def make_batch(rows: PackedRows, index: torch.Tensor, trim: bool = True) -> dict
     same = d_in[:, :, None] == d_in[:, None, :]                              # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     attn_mask = (same & causal)[:, None]                                     # (B, 1, T, T)
-    return {"idx": x, "targets": y, "positions": positions, "attn_mask": attn_mask}
+    n_tokens = torch.tensor(int((d_in >= 0).sum()))                          # real (non-pad) input tokens
+    return {"idx": x, "targets": y, "positions": positions, "attn_mask": attn_mask, "n_tokens": n_tokens}
 
 
 def load_conversations(paths: list[str | Path], tokenizer, max_len: int, system: str | None = None,
