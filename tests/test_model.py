@@ -1,0 +1,83 @@
+"""GPT model: both families build from flags, the KV cache reproduces a full forward pass, config errors are clear."""
+import pytest
+import torch
+
+from chatstack.model import GPT, GPTConfig
+from chatstack.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("preset", ["nano", "nano-llama"])
+def test_kv_cache_matches_full_forward(preset):
+    torch.manual_seed(0)
+    m = GPT(get_preset(preset)).eval()
+    x = torch.randint(0, m.config.vocab_size, (3, 24))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(3, 32)
+        outs = [m(x[:, :10], cache=cache), m(x[:, 10:14], cache=cache)]   # prefill, then a chunk
+        outs += [m(x[:, t:t + 1], cache=cache) for t in range(14, 24)]     # then one token at a time
+    assert cache.pos == 24
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_match_unpadded():
+    """Rows of different lengths in one batch (left padding + mask + positions) give each row's own logits."""
+    torch.manual_seed(0)
+    m = GPT(get_preset("nano-llama")).eval()
+    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 5))
+    pad = 4
+    idx = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, :pad] = False
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask = (causal[None] & keep[:, None, :])[:, None]           # (B, 1, T, S)
+    mask[1, 0, :pad, 0] = True                                  # padded queries attend to something (ignored)
+    positions = (keep.long().cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        batched = m(idx, positions=positions, attn_mask=mask)
+        torch.testing.assert_close(batched[0], m(a)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[1, pad:], m(b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_and_untied_output():
+    tied = GPT(get_preset("nano"))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    untied = GPT(get_preset("nano-llama"))
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_loss_ignores_masked_targets():
+    torch.manual_seed(0)
+    m = GPT(get_preset("nano"))
+    x = torch.randint(0, 512, (2, 8))
+    y = x.roll(-1, 1)
+    y[:, -1] = -1
+    _, loss_all = m(x, y)
+    mask = torch.zeros(2, 8)
+    mask[:, :3] = 1
+    _, loss_masked = m(x, y, loss_mask=mask)
+    logits = m(x)
+    ref = torch.nn.functional.cross_entropy(logits[:, :3].reshape(-1, 512), y[:, :3].reshape(-1))
+    torch.testing.assert_close(loss_masked, ref)
+    assert not torch.isclose(loss_all, loss_masked)
+
+
+def test_context_overflow_is_an_error():
+    m = GPT(get_preset("nano"))
+    with pytest.raises(ValueError, match="context length"):
+        m(torch.zeros(1, m.config.block_size + 1, dtype=torch.long))
+
+
+def test_bad_config_names_the_problem():
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="unknown GPTConfig field"):
+        GPTConfig.from_dict({"n_embd": 32, "bogus": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("gpt5")
+
+
+def test_every_preset_builds_a_valid_config():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
