@@ -1,0 +1,270 @@
+"""`chatstack pretrain`: train a GPT from scratch on prepared token shards (the base model).
+
+    chatstack tokenizer train --builtin shakespeare --vocab-size 4096 --out runs/tok
+    chatstack data prepare --builtin shakespeare --tokenizer runs/tok --out runs/data
+    chatstack pretrain --data runs/data --out runs/base --preset tiny            # ~5 minutes on 2 CPU cores
+    chatstack pretrain --data runs/data --out runs/base --resume                  # continue after a crash
+    chatstack pretrain --data a:0.7,b:0.3 --out runs/base --time-budget 300       # a mixture, 5 minutes
+    torchrun --standalone --nproc_per_node 2 -m chatstack.cli pretrain --data runs/data --out runs/base
+
+Held-out evaluation reports `val_loss` (nats/token), `val_bpb` (bits per UTF-8 byte: comparable across
+tokenizers) and `val_bpc` (bits per character). Periodic evals read an evenly spaced --eval-tokens subset of
+the validation split; the final eval reads all of it. The run ends with a sampled passage in metrics.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatstack.data.mixture import Mixture
+from chatstack.data.shards import DataError, Split
+from chatstack.train.loop import TrainConfig, train
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: str = field(default="", metadata={"help": "prepared dataset dir, or a mixture 'a:0.7,b:0.3' / mix.json"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer to check the shards against "
+                                                          "(default: the one saved in the data dir)"})
+    preset: str = field(default="tiny", metadata={"help": "model size (chatstack.presets)"})
+    n_layer: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
+    n_head: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
+    n_embd: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
+    block_size: int = field(default=0, metadata={"help": "context length; override the preset (0 = keep)"})
+    dropout: float = field(default=-1.0, metadata={"help": "override the preset's dropout (-1 = keep)"})
+    batch_tokens: int = field(default=0, metadata={
+        "help": "target tokens per optimizer step; sets grad_accum = batch_tokens / (batch_size*block*world)"})
+    eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per periodic eval"})
+    sample_tokens: int = field(default=200, metadata={"help": "tokens sampled at the end (0 = none)"})
+    # defaults for the built-in run (tiny preset, Shakespeare): see the README for the measured curve
+    max_steps: int = field(default=1600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "rows per micro-batch (per process)"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    min_lr: float = field(default=2e-4, metadata={"help": "learning rate at the end of the cosine"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    out: str = field(default="runs/base", metadata={"help": "checkpoint directory to write (and resume from)"})
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention's 12*L*h*T
+    (PaLM appendix B / nanoGPT); N excludes the position table, which is a lookup."""
+    h, L, T, V = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.vocab_size
+    hd = cfg.head_dim
+    attn = h * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * h
+    mlp = h * cfg.ffn_hidden * (2 if cfg.mlp == "gelu" else 3)
+    n_matmul = L * (attn + mlp) + V * h   # the output layer is a matmul even when tied
+    return 6 * n_matmul + 12 * L * h * T
+
+
+def token_lengths(tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes and characters of every token id. Special tokens count 0 and are left out of bits-per-byte
+    (they are not text). Characters = UTF-8 lead bytes, so a character split over two tokens counts once."""
+    nbytes = torch.zeros(tok.vocab_size, dtype=torch.float64)
+    nchars = torch.zeros(tok.vocab_size, dtype=torch.float64)
+    special = set(tok.special_ids) if hasattr(tok, "special_ids") else {tok.eot_id}
+    for i in range(tok.vocab_size):
+        if i in special:
+            continue
+        b = tok.token_bytes(i)
+        nbytes[i] = len(b)
+        nchars[i] = sum(1 for x in b if x & 0xC0 != 0x80)
+    return nbytes, nchars
+
+
+class PretrainTask:
+    """Next-token prediction on random windows of the mixture; eval on the held-out split."""
+
+    def __init__(self, model_cfg, mixture: Mixture, val: Optional[Split], tok, cfg: PretrainConfig, world: int):
+        self.T = model_cfg.block_size
+        self.mixture, self.val, self.tok, self.cfg = mixture, val, tok, cfg
+        self.world = world
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum * world
+        self.flops_per_token = flops_per_token(model_cfg)
+        self.nbytes, self.nchars = token_lengths(tok)
+        self._cache_step, self._cache_rows = -1, None
+
+    # ---- training --------------------------------------------------------------------------------
+    def train_batch(self, step, micro, rank, world):
+        if world != self.world:
+            raise ValueError(f"task built for world {self.world}, called with {world}")
+        if step != self._cache_step:
+            self._cache_rows = self.mixture.sample_rows(self.cfg.seed, step, self.rows_per_step, self.T)
+            self._cache_step = step
+        B = self.cfg.batch_size
+        start = (micro * world + rank) * B   # this micro-batch's slice of the global batch
+        rows = self._cache_rows[start:start + B]                 # (B, T+1)
+        return {"idx": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous()}
+
+    def loss(self, model, batch):
+        _, loss = model(batch["idx"], batch["targets"])
+        return loss, {}
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    def _windows(self, n_windows: Optional[int]):
+        toks = self.val.tokens
+        total = (len(toks) - 1) // self.T
+        if total == 0:
+            raise DataError(f"validation split has {len(toks)} tokens, fewer than one window of {self.T + 1}")
+        if n_windows is None or n_windows >= total:
+            return [i * self.T for i in range(total)]
+        stride = total / n_windows   # evenly spaced over all held-out documents
+        return [int(i * stride) * self.T for i in range(n_windows)]
+
+    @torch.no_grad()
+    def _eval(self, model, n_windows: Optional[int]) -> dict[str, float]:
+        import numpy as np
+
+        if self.val is None:
+            return {}
+        device = next(model.parameters()).device
+        starts = self._windows(n_windows)
+        nats = torch.zeros((), dtype=torch.float64)
+        n_tok = n_bytes = n_chars = 0.0
+        bs = max(1, self.cfg.batch_size)
+        for i in range(0, len(starts), bs):
+            rows = np.stack([self.val.tokens[s:s + self.T + 1] for s in starts[i:i + bs]]).astype(np.int64)
+            rows = torch.from_numpy(rows)
+            x, y = rows[:, :-1].to(device), rows[:, 1:]
+            logits = model(x).float().cpu()
+            per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+            yb = self.nbytes[y.reshape(-1)]
+            text = yb > 0   # special tokens (document ends) are not text: out of every count
+            nats += per_tok.double()[text].sum()
+            n_tok += float(text.sum())
+            n_bytes += float(yb.sum())
+            n_chars += float(self.nchars[y.reshape(-1)].sum())
+        bits = float(nats) / math.log(2)
+        return {"val_loss": float(nats) / n_tok, "val_bpb": bits / n_bytes, "val_bpc": bits / n_chars,
+                "val_tokens": int(n_tok)}
+
+    def evaluate(self, model):
+        return self._eval(model, max(1, self.cfg.eval_tokens // self.T))
+
+    def final_evaluate(self, model):
+        return self._eval(model, None)
+
+    @torch.no_grad()
+    def sample(self, model, temperature: float = 0.8, top_k: int = 50) -> str:
+        n = min(self.cfg.sample_tokens, self.T - 1)
+        if n <= 0:
+            return ""
+        device = next(model.parameters()).device
+        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        idx = torch.tensor([[self.tok.eot_id]], device=device)   # a document start
+        cache = model.new_cache(1, n + 1)
+        logits = model(idx, cache=cache)[:, -1]
+        out = []
+        for _ in range(n):
+            logits = logits.float().cpu() / temperature
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
+            if int(nxt) == self.tok.eot_id:
+                break
+            out.append(int(nxt))
+            logits = model(nxt.to(device), cache=cache)[:, -1]
+        return self.tok.decode(out)
+
+
+def build_model_config(cfg: PretrainConfig, vocab_size: int):
+    from chatstack.presets import get_preset
+
+    over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k) > 0}
+    if cfg.dropout >= 0:
+        over["dropout"] = cfg.dropout
+    mcfg = get_preset(cfg.preset, **over)
+    if mcfg.vocab_size != vocab_size:
+        # the data's tokenizer decides the vocabulary; the preset's is only a default
+        mcfg = get_preset(cfg.preset, **{**over, "vocab_size": vocab_size})
+    return mcfg
+
+
+def run(cfg: PretrainConfig):
+    import os
+
+    from chatstack.model import GPT
+
+    if not cfg.data:
+        raise DataError("--data: give a prepared dataset directory (chatstack data prepare) or a mixture")
+    mixture = Mixture.from_spec(cfg.data)
+    primary = mixture.primary
+    tok = primary.tokenizer()
+    if cfg.tokenizer:
+        from chatstack.data.prepare import load_tokenizer_arg
+
+        for ds in mixture.datasets:
+            ds.check_tokenizer(load_tokenizer_arg(cfg.tokenizer), cfg.tokenizer)
+    val = primary.split("val") if "val" in primary.meta["splits"] else None
+    mcfg = build_model_config(cfg, tok.vocab_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_tokens:
+        per_micro = cfg.batch_size * mcfg.block_size * world
+        if cfg.batch_tokens % per_micro:
+            raise ValueError(f"--batch-tokens {cfg.batch_tokens} is not a multiple of batch_size*block_size*world "
+                             f"= {per_micro}")
+        cfg.grad_accum = cfg.batch_tokens // per_micro
+    torch.manual_seed(cfg.seed)   # the same initial weights on every rank and every run
+    model = GPT(mcfg)
+    task = PretrainTask(mcfg, mixture, val, tok, cfg, world)
+    if int(os.environ.get("RANK", "0")) == 0:
+        srcs = ", ".join(f"{d['path']} ({d['train_tokens']:,} tok, w={d['weight']})" for d in mixture.describe())
+        print(f"model: {cfg.preset} {model.num_params():,} params | data: {srcs} | "
+              f"{task.rows_per_step * mcfg.block_size:,} tokens/step x {cfg.max_steps} steps")
+    ckpt_config = {"stage": "base", "parent": None, "model": mcfg.to_dict(),
+                   "tokenizer": tok.info() if hasattr(tok, "info") else {"vocab_size": tok.vocab_size},
+                   "data": mixture.describe(), "train": asdict(cfg)}
+    return train(model, task, cfg, ckpt_config, tok)
+
+
+def _cmd_pretrain(args) -> int:
+    from chatstack.checkpoint import CheckpointError
+    from chatstack.cli import CLIError, dataclass_from_args
+
+    cfg = dataclass_from_args(PretrainConfig, args)
+    try:
+        path = run(cfg)
+    except (DataError, CheckpointError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        _print_summary(path)
+    return 0
+
+
+def _print_summary(path) -> None:
+    import json
+
+    rows = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    final = [r for r in rows if r.get("final")]
+    if final:
+        r = final[-1]
+        print(f"final: step {r['step']} val_loss {r['val_loss']:.4f} val_bpb {r['val_bpb']:.4f} "
+              f"val_bpc {r['val_bpc']:.4f}")
+    samples = [r["sample"] for r in rows if "sample" in r]
+    if samples:
+        print("sample:\n" + samples[-1][:600])
+    print(f"checkpoint: {path}")
+
+
+def register(sub) -> None:
+    from chatstack.cli import add_dataclass_args
+
+    p = sub.add_parser("pretrain", help="train a GPT from scratch on token shards",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, PretrainConfig)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from chatstack.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))
