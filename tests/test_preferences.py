@@ -6,6 +6,7 @@ import pytest
 from chatstack.data.preferences import PreferenceError, load_preferences, split_by_prompt, summary, write_rankings
 
 
+
 def _write(tmp_path, rows, name="p.jsonl"):
     p = tmp_path / name
     p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")

@@ -10,8 +10,9 @@ Ranking:
 - `--judge human`: the K answers are shown in the terminal; type an order such as `3 1 4 2` (best first;
   `=` joins ties, e.g. `3 1=4 2`), `s` to skip a prompt, `q` to stop and save what is done.
 - `--judge builtin`: a programmatic judge for the built-in verifiable tasks (chatstack.data.tasks). Its rule:
-  correct answers first, then well-formed wrong ones, then malformed ones; within a class the shorter
-  answer ranks higher (then sampling order). Answers of one class are marked as ties ("scores"), so only
+  correct answers first, then by well-formedness (the task's answer format), so the classes are
+  correct+well-formed > correct+malformed > wrong+well-formed > wrong+malformed; within a class the
+  shorter answer ranks higher (then sampling order). Answers of one class are marked as ties ("scores"), so only
   comparisons the judge can actually check become training pairs. The judge stands in for human
   labellers ONLY because these answers can be checked exactly; it says nothing about open-ended chat.
 
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from chatstack.data.preferences import write_rankings
 
-JUDGE_NOTE = ("builtin judge: programmatic ranking of verifiable tasks (correct > well-formed > malformed; "
-              "shorter first within a class); it stands in for human labellers only where answers can be checked")
+JUDGE_NOTE = ("builtin judge: programmatic ranking of verifiable tasks (correct first, then well-formed, "
+              "then shorter); it stands in for human labellers only where answers can be checked")
 
 
 @dataclass
@@ -124,12 +125,17 @@ def sample_distinct(engine, tokenizer, prompts: list[list[dict]], k: int, temper
 
 
 # ---- judging ------------------------------------------------------------------------------------------
-def judge_builtin(answers: list[str], example) -> tuple[list[str], list[float]]:
-    """Rank by the task's score (1 correct, 0 well-formed wrong, -1 malformed), then shorter, then sample order."""
+def judge_score(answer: str, example) -> float:
+    """2 correct and well-formed, 1 correct but malformed, 0 wrong but well-formed, -1 wrong and malformed."""
     from chatstack.data.tasks import TASKS
 
     task = TASKS[example.task]
-    scored = [(task.score(a, example), len(a), i, a) for i, a in enumerate(answers)]
+    return 2.0 * task.check(answer, example) + 1.0 * task.well_formed(answer) - 1.0
+
+
+def judge_builtin(answers: list[str], example) -> tuple[list[str], list[float]]:
+    """Rank by correctness, then well-formedness (judge_score), then shorter, then sampling order."""
+    scored = [(judge_score(a, example), len(a), i, a) for i, a in enumerate(answers)]
     scored.sort(key=lambda t: (-t[0], t[1], t[2]))
     return [t[3] for t in scored], [t[0] for t in scored]
 
@@ -205,7 +211,7 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
             continue
         if cfg.judge == "builtin":
             ranked, scores = judge_builtin(ans, ex)
-            n_correct += sum(1 for s in scores if s == 1.0)
+            n_correct += sum(1 for s in scores if s >= 1.0)
             n_answers += len(scores)
         else:
             res = judge_human(messages, ans, ask, show)
