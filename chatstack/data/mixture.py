@@ -95,11 +95,16 @@ class Mixture:
         return [{"path": str(d.path), "weight": round(float(w), 6), "train_tokens": len(d.split("train"))}
                 for d, w in zip(self.datasets, self.weights)]
 
-    def sample_rows(self, seed: int, step: int, n_rows: int, block_size: int) -> torch.Tensor:
-        """(n_rows, block_size + 1) int64 windows for step `step`: a pure function of (seed, step)."""
+    def draw(self, seed: int, step: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the source index (by weight) and a uniform [0, 1) position inside it."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         src = torch.multinomial(self.weights, n_rows, replacement=True, generator=g)
         u = torch.rand(n_rows, generator=g, dtype=torch.float64)
+        return src, u
+
+    def sample_rows(self, seed: int, step: int, n_rows: int, block_size: int) -> torch.Tensor:
+        """(n_rows, block_size + 1) int64 windows for step `step`: a pure function of (seed, step)."""
+        src, u = self.draw(seed, step, n_rows)
         rows = np.empty((n_rows, block_size + 1), dtype=np.int64)
         for r in range(n_rows):
             toks = self.datasets[int(src[r])].split("train").tokens

@@ -54,14 +54,10 @@ class PretrainConfig(TrainConfig):
 
 
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention's 12*L*h*T
-    (PaLM appendix B / nanoGPT); N excludes the position table, which is a lookup."""
-    h, L, T, V = cfg.n_embd, cfg.n_layer, cfg.block_size, cfg.vocab_size
-    hd = cfg.head_dim
-    attn = h * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * h
-    mlp = h * cfg.ffn_hidden * (2 if cfg.mlp == "gelu" else 3)
-    n_matmul = L * (attn + mlp) + V * h   # the output layer is a matmul even when tied
-    return 6 * n_matmul + 12 * L * h * T
+    """Training FLOPs per token from the estimator (6N + PaLM's 12*L*h*T attention term), for MFU."""
+    from chatstack.estimate import flops_per_token as estimate_flops
+
+    return float(estimate_flops(cfg))
 
 
 def token_lengths(tok) -> tuple[torch.Tensor, torch.Tensor]:
