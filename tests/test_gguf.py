@@ -296,3 +296,16 @@ def test_smollm2_answers_capital_of_france(tmp_path):
             out.append(nxt)
             logits = model(torch.tensor([[nxt]]), cache=cache)
     assert tok.decode(out) == "The capital of France is Paris."
+    # and the same weights in transformers' LlamaForCausalLM (after `chatstack export hf`) agree
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["export", "hf", str(tmp_path / "smollm2"), "--out", str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    htok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    hids = htok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)   # + SmolLM's system turn
+    x = torch.tensor([hids])
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max().item() <= 1e-3
+        gen = hf.generate(x, max_new_tokens=20, do_sample=False)
+    assert htok.decode(gen[0, len(hids):], skip_special_tokens=True) == "The capital of France is Paris."
