@@ -257,11 +257,11 @@ def estimate(a: EstimateArgs) -> dict:
     br = param_breakdown(cfg)
     seq = a.seq or cfg.block_size
     batch = a.batch or (1 if a.seq else 0)   # --seq alone means one row
-    # N for FLOPs is the source's headline count l(12h^2+13h)+Vh (blocks + the shared embedding; for a tied
-    # model that is the matmul parameters to within the final norm). Memory holds every weight: the exact
-    # count. An explicit --params (e.g. GPT-3's nominal 175e9) overrides both.
-    n = float(a.params) if a.params is not None else float(br["headline"])
-    n_mem = float(a.params) if a.params is not None else float(br["total"])
+    # N is the exact count (the source's full breakdown: blocks + Vh + Th + final norm; what Hugging Face
+    # reports). The source's headline l(12h^2+13h)+Vh drops the two small terms (0.01% for GPT-3) and is
+    # reported beside it. An explicit --params (e.g. GPT-3's nominal 175e9) overrides N everywhere.
+    n = float(a.params) if a.params is not None else float(br["total"])
+    n_mem = n
     tokens = float(a.tokens) if a.tokens is not None else 20.0 * n   # Chinchilla: ~20 tokens per parameter
     flops = train_flops(n, tokens, a.recompute)
     if a.attention:
@@ -288,6 +288,7 @@ def estimate(a: EstimateArgs) -> dict:
         "tokens": tokens,
         "tokens_default": a.tokens is None,
         "recompute": a.recompute,
+        "attention_flops": a.attention,
         "flops_per_token": flops / tokens if tokens else 0.0,
         "train_flops": flops,
         "inference_flops_per_token": inference_flops_per_token(cfg, 0, n_params=int(n)),
@@ -318,12 +319,14 @@ def _si(x: float, unit: str = "") -> str:
 
 def format_table(r: dict) -> str:
     b = r["breakdown"]
+    h = r["config"]["n_embd"]
     rows = [
         ("model", r["model"]),
         ("", ""),
-        ("parameters (N)", f"{r['params']:,}  ({_si(r['params'])})"),
-        ("  exact count", f"{r['params_exact']:,}"),
-        ("  l(12h^2+13h)+Vh", f"{r['params_headline']:,}"),
+        ("parameters (N)", f"{r['params']:,}  ({_si(r['params'])})"
+                           + ("" if r["params"] == r["params_exact"] else f"  (--params; exact {r['params_exact']:,})")),
+        ("  l(12h^2+13h)+Vh" if r["breakdown"]["block"] == 12 * h * h + 13 * h else
+         ("  l*block + Vh" if not b["lm_head"] else "  l*block + 2Vh"), f"{r['params_headline']:,}"),
         ("  12 l h^2", f"{r['params_12lh2']:,}"),
         ("  per block", f"{b['block']:,}  = attention {b['attention']:,} + mlp {b['mlp']:,} + norms {b['norms']:,}"),
         ("  embedding", f"{b['embedding']:,}" + ("  (shared with the output)" if not b["lm_head"] else "")),
@@ -343,7 +346,7 @@ def format_table(r: dict) -> str:
         ("inference FLOPs/token", f"{r['inference_flops_per_token']:.3g}  (2N)"),
         ("throughput", f"{r['throughput']}  ({r['achieved_tflops']:.4g} TFLOP/s per GPU)"),
         ("GPU-hours", f"{r['gpu_hours']:,.0f}  ({r['gpu_days']:,.0f} GPU-days)"),
-        ("wall-clock", f"{r['days']:,.2f} days on {r['gpus']:,} GPUs"),
+        ("wall-clock", f"{r['days']:,.2f} days on {r['gpus']:,} GPU{'s' if r['gpus'] != 1 else ''}"),
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" if k else "" for k, v in rows)

@@ -39,7 +39,8 @@ def test_gpt3_params_formula_exact():
 
 def test_gpt3_memory():
     r = run_json("--preset", "gpt3-175b")
-    assert r["params"] == 174_579_068_928
+    assert r["params_headline"] == 174_579_068_928
+    assert r["params"] == r["params_exact"] == pytest.approx(174.6e9, rel=1e-3)
     assert r["train_memory_bytes"] == pytest.approx(3.5e12, rel=0.01)       # 20 bytes/param ~ 3.5 TB
     assert r["inference_memory_bytes"] == pytest.approx(350e9, rel=0.01)    # 2 bytes/param ~ 350 GB
     assert E.TRAIN_BYTES_PER_PARAM == 20 and E.INFER_BYTES_PER_PARAM == 2
@@ -50,7 +51,7 @@ def test_gpt3_training_time_mfu():
     r = run_json("--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--gpu-tflops", "312",
                  "--mfu", "0.462")
     assert r["train_flops"] == pytest.approx(3.14e23, rel=0.005)            # 6ND
-    assert r["train_flops"] == 6 * 174_579_068_928 * 300e9
+    assert r["train_flops"] == 6 * r["params"] * 300e9
     # the source rounds N to 175B: 607k A100-hours, 25.3k A100-days, 24.7 days on 1024 GPUs
     assert r["gpu_hours"] == pytest.approx(607e3, rel=0.005)
     assert r["gpu_days"] == pytest.approx(25.3e3, rel=0.005)
@@ -68,7 +69,7 @@ def test_gpt3_training_time_mfu():
 def test_gpt3_recompute_achieved_tflops():
     r = run_json("--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--recompute",
                  "--achieved-tflops", "140")
-    assert r["train_flops"] == 8 * 174_579_068_928 * 300e9                 # 8ND
+    assert r["train_flops"] == 8 * r["params"] * 300e9                     # 8ND
     assert r["days"] == pytest.approx(34, rel=0.01)                         # the published ~34 days
     assert r["achieved_tflops"] == 140
 
@@ -97,7 +98,9 @@ def test_llama_exact_counts_match_release():
 def test_gpt2_small_hf_count():
     cfg = get_preset("gpt2")
     assert E.param_breakdown(cfg)["total"] == 124_439_808
-    assert run_json("--preset", "gpt2")["params_exact"] == 124_439_808
+    r = run_json("--preset", "gpt2")
+    assert r["params"] == r["params_exact"] == 124_439_808
+    assert r["params_headline"] == 12 * (12 * 768 ** 2 + 13 * 768) + 50257 * 768
 
 
 # ---------------------------------------------------------------- formulas
