@@ -229,13 +229,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     opt = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), impl=cfg.optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if resumed_state is not None:
-        if shadow is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, opt, resumed_state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(resumed_state["optimizer"])
+        if not resumed_state.get("optimizer"):
+            raise CheckpointError(f"{out}/state/train.pt: no optimizer state (an FSDP run); exact --resume "
+                                  f"needs a DDP or single-process checkpoint")
+        opt.load_state_dict(resumed_state["optimizer"])
         if resumed_state.get("scaler"):
             scaler.load_state_dict(resumed_state["scaler"])
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
@@ -244,13 +241,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     peak = peak_flops(cfg, device)
 
     def save(step: int):
-        if shadow is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt_sd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-        else:
-            opt_sd = opt.state_dict()
+        # FSDP: the checkpoint holds the gathered full weights only; its optimizer moments stay sharded and
+        # are not saved (torch's full optimizer-state gather failed here), so FSDP runs cannot --resume
+        opt_sd = opt.state_dict() if shadow is None else {}
         to_save = _full_state_for_save(model, shadow)
         if info.is_main:
             state = {"train": {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen,
@@ -362,13 +355,15 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
 
     if step > start_step or not has_checkpoint(out):
         evaluate(step, final=True)
+        save(step)
         if info.is_main and hasattr(task, "sample"):
-            model.eval()
+            # after the save: under FSDP the gathered CPU copy is what can generate on one rank
+            m = shadow if shadow is not None else model
+            m.eval()
             with torch.no_grad(), autocast(device, dtype):
-                text = task.sample(model)
-            model.train()
+                text = task.sample(m)
+            m.train()
             if text:
                 metrics.write(step=step, sample=text)
-        save(step)
     D.cleanup()
     return out
