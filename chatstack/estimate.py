@@ -23,6 +23,9 @@ The formulas (the source's, for the GPT family; every term generalises to Llama-
     inference FLOPs    2N per token
     time               FLOPs / (GPUs * peak * utilisation), or tokens / (GPUs * tokens/s per GPU)
 
+`chatstack estimate` uses the exact count as N (what the model holds; Hugging Face's count for GPT-2) and
+prints the headline `l(12h^2+13h)+Vh` beside it; `--params` overrides N (e.g. GPT-3's nominal 175e9).
+
 Every function here is pure (a config in, numbers out) so the training loop's MFU and the report card
 reuse them: `flops_per_token(cfg, seq_len)` is the per-token training cost the loop divides by.
 """

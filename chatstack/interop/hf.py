@@ -13,6 +13,11 @@ What differs between the two codebases, and is undone here:
 - HF Llama's q/k weights are laid out for `rotate_half` RoPE (first half / second half of each head),
   which chatstack's RoPE uses too: no permutation needed (GGUF is different: see interop/gguf.py).
 - Grouped-query attention maps to `num_key_value_heads`; tied/untied output to `tie_word_embeddings`.
+
+transformers 5.x quirks handled here (checked on 5.24): the RoPE base lives in `config.rope_parameters`
+({"rope_type", "rope_theta"}) rather than `rope_theta` (both are read); LlamaConfig defaults to an untied
+output; the KV-cache argument of `forward` is being renamed from `past_key_values` to `cache` (the tests
+use whichever the installed version takes).
 """
 from __future__ import annotations
 
