@@ -4,7 +4,8 @@ Sources (all install offline from PyPI, see shared/DATA.md; their licences trave
 - `chitchat-dataset` (MIT): 7,168 human-to-human conversations; the first speaker becomes "user", the
   second "assistant"; consecutive messages of one speaker are joined. Subsampled and cut to a few turns
   so a tiny model's 256-token context holds them.
-- `chatterbot-corpus` (BSD-3), English YAML files: ~2,000 short question/answer conversations.
+- `chatterbot-corpus` (BSD-3), English YAML files: ~2,000 short question/answer conversations, ~900
+  distinct (duplicates across files are dropped).
 - identity: a few dozen conversations about who the assistant is (written here).
 - verifiable tasks from `chatstack.data.tasks` (generated, with held-out splits).
 
@@ -88,14 +89,19 @@ def chatterbot(split: str) -> list[list[dict]]:
     import yaml   # PyYAML: only needed for this source
 
     root = _package_dir("chatterbot_corpus") / "data" / "english"
-    out = []
+    out, seen = [], set()
     for f in sorted(root.glob("*.yml")):
         with open(f, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
-        for i, conv in enumerate(data.get("conversations") or []):
-            if not isinstance(conv, list) or len(conv) < 2 or _split("chatterbot", f"{f.name}:{i}") != split:
+        for conv in data.get("conversations") or []:
+            if not isinstance(conv, list) or len(conv) < 2:
                 continue
             turns = [str(t).strip() for t in conv if isinstance(t, (str, int, float)) and str(t).strip()]
+            # split (and deduplicate) by content: some Q&A pairs occur in several files
+            key = json.dumps(turns)
+            if key in seen or _split("chatterbot", key) != split:
+                continue
+            seen.add(key)
             msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
             if msgs and msgs[-1]["role"] == "user":
                 msgs.pop()
