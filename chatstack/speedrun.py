@@ -79,7 +79,7 @@ STAGES = [
           "data"),
     Stage("pretrain",
           lambda r: ["pretrain", "--data", r.p("data"), "--out", r.p("base"),
-                     *r.pick(["--preset", "nano", "--max-steps", "30", "--eval-every", "15", "--batch-size", "8",
+                     *r.pick(["--preset", "nano", "--block-size", "256", "--max-steps", "30", "--eval-every", "15", "--batch-size", "8",
                               "--warmup-steps", "5", "--time-budget", "0", "--save-every", "10"],
                              ["--preset", "gpt2", "--max-steps", "5000", "--batch-size", "32", "--time-budget", "0"])],
           "base/config.json", resumable=True, key=lambda r: _metric(r, "base", "val_bpb"), torchrun=True),
