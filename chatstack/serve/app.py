@@ -218,6 +218,16 @@ async def _collect(queue: asyncio.Queue, n: int, special: set[int]) -> list[_Cho
     return choices
 
 
+async def _drain(queue: asyncio.Queue) -> list:
+    """Wait for one item, then take everything else already queued."""
+    items = [await queue.get()]
+    while True:
+        try:
+            items.append(queue.get_nowait())
+        except asyncio.QueueEmpty:
+            return items
+
+
 def _sse(obj: Union[dict, Any]) -> str:
     if hasattr(obj, "model_dump_json"):
         return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
@@ -305,33 +315,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     # ---------------------------------------------------------------- auth, body size, request metrics
 
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
-        path = request.url.path
-        is_api = path.startswith(API_PREFIXES)
-        if request.method in ("POST", "PUT", "PATCH"):
-            cl = request.headers.get("content-length")
-            if cl is not None and (not cl.isdigit() or int(cl) > cfg.max_body_bytes):
-                return _count(path, JSONResponse(P.error_body(
-                    f"request body of {cl} bytes exceeds the limit of {cfg.max_body_bytes} bytes",
-                    "invalid_request_error", None, "request_too_large"), status_code=413))
-        if is_api and cfg.api_keys:
-            auth = request.headers.get("authorization", "")
-            key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if key not in cfg.api_keys:
-                why = "missing API key (send 'Authorization: Bearer KEY')" if not key else "incorrect API key provided"
-                return _count(path, JSONResponse(P.error_body(why, "invalid_request_error", None, "invalid_api_key"),
-                                                 status_code=401))
-        if request.method in ("POST", "PUT", "PATCH") and request.headers.get("content-length") is None:
-            # chunked upload: count bytes as they arrive
-            request = Request(request.scope, _limited_receive(request.receive, cfg.max_body_bytes))
-        response = await call_next(request)
-        return _count(path, response) if is_api else response
-
-    def _count(path: str, response):
-        if path.startswith(API_PREFIXES):
-            st.metrics.requests.inc(1, path, str(response.status_code))
-        return response
+    app.add_middleware(_Gate, state=st)
 
     # ---------------------------------------------------------------- info endpoints
 
@@ -425,35 +409,45 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     async def _chat_stream(rows, queue, n, rid, created, want_logprobs, n_prompt, include_usage, special
                            ) -> AsyncIterator[str]:
+        # chunks are built as dicts and dumped with json (C) rather than through pydantic: this runs once
+        # per token per client, and it is the server's hot path
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model_id,
+                "system_fingerprint": None}
+
         def chunk(choices, usage=None):
-            return _sse(P.ChatCompletionChunk(id=rid, created=created, model=st.model_id, choices=choices,
-                                              usage=usage))
+            return "data: " + json.dumps({**head, "choices": choices, "usage": usage}) + "\n\n"
+
+        def choice(idx, delta, logprobs=None, finish=None):
+            return {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         try:
-            for i in range(n):
-                yield chunk([P.ChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))])
+            yield "".join(chunk([choice(i, {"role": "assistant", "content": ""})]) for i in range(n))
             left, completion = n, 0
             while left:
-                idx, ev = await queue.get()
-                if isinstance(ev, Exception):
-                    err = ev if isinstance(ev, P.APIError) else P.APIError(500, "the engine failed", "server_error")
-                    if isinstance(ev, ValueError):
-                        err = P.APIError(400, str(ev))
-                    yield _sse(err.body())
-                    break
-                if ev.token_id is not None:
-                    completion += 1
-                lp = None
-                if want_logprobs and ev.token_id is not None and ev.logprob is not None and ev.token_id not in special:
-                    lp = _chat_logprobs([(ev.token_id, ev.logprob, ev.top_logprobs)])
-                if ev.text or lp is not None:
-                    yield chunk([P.ChunkChoice(index=idx, delta=P.Delta(content=ev.text), logprobs=lp)])
-                if ev.finished:
-                    left -= 1
-                    reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
-                    yield chunk([P.ChunkChoice(index=idx, delta=P.Delta(), finish_reason=reason)])
+                out = []
+                for idx, ev in await _drain(queue):   # everything that arrived since the last write, in one write
+                    if isinstance(ev, Exception):
+                        err = P.APIError(400, str(ev)) if isinstance(ev, ValueError) else \
+                            P.APIError(500, "the engine failed", "server_error")
+                        out.append(_sse(err.body()))
+                        left = 0
+                        break
+                    if ev.token_id is not None:
+                        completion += 1
+                    lp = None
+                    if want_logprobs and ev.token_id is not None and ev.logprob is not None \
+                            and ev.token_id not in special:
+                        lp = _chat_logprobs([(ev.token_id, ev.logprob, ev.top_logprobs)]).model_dump()
+                    if ev.text or lp is not None:
+                        out.append(chunk([choice(idx, {"content": ev.text}, lp)]))
+                    if ev.finished:
+                        left -= 1
+                        reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
+                        out.append(chunk([choice(idx, {}, None, reason)]))
+                if out:
+                    yield "".join(out)
             if include_usage:
-                yield chunk([], P.Usage(prompt_tokens=n_prompt, completion_tokens=completion,
-                                        total_tokens=n_prompt + completion))
+                yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                                 "total_tokens": n_prompt + completion})
             yield "data: [DONE]\n\n"
         finally:   # normal end, or the client went away (the generator is closed): free the rows
             st.scheduler.cancel(rows)
@@ -537,36 +531,48 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
         return out
 
     async def _completion_stream(rows, queue, total, rid, created, req, idx_prompt, echo_text, n_prompt, special):
+        head = {"id": rid, "object": "text_completion", "created": created, "model": st.model_id,
+                "system_fingerprint": None}
+
         def chunk(choices, usage=None):
-            return _sse(P.TextCompletion(id=rid, created=created, model=st.model_id, choices=choices, usage=usage))
+            return "data: " + json.dumps({**head, "choices": choices, "usage": usage}) + "\n\n"
+
+        def choice(idx, text, logprobs=None, finish=None):
+            return {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish}
         offsets = [len(echo_text[idx_prompt[i]]) for i in range(total)]
         try:
-            for i in range(total):
-                if echo_text[idx_prompt[i]]:
-                    yield chunk([P.CompletionChoice(index=i, text=echo_text[idx_prompt[i]])])
+            echoed = [chunk([choice(i, echo_text[idx_prompt[i]])]) for i in range(total) if echo_text[idx_prompt[i]]]
+            if echoed:
+                yield "".join(echoed)
             left, completion = total, 0
             while left:
-                idx, ev = await queue.get()
-                if isinstance(ev, Exception):
-                    yield _sse(P.error_body(str(ev) if isinstance(ev, ValueError) else "the engine failed",
-                                            "invalid_request_error" if isinstance(ev, ValueError) else "server_error"))
-                    break
-                if ev.token_id is not None:
-                    completion += 1
-                lp = None
-                if req.logprobs is not None and ev.token_id is not None and ev.logprob is not None \
-                        and ev.token_id not in special:
-                    lp = _completion_logprobs([(ev.token_id, ev.logprob, ev.top_logprobs)], offsets[idx])
-                offsets[idx] += len(ev.text)
-                reason = None
-                if ev.finished:
-                    left -= 1
-                    reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
-                if ev.text or lp is not None or reason:
-                    yield chunk([P.CompletionChoice(index=idx, text=ev.text, logprobs=lp, finish_reason=reason)])
+                out = []
+                for idx, ev in await _drain(queue):
+                    if isinstance(ev, Exception):
+                        bad = isinstance(ev, ValueError)
+                        out.append(_sse(P.error_body(str(ev) if bad else "the engine failed",
+                                                     "invalid_request_error" if bad else "server_error")))
+                        left = 0
+                        break
+                    if ev.token_id is not None:
+                        completion += 1
+                    lp = None
+                    if req.logprobs is not None and ev.token_id is not None and ev.logprob is not None \
+                            and ev.token_id not in special:
+                        lp = _completion_logprobs([(ev.token_id, ev.logprob, ev.top_logprobs)],
+                                                  offsets[idx]).model_dump()
+                    offsets[idx] += len(ev.text)
+                    reason = None
+                    if ev.finished:
+                        left -= 1
+                        reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
+                    if ev.text or lp is not None or reason:
+                        out.append(chunk([choice(idx, ev.text, lp, reason)]))
+                if out:
+                    yield "".join(out)
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], P.Usage(prompt_tokens=n_prompt, completion_tokens=completion,
-                                        total_tokens=n_prompt + completion))
+                yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                                 "total_tokens": n_prompt + completion})
             yield "data: [DONE]\n\n"
         finally:
             st.scheduler.cancel(rows)
@@ -648,6 +654,57 @@ def _count_lines(path: Optional[str]) -> int:
         return sum(1 for line in f if line.strip())
 
 
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/rank/api/sample", "/rank/api/submit",
+               "/rank/api/prompt", "/rank/api/config")
+
+
+class _Gate:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would copy every streamed chunk through an extra task):
+    body-size limit (413), API keys on /v1 and /rank/api (401), and per-endpoint request counts."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.st = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        cfg, path = self.st.cfg, scope["path"]
+        is_api = path.startswith(API_PREFIXES)
+        label = path if path in KNOWN_PATHS else ("/v1/models/*" if path.startswith("/v1/models/") else "other")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        def count(status: int):
+            if is_api:
+                self.st.metrics.requests.inc(1, label, str(status))
+
+        async def reject(status: int, body: dict):
+            count(status)
+            await JSONResponse(body, status_code=status)(scope, receive, send)
+
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            cl = headers.get("content-length")
+            if cl is not None and (not cl.isdigit() or int(cl) > cfg.max_body_bytes):
+                return await reject(413, P.error_body(
+                    f"request body of {cl} bytes exceeds the limit of {cfg.max_body_bytes} bytes",
+                    "invalid_request_error", None, "request_too_large"))
+            if cl is None:    # chunked upload: count bytes as they arrive
+                receive = _limited_receive(receive, cfg.max_body_bytes)
+        if is_api and cfg.api_keys:
+            auth = headers.get("authorization", "")
+            key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if key not in cfg.api_keys:
+                why = "missing API key (send 'Authorization: Bearer KEY')" if not key else "incorrect API key provided"
+                return await reject(401, P.error_body(why, "invalid_request_error", None, "invalid_api_key"))
+        if not is_api:
+            return await self.app(scope, receive, send)
+
+        async def counting_send(msg):
+            if msg["type"] == "http.response.start":
+                count(msg["status"])
+            await send(msg)
+        await self.app(scope, receive, counting_send)
+
+
 class _BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
@@ -688,6 +745,8 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting rows before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve)
 
@@ -705,6 +764,10 @@ def _cmd_serve(args) -> int:
     for f in (args.rank_prompts,):
         if f and not os.path.exists(f):
             raise CLIError(f"{f}: no such file")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     keys = list(args.api_key) + [k for k in os.environ.get("CHATSTACK_API_KEY", "").split(",") if k]
     try:
         app = create_app(args.checkpoint, model_name=args.model_name, api_keys=tuple(keys), rankings=args.rankings,

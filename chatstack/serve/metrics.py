@@ -11,7 +11,8 @@ conventions (`_total` counters, `_seconds` histograms) and vLLM's where one exis
     chatstack_running_requests                     rows in the running batch
     chatstack_time_to_first_token_seconds          submit -> first generated token (histogram)
     chatstack_request_latency_seconds              submit -> last token (histogram)
-    chatstack_batch_size                           rows per decode step (histogram)
+    chatstack_batch_size                           rows per engine step (histogram)
+    chatstack_engine_step_seconds                  time of one engine step (histogram)
 """
 from __future__ import annotations
 
@@ -129,10 +130,12 @@ class ServerMetrics:
         self.ttft = Histogram("chatstack_time_to_first_token_seconds", "Seconds from submit to the first token.")
         self.latency = Histogram("chatstack_request_latency_seconds", "Seconds from submit to the last token.")
         self.batch = Histogram("chatstack_batch_size", "Rows in the batch per engine step.", BATCH_BUCKETS)
+        self.step_time = Histogram("chatstack_engine_step_seconds", "Seconds per engine step (prefill + decode).",
+                                   (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
 
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cancelled, self.rejected,
-                  self.queue_depth, self.running, self.ttft, self.latency, self.batch):
+                  self.queue_depth, self.running, self.ttft, self.latency, self.batch, self.step_time):
             lines += m.render()
         return "\n".join(lines) + "\n"

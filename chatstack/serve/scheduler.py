@@ -158,9 +158,11 @@ class Scheduler:
         if not self._running:
             return
         self.metrics.batch.observe(len(self._running))
+        t0 = time.perf_counter()
         events = self.engine.step()
         self.steps += 1
         now = time.perf_counter()
+        self.metrics.step_time.observe(now - t0)
         out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for ev in events:
             row = self._running.get(ev.request_id)
