@@ -140,6 +140,11 @@ class SlotCache:
 
     def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
         """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,))."""
+        if not isinstance(write_pos, int):
+            # flat row index of (slot b, head h, position p) in a layer viewed as (slots*Hkv*length, hd):
+            # one index_copy_ per layer writes every row's new key at its own position
+            heads = torch.arange(B * self.n_kv, device=write_pos.device).view(B, self.n_kv)   # b*Hkv + h
+            write_pos = (heads * self.length + write_pos[:, None]).view(-1)                    # (B*Hkv,)
         self._mode = ("decode", B, write_pos, S)
         self.pos = S - 1
 
@@ -156,9 +161,8 @@ class SlotCache:
             self.k[layer, :B, :, wp:wp + 1] = k
             self.v[layer, :B, :, wp:wp + 1] = v
         else:
-            rows = torch.arange(B, device=k.device)
-            self.k[layer, rows, :, wp] = k[:, :, 0]               # (B, Hkv, hd) into per-row positions
-            self.v[layer, rows, :, wp] = v[:, :, 0]
+            self.k[layer].view(-1, self.hd).index_copy_(0, wp, k.reshape(-1, self.hd))   # k: (B, Hkv, 1, hd)
+            self.v[layer].view(-1, self.hd).index_copy_(0, wp, v.reshape(-1, self.hd))
         return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]  # (B, Hkv, S, hd) views
 
     def advance(self, T: int):

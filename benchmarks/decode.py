@@ -1,0 +1,176 @@
+"""Decode speed of chatstack's engine against Hugging Face `generate()` on the same weights, in one run.
+
+    python benchmarks/decode.py                 # ~1-2 minutes on a 2-core CPU
+    python benchmarks/decode.py --tokens 64 --repeats 5 --threads 2
+
+What it prints (each as a ratio, goals from issue #4):
+  1. batch-1 greedy decode tokens/s, tiny preset (4 layers, 128 wide, random weights): engine / HF  (goal >= 1.5x)
+  2. the same for the GPT-2 small config (124M, random weights):                   engine / HF  (goal >= 1.0x)
+  3. GPT-2 small engine tokens/s against the memory-bandwidth bound, where the bound is measured copy
+     bandwidth (bytes read per second by a large tensor copy) / bytes of weights read per token (goal >= 85%)
+  4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x)
+
+Both sides get the same prompt, generate exactly --tokens new tokens greedily with a KV cache (HF:
+use_cache=True, do_sample=False, no EOS), and the outputs are checked to be identical tokens. Each timing
+is the best of --repeats runs after a warm-up (other processes on a shared machine only ever slow a run
+down, so the minimum is the least noisy estimate). Timings include the short prompt's prefill on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from chatstack.engine import Engine, SamplingParams
+from chatstack.model import GPT
+from chatstack.presets import get_preset
+
+
+class _IdTokenizer:
+    """Just enough tokenizer for the engine: no stop tokens, bytes of no interest."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+        self.eot_id = self.im_end_id = None
+
+    def token_bytes(self, i):
+        return b"x"
+
+
+def to_hf_gpt2(model: GPT):
+    """The same weights as a transformers GPT2LMHeadModel (its Conv1D stores weights as (in, out))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf_cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                        n_head=c.n_head, n_inner=c.ffn_hidden, activation_function="gelu_new",
+                        layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(hf_cfg).eval()
+    sd = {"transformer.wte.weight": model.tok_emb.weight, "transformer.wpe.weight": model.pos_emb.weight,
+          "transformer.ln_f.weight": model.norm_f.weight, "transformer.ln_f.bias": model.norm_f.bias}
+    for i, b in enumerate(model.blocks):
+        p = f"transformer.h.{i}."
+        sd.update({p + "ln_1.weight": b.norm1.weight, p + "ln_1.bias": b.norm1.bias,
+                   p + "ln_2.weight": b.norm2.weight, p + "ln_2.bias": b.norm2.bias,
+                   p + "attn.c_attn.weight": b.attn.qkv.weight.t(), p + "attn.c_attn.bias": b.attn.qkv.bias,
+                   p + "attn.c_proj.weight": b.attn.proj.weight.t(), p + "attn.c_proj.bias": b.attn.proj.bias,
+                   p + "mlp.c_fc.weight": b.mlp.fc.weight.t(), p + "mlp.c_fc.bias": b.mlp.fc.bias,
+                   p + "mlp.c_proj.weight": b.mlp.proj.weight.t(), p + "mlp.c_proj.bias": b.mlp.proj.bias})
+    missing, unexpected = hf.load_state_dict({k: v.detach().contiguous() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or "attn.bias" in k or "masked_bias" in k
+                                  for k in missing), (missing, unexpected)
+    hf.tie_weights()
+    return hf
+
+
+def best_times(fns: list, repeats: int) -> tuple[list[float], list]:
+    """Best wall time of each fn over `repeats` rounds, the fns interleaved within each round so that
+    load from other processes hits all of them alike (it can only slow a run down: the minimum is the
+    least noisy estimate). One warm-up call each first (allocations, kernel selection)."""
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best, outs
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    (t,), (out,) = best_times([fn], repeats)
+    return t, out
+
+
+def copy_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Bytes read per second by a large tensor copy (each byte read once, written once)."""
+    n = mb * 2**20 // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    t, _ = best_time(lambda: dst.copy_(src), repeats)
+    return n * 4 / t
+
+
+def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8):
+    torch.manual_seed(0)
+    model = GPT(get_preset(preset)).eval()
+    hf = to_hf_gpt2(model)
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():                             # same weights: same logits
+        x = torch.tensor([prompt])
+        diff = (model(x) - hf(x).logits).abs().max().item()
+    engine = Engine(model, _IdTokenizer(V), max_batch_size=16)
+    sp = SamplingParams(max_new_tokens=tokens, temperature=0, stop_token_ids=[])
+
+    def ours():
+        return engine.generate([prompt], sp)[0].token_ids
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
+                              max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True,
+                              eos_token_id=None, pad_token_id=0)
+        return out[0, prompt_len:].tolist()
+
+    (t_ours, t_hf), (ids_ours, ids_hf) = best_times([ours, theirs], repeats)
+    same = ids_ours == ids_hf
+    print(f"{name}: max |logit diff| vs HF {diff:.2e}; identical greedy tokens: {same}")
+    print(f"  engine {tokens / t_ours:8.1f} tok/s   HF generate {tokens / t_hf:8.1f} tok/s")
+    return model, engine, prompt, tokens / t_ours, tokens / t_hf, same
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    torch.set_grad_enabled(False)
+    results = {}
+
+    model, engine, prompt, tiny_ours, tiny_hf, same_tiny = bench_model("tiny", "tiny", args.tokens, args.repeats)
+    results["tiny"] = (tiny_ours, tiny_hf)
+    # batched: B different prompts (different lengths), all greedy, same number of new tokens
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, V, (4 + i % 8,), generator=g).tolist() for i in range(args.batch)]
+    sp = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=[])
+    sp1 = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=[])
+    (t_1, t_b), _ = best_times([lambda: engine.generate(prompts[:1], sp1), lambda: engine.generate(prompts, sp)],
+                               args.repeats)
+    batched, single = args.batch * args.tokens / t_b, args.tokens / t_1
+    print(f"  engine batched x{args.batch}: {batched:8.1f} tok/s  (batch-1 measured alongside: {single:.1f} tok/s)")
+
+    _, _, _, g_ours, g_hf, same_g = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats)
+    cfg = get_preset("gpt2")
+    weight_bytes = _weights_read_per_token(cfg)
+    bw = copy_bandwidth()
+    bound = bw / weight_bytes
+    print(f"  copy bandwidth {bw / 1e9:.1f} GB/s; weights read per token {weight_bytes / 1e6:.0f} MB "
+          f"-> bound {bound:.1f} tok/s")
+
+    print("\nratios (goal)")
+    print(f"  tiny batch-1 engine / HF generate      {tiny_ours / tiny_hf:5.2f}x  (>= 1.5x)")
+    print(f"  gpt2 small batch-1 engine / HF         {g_ours / g_hf:5.2f}x  (>= 1.0x)")
+    print(f"  gpt2 small engine / bandwidth bound    {g_ours / bound:5.0%}   (>= 85%)")
+    print(f"  tiny batched x{args.batch} / batch-1           {batched / single:5.2f}x  (>= 8x)")
+    if not (same_tiny and same_g):
+        print("  WARNING: engine and HF produced different greedy tokens")
+
+
+def _weights_read_per_token(cfg) -> int:
+    """fp32 bytes a decode step must read: every weight once (tied embedding once), one position row."""
+    with torch.device("meta"):
+        m = GPT(cfg)
+    n = m.num_params(exclude_positions=True) + cfg.n_embd
+    return 4 * n
+
+
+if __name__ == "__main__":
+    main()
