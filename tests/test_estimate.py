@@ -189,6 +189,10 @@ def test_console_command_subprocess():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["days"] == pytest.approx(24.7, rel=0.005)
+
+
+@pytest.mark.slow   # another interpreter start (~6-20 s here: the CLI imports every stage)
+def test_console_error_subprocess():
     p = subprocess.run([sys.executable, "-m", "chatstack.cli", "estimate", "--preset", "nope"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
