@@ -212,3 +212,21 @@ def test_training_mode_restored_and_no_dropout_while_generating():
     c = Engine(model, tok).generate([p], SamplingParams(max_new_tokens=6, **GREEDY))[0]
     assert model.training
     assert c.token_ids == ref
+
+
+@pytest.mark.parametrize("transposed_head", [True, False])
+def test_engine_follows_weight_updates(transposed_head):
+    """PPO samples from the model it trains: after an optimizer step the engine must use the new weights."""
+    tok = small_tokenizer()
+    model = nano_model("nano-llama", tok.vocab_size, seed=4)
+    eng = Engine(model, tok, transposed_head=transposed_head)
+    p = tok.encode("The quick")
+    sp = SamplingParams(max_new_tokens=6, **GREEDY)
+    before = eng.generate([p], sp)[0].token_ids
+    assert before == reference_greedy(model, p, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    logits = model(torch.tensor([p]))
+    logits[0, -1, 7].backward()                        # push token 7 up
+    opt.step()
+    after = eng.generate([p], sp)[0].token_ids
+    assert after == reference_greedy(model, p, 6) and after != before
