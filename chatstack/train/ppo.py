@@ -49,7 +49,7 @@ class PPOConfig:
     iterations: int = field(default=300, metadata={"help": "PPO iterations (rollout + update)"})
     time_budget: float = field(default=270.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
     rollout_batch: int = field(default=64, metadata={"help": "prompts (one answer each) per iteration"})
-    max_new_tokens: int = field(default=40, metadata={"help": "answer length cap during rollouts and evals"})
+    max_new_tokens: int = field(default=48, metadata={"help": "answer length cap during rollouts and evals (48 as chatstack eval)"})
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     minibatch: int = field(default=32, metadata={"help": "answers per PPO minibatch"})
