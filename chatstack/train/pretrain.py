@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from chatstack.data.mixture import Mixture
 from chatstack.data.shards import DataError, Split
+from chatstack.model import GPT
+from chatstack.train.fused_loss import linear_cross_entropy
 from chatstack.train.loop import TrainConfig, train
 
 
@@ -58,6 +60,20 @@ def flops_per_token(cfg) -> float:
     from chatstack.estimate import flops_per_token as estimate_flops
 
     return float(estimate_flops(cfg))
+
+
+class PretrainGPT(GPT):
+    """The GPT, whose fp32 training forward (targets, no cache, no mask) computes the loss with the fused
+    output layer + cross-entropy (chatstack/train/fused_loss.py) and returns (None, loss): no logits tensor.
+    Same parameters and names as GPT, so its checkpoints load as a plain GPT."""
+
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None,
+                last_only: bool = False):
+        if (targets is None or loss_mask is not None or cache is not None or last_only
+                or self.lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled(idx.device.type)):
+            return super().forward(idx, targets, loss_mask, cache, positions, attn_mask, last_only)
+        h = self.hidden_states(idx, positions=positions, attn_mask=attn_mask)     # (B, T, C)
+        return None, linear_cross_entropy(h, self.lm_head.weight, targets)
 
 
 def token_lengths(tok) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +202,6 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
 def run(cfg: PretrainConfig):
     import os
 
-    from chatstack.model import GPT
-
     if not cfg.data:
         raise DataError("--data: give a prepared dataset directory (chatstack data prepare) or a mixture")
     mixture = Mixture.from_spec(cfg.data)
@@ -208,7 +222,7 @@ def run(cfg: PretrainConfig):
                              f"= {per_micro}")
         cfg.grad_accum = cfg.batch_tokens // per_micro
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank and every run
-    model = GPT(mcfg)
+    model = PretrainGPT(mcfg)
     task = PretrainTask(mcfg, mixture, val, tok, cfg, world)
     if int(os.environ.get("RANK", "0")) == 0:
         srcs = ", ".join(f"{d['path']} ({d['train_tokens']:,} tok, w={d['weight']})" for d in mixture.describe())

@@ -1,0 +1,175 @@
+"""Training-step throughput: chatstack's pretraining step (GPT, fused output-layer loss, fused AdamW) vs Hugging Face `GPT2LMHeadModel` + torch AdamW,
+same config, batch, thread count and process, measured in interleaved rounds (so machine load hits both).
+
+    python benchmarks/train_throughput.py                       # the tiny preset, B=16, T=256
+    python benchmarks/train_throughput.py --malloc both         # also: default glibc malloc vs tuned (2 runs)
+    python benchmarks/train_throughput.py --n-layer 6 --n-embd 256 --threads 2 --rounds 5
+
+Prints tokens/s of each, the ratio (goal >= 1.3x), the measured peak fp32 matmul FLOP/s of this machine, and
+MFU of each against it (FLOPs per token from chatstack.estimate: 6N + 12*L*h*T).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def peak_matmul_flops(n: int = 1024, reps: int = 20) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / best
+
+
+def build(args):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from chatstack.model import GPTConfig
+    from chatstack.train.optim import build_adamw
+    from chatstack.train.pretrain import PretrainGPT   # the model `chatstack pretrain` trains
+
+    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.T, n_layer=args.n_layer, n_head=args.n_head,
+                    n_embd=args.n_embd, dropout=0.0)
+    torch.manual_seed(0)
+    ours = PretrainGPT(cfg)
+    ours_opt = build_adamw(ours, 1e-3, 0.1, (0.9, 0.95), impl=args.optimizer)
+    hf_cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.T, n_embd=args.n_embd, n_layer=args.n_layer,
+                        n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        activation_function="gelu_new", tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(hf_cfg)
+    try:
+        hf.config._attn_implementation = "sdpa"   # HF's fastest attention on CPU
+    except Exception:
+        pass
+    hf.train()
+    # torch AdamW as a user would write it: same decay split, library default implementation (foreach)
+    decay = [p for p in hf.parameters() if p.dim() >= 2]
+    no_decay = [p for p in hf.parameters() if p.dim() < 2]
+    hf_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                               lr=1e-3, betas=(0.9, 0.95))
+    return cfg, ours, ours_opt, hf, hf_opt
+
+
+def make_steps(args, ours, ours_opt, hf, hf_opt):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.B, args.T + 1), generator=g)
+    idx, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def ours_step():
+        _, loss = ours(idx, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+
+    def hf_step():
+        loss = hf(input_ids=idx, labels=idx).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    return ours_step, hf_step
+
+
+def measure(args) -> dict:
+    import torch
+
+    from chatstack.estimate import flops_per_token
+
+    torch.set_num_threads(args.threads)
+    cfg, ours, ours_opt, hf, hf_opt = build(args)
+    ours_step, hf_step = make_steps(args, ours, ours_opt, hf, hf_opt)
+    for _ in range(args.warmup):
+        ours_step()
+        hf_step()
+    rates = {"chatstack": [], "hf": []}
+    tokens = args.B * args.T
+    for _ in range(args.rounds):
+        for name, fn in (("chatstack", ours_step), ("hf", hf_step)):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            rates[name].append(tokens * args.steps / (time.perf_counter() - t))
+    peak = peak_matmul_flops()
+    fpt = flops_per_token(cfg)
+    res = {"threads": args.threads, "malloc_tuned": args._tuned, "peak_flops": peak, "flops_per_token": fpt}
+    for name, r in rates.items():
+        med = statistics.median(r)
+        res[name] = {"tokens_per_s": med, "rounds": [round(v) for v in r], "mfu": med * fpt / peak}
+    res["ratio"] = res["chatstack"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+    return res
+
+
+def report(res: dict) -> None:
+    print(f"threads {res['threads']}, malloc tuned: {res['malloc_tuned']}, peak fp32 matmul "
+          f"{res['peak_flops'] / 1e9:.0f} GFLOP/s, {res['flops_per_token'] / 1e6:.2f} MFLOP/token")
+    for name in ("chatstack", "hf"):
+        r = res[name]
+        print(f"  {name:10s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {r['mfu']:.1%}  rounds {r['rounds']}")
+    print(f"  ratio chatstack / hf = {res['ratio']:.2f}x  (goal >= 1.3x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--B", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--optimizer", default="auto", help="chatstack's AdamW kernel: auto | fused | foreach")
+    ap.add_argument("--malloc", default="tuned", choices=["tuned", "default", "both"],
+                    help="glibc malloc: chatstack's tuning (as the training loop applies it), the default, or both")
+    ap.add_argument("--json", action="store_true", help="print one JSON line (used by --malloc both)")
+    args = ap.parse_args()
+
+    if args.malloc == "both":
+        results = []
+        for mode in ("default", "tuned"):
+            cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a not in ("both", "--malloc")],
+                   "--malloc", mode, "--json"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        for r in results:
+            report(r)
+        d, t = results
+        print(f"malloc tuning: chatstack x{t['chatstack']['tokens_per_s'] / d['chatstack']['tokens_per_s']:.2f}, "
+              f"hf x{t['hf']['tokens_per_s'] / d['hf']['tokens_per_s']:.2f} tokens/s")
+        return
+
+    args._tuned = False
+    if args.malloc == "tuned":
+        from chatstack.train.distributed import tune_malloc
+
+        args._tuned = tune_malloc()
+    res = measure(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        report(res)
+
+
+if __name__ == "__main__":
+    main()
