@@ -331,7 +331,12 @@ class Engine:
         else:
             wp = torch.tensor(pos, device=self.device)
             positions = wp[:, None]                                          # (B, 1)
-            mask = (torch.arange(S, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, S)
+            # additive float mask (0 = attend, -inf = not this row's key): SDPA adds it as is, where a bool
+            # mask is converted in every layer (measured ~20% slower per attention call at 16 rows)
+            dtype = self.cache.dtype
+            keep = torch.arange(S, device=self.device)[None, :] <= positions                # (B, S)
+            mask = torch.zeros(B, 1, 1, S, device=self.device, dtype=dtype).masked_fill_(
+                ~keep[:, None, None, :], float("-inf"))                                      # (B, 1, 1, S)
             self.cache.decode(B, wp, S)
         h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)   # (B, 1, h)
         return self._accept(rows, self._logits(h[:, -1]))
