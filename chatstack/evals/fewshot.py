@@ -10,7 +10,7 @@ answers; the same k shots are used for every question of a task (seeded), as in 
     Q: What is 51 + 17?
     A:
 
-The model's continuation up to the first newline is its answer, checked exactly like a chat reply.
+The first non-empty line of the model's continuation is its answer, checked exactly like a chat reply.
 
     from chatstack.evals.fewshot import fewshot_prompt
     text = fewshot_prompt(TASKS["add"], example, shots=3, seed=0)
@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from chatstack.data.tasks import Example, Task
 
-STOP = ["\n"]          # every answer is one line
+# every answer is one line; a base model may first emit a newline or space after "A:", so generation stops
+# at a blank line or the next question, and the answer is the first non-empty line (`first_line`)
+STOP = ["\n\n", "\nQ:"]
+
+
+def first_line(text: str) -> str:
+    lines = [l.strip() for l in text.strip().split("\n")]
+    return lines[0] if lines else ""
 
 
 def shots_for(task: Task, k: int, seed: int = 0) -> list[Example]:

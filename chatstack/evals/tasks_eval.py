@@ -4,7 +4,8 @@ Accuracy: each task's held-out examples are answered greedily through the engine
 of two modes, so a base model and a chat model can be compared on the same questions:
 - "chat": the question rendered with the ChatML template (`render_prompt`), the reply ends at <|im_end|>;
 - "fewshot": a plain-text prompt with k solved training examples (chatstack.evals.fewshot), the answer
-  ends at the first newline. Base (pretrained-only) checkpoints are evaluated this way by default.
+  is the first non-empty line of the continuation. Base (pretrained-only) checkpoints are evaluated
+  this way by default.
 A reply is right when its extracted final answer equals the reference exactly (chatstack.data.tasks).
 
 Conversation loss: mean cross-entropy (nats/token) on the assistant tokens of held-out conversations
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from chatstack.data.conversations import PackedRows, make_batch
 from chatstack.data.tasks import TASKS, get_task
-from chatstack.evals.fewshot import STOP, fewshot_prompt
+from chatstack.evals.fewshot import STOP, fewshot_prompt, first_line
 
 CHAT_STAGES_EXCLUDED = (None, "base", "pretrain")   # stages that never saw the chat template
 
@@ -65,7 +66,7 @@ def evaluate_tasks(model: nn.Module, tokenizer, task_names=None, n: int = 100, s
     for (name, ex, _), out in zip(items, outs):
         task = get_task(name)
         r = res.setdefault(name, {"accuracy": 0.0, "n": 0, "well_formed": 0.0, "samples": []})
-        reply = out.text.strip()
+        reply = first_line(out.text) if mode == "fewshot" else out.text.strip()
         ok = task.check(reply, ex)
         r["n"] += 1
         r["accuracy"] += ok

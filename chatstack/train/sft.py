@@ -41,7 +41,7 @@ class SFTConfig(TrainConfig):
     epochs: float = field(default=0.0, metadata={"help": "train this many passes over the data (overrides --max-steps)"})
     mix: str = field(default="", metadata={
         "help": "built-in source weights, e.g. 'chitchat=1,chatterbot=1,identity=3,tasks=1' (repeats per epoch)"})
-    chitchat: int = field(default=2500, metadata={"help": "built-in: chit-chat conversations to use"})
+    chitchat: int = field(default=2000, metadata={"help": "built-in: chit-chat conversations to use"})
     tasks_per_task: int = field(default=1500, metadata={"help": "built-in: training examples per verifiable task"})
     on_long: str = field(default="truncate", metadata={
         "help": "conversations longer than the context: truncate at a turn boundary, or drop",
