@@ -40,6 +40,9 @@ class GenerateArgs:
     few_shot: str = field(default="", metadata={"help": "JSONL of {question, answer} examples: build a few-shot prompt"})
     shots: int = field(default=0, metadata={"help": "how many of the --few-shot examples to use (0 = all)"})
     cot: bool = field(default=False, metadata={"help": "end the prompt with \"Let's think step by step.\""})
+    chat: bool = field(default=False, metadata={"help": "for chat (SFT) models: send the prompt as a ChatML user "
+                                                       "turn (few-shot examples as earlier turns)"})
+    system: str = field(default="", metadata={"help": "system prompt (with --chat)"})
     paths: int = field(default=0, metadata={"help": "self-consistency: sample N reasoning paths, print the majority "
                                                     "answer and its vote share (0 = off)"})
     path_temperatures: list[float] = field(default_factory=lambda: [0.7],
@@ -75,29 +78,31 @@ def _params(args, **over) -> SamplingParams:
 # ---- generate ---------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from chatstack.cli import CLIError
-    from chatstack.prompting import few_shot_prompt, load_examples, self_consistency
+    from chatstack.prompting import COT_TRIGGER, few_shot_messages, few_shot_prompt, load_examples, self_consistency
 
     if not args.prompt:
         raise CLIError("--prompt is required")
     ck = _load(args.checkpoint, args.device)
     tok = ck.tokenizer
     engine = Engine(ck.model, tok)
-    text = args.prompt
+    examples = []
     if args.few_shot:
         try:
             examples = load_examples(args.few_shot)
         except (OSError, ValueError) as e:
             raise CLIError(str(e)) from None
-        text = few_shot_prompt(examples, args.prompt, shots=args.shots, cot=args.cot)
-    elif args.cot:
-        text = text.rstrip() + " " + "Let's think step by step."
-    ids = tok.encode(text)
+    if args.chat:
+        ids = tok.render_prompt(few_shot_messages(examples, args.prompt, args.shots, args.system, args.cot))
+    elif examples:
+        ids = tok.encode(few_shot_prompt(examples, args.prompt, shots=args.shots, cot=args.cot))
+    else:
+        ids = tok.encode(args.prompt.rstrip() + " " + COT_TRIGGER if args.cot else args.prompt)
     try:
         engine.check_prompt(ids)
     except ValueError as e:
         raise CLIError(str(e)) from None
     # few-shot continuations must stop before the model invents the next question
-    stop = list(args.stop or []) + (["\n\nQ:", "\nQ:"] if args.few_shot else [])
+    stop = list(args.stop or []) + (["\n\nQ:", "\nQ:"] if args.few_shot and not args.chat else [])
     if args.paths:
         r = self_consistency(engine, ids, paths=args.paths, temperatures=args.path_temperatures,
                              max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,

@@ -116,6 +116,18 @@ def few_shot_prompt(examples: Sequence[dict], question: str, shots: int = 0, ins
     return "\n\n".join(parts)
 
 
+def few_shot_messages(examples: Sequence[dict], question: str, shots: int = 0, system: str = "",
+                      cot: bool = False) -> list[dict]:
+    """The chat-model form of a few-shot prompt: each example as a user turn and an assistant reply,
+    then the question as the last user turn (render with tokenizer.render_prompt)."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for ex in (examples[:shots] if shots else examples):
+        msgs += [{"role": "user", "content": ex["question"].strip()},
+                 {"role": "assistant", "content": ex["answer"].strip()}]
+    msgs.append({"role": "user", "content": question.strip() + (" " + COT_TRIGGER if cot else "")})
+    return msgs
+
+
 @dataclass
 class SelfConsistency:
     answer: Optional[str]                      # the majority answer (None if no path had one)

@@ -113,3 +113,13 @@ def test_chat_drops_oldest_turns_when_context_is_full(ckpt):
     assert any("dropped the oldest turn" in n for n in notes)
     assert sess.messages()[0] == {"role": "system", "content": "S"}
     assert sess.turns[-2]["content"] == "message number 11 with some words in it"
+
+
+def test_generate_chat_mode_uses_chatml(ckpt, capsys, monkeypatch):
+    path, model, tok = ckpt
+    rc, out, _ = _run(["generate", path, "--prompt", "Hi", "--chat", "--system", "S", "--max-new-tokens", "5",
+                       "--temperature", "0"], capsys, monkeypatch)
+    assert rc == 0
+    c = Engine(model, tok).chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+                                SamplingParams(max_new_tokens=5, temperature=0))
+    assert out == c.text + "\n"

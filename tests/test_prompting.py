@@ -80,3 +80,13 @@ def test_self_consistency_with_real_engine_is_reproducible():
     b = self_consistency(eng, ids, paths=4, temperatures=[0.7, 1.0], max_new_tokens=8, seed=3)
     assert a == b and len(a.paths) == 4
     assert a.share == (max(a.votes.values()) / 4 if a.votes else 0.0)
+
+
+def test_few_shot_messages_for_chat_models():
+    from chatstack.prompting import few_shot_messages
+
+    exs = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
+    msgs = few_shot_messages(exs, "5+5?", shots=1, system="Answer with a number.", cot=True)
+    assert msgs == [{"role": "system", "content": "Answer with a number."},
+                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                    {"role": "user", "content": f"5+5? {COT_TRIGGER}"}]
