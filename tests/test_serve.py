@@ -307,3 +307,43 @@ def test_any_model_flag(ckpt):
     with TestClient(create_app(Engine(ck.model, ck.tokenizer), model_name="nano-chat", any_model=True)) as c:
         r = c.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": MSGS, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["model"] == "nano-chat"
+
+
+@pytest.mark.slow   # a fresh interpreter importing torch: ~5-12 s on a busy machine
+def test_cli_serve_contract(ckpt, tmp_path):
+    """`chatstack serve CKPT --port P --api-key KEY`: the exact command users run."""
+    import subprocess
+    import sys
+
+    from chatstack.serve.testing import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "chatstack.cli", "serve", ckpt, "--port", str(port),
+                             "--api-key", "sk-cli", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="sk-cli", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["nano-chat"]
+        r = c.chat.completions.create(model="nano-chat", messages=MSGS, max_tokens=3)
+        assert r.choices[0].message.role == "assistant"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_serve_bad_checkpoint(tmp_path):
+    from chatstack.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
