@@ -260,6 +260,7 @@ class Engine:
         self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect))
         return rid
 
+    @torch.inference_mode()      # compaction writes the cache, which step() created in inference mode
     def cancel(self, rid: int) -> bool:
         """Drop a request (queued or running) and free its slot. True if it was found."""
         for i, r in enumerate(self.pending):
