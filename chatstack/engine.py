@@ -256,7 +256,8 @@ class Engine:
             # all of this request's random draws come from its own generator, fixed by its seed
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             g = torch.Generator().manual_seed(seed)
-            uniforms = torch.rand(params.max_new_tokens, generator=g, dtype=torch.float64).tolist()
+            n = min(params.max_new_tokens, self.block_size - len(ids))   # never more draws than tokens it can get
+            uniforms = torch.rand(n, generator=g, dtype=torch.float64).tolist()
         self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect))
         return rid
 

@@ -120,6 +120,8 @@ def test_sampling_seed_reproducible_and_batch_independent():
     a = eng.generate([p], sp)[0].token_ids
     b = eng.generate([p], sp)[0].token_ids
     assert a == b
+    short = SamplingParams(max_new_tokens=6, temperature=1.0, seed=123, stop_token_ids=[])
+    assert eng.generate([p], short)[0].token_ids == a[:6]   # the draws don't depend on max_new_tokens
     other = SamplingParams(max_new_tokens=15, temperature=1.0, seed=7, stop_token_ids=[])
     batch = eng.generate([tok.encode("To be or"), p, p], [other, sp, other])
     assert batch[1].token_ids == a                      # same seed, different batch-mates, same output
