@@ -57,6 +57,7 @@ class ServerConfig:
     max_batch_size: int = 32                # rows in the running batch
     max_body_bytes: int = 1 << 20           # 413 above this
     any_model: bool = False                 # accept any model id (only one model is served)
+    stream_interval_s: float = 0.05         # tokens between a row's first and last go out at most this often
     device: Optional[str] = None
 
 
@@ -85,7 +86,7 @@ class ServerState:
         self.model_id = model_id
         self.model_aliases = {model_id, *aliases}
         self.scheduler = Scheduler(engine, max_queue=self.cfg.max_queue, max_batch_size=self.cfg.max_batch_size,
-                                   metrics=self.metrics).start()
+                                   metrics=self.metrics, stream_interval_s=self.cfg.stream_interval_s).start()
 
     def ready(self) -> "ServerState":
         if self.load_error:
@@ -422,6 +423,11 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
         try:
             yield "".join(chunk([choice(i, {"role": "assistant", "content": ""})]) for i in range(n))
             left, completion = n, 0
+            texts: dict[int, list[str]] = {}
+
+            def flush_text(i):
+                if texts.get(i):
+                    out.append(chunk([choice(i, {"content": "".join(texts.pop(i))})]))
             while left:
                 out = []
                 for idx, ev in await _drain(queue):   # everything that arrived since the last write, in one write
@@ -437,12 +443,18 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                     if want_logprobs and ev.token_id is not None and ev.logprob is not None \
                             and ev.token_id not in special:
                         lp = _chat_logprobs([(ev.token_id, ev.logprob, ev.top_logprobs)]).model_dump()
-                    if ev.text or lp is not None:
+                    if lp is not None:          # one chunk per token when logprobs are asked for
+                        flush_text(idx)
                         out.append(chunk([choice(idx, {"content": ev.text}, lp)]))
+                    elif ev.text:               # otherwise the tokens that came together form one delta
+                        texts.setdefault(idx, []).append(ev.text)
                     if ev.finished:
+                        flush_text(idx)
                         left -= 1
                         reason = ev.finish_reason if ev.finish_reason in ("stop", "length") else "stop"
                         out.append(chunk([choice(idx, {}, None, reason)]))
+                for i in list(texts):
+                    flush_text(i)
                 if out:
                     yield "".join(out)
             if include_usage:
@@ -744,6 +756,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=32, help="rows in the running batch")
     p.add_argument("--max-queue", type=int, default=256, help="waiting rows before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--stream-interval", type=float, default=0.05, metavar="SECONDS",
+                   help="hand streamed tokens to the HTTP side at most this often (first token and end at once)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU")
@@ -773,7 +787,7 @@ def _cmd_serve(args) -> int:
         app = create_app(args.checkpoint, model_name=args.model_name, api_keys=tuple(keys), rankings=args.rankings,
                          rank_prompts=args.rank_prompts, max_queue=args.max_queue,
                          max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
-                         any_model=args.any_model, device=args.device)
+                         any_model=args.any_model, device=args.device, stream_interval_s=args.stream_interval)
     except ValueError as e:
         raise CLIError(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -8,6 +8,9 @@
     await queue.get()  <--- call_soon_threadsafe(events of this step, grouped per event loop)
     cancel(row) (client gone)       --->   engine.cancel(rid): its slot is free at the next step
 
+A row's first text and its end are handed over at once; tokens in between at most every
+`stream_interval_s` (50 ms), so one socket write carries several tokens when steps are fast.
+
 New requests join the running batch between decode steps and finished rows leave it, so a long
 generation never blocks a short one behind it. The waiting queue is bounded (`max_queue` rows):
 `submit` raises `QueueFull` (HTTP 429) instead of letting latency grow without limit.
@@ -48,17 +51,21 @@ class Row:
     n_tokens: int = 0
     cancelled: bool = False
     done: bool = False
+    shown: bool = False                # some text has been handed to the client
 
 
 class Scheduler:
     def __init__(self, engine, max_queue: int = 256, max_batch_size: Optional[int] = None,
-                 metrics: Optional[ServerMetrics] = None, idle_wait_s: float = 0.5):
+                 metrics: Optional[ServerMetrics] = None, idle_wait_s: float = 0.5, stream_interval_s: float = 0.05):
         self.engine = engine
         engine_max = getattr(engine, "max_batch_size", None) or 32
         self.max_batch_size = min(max_batch_size or engine_max, engine_max)
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self.idle_wait_s = idle_wait_s
+        self.stream_interval_s = stream_interval_s
+        self._out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)   # events not handed over yet
+        self._last_flush = 0.0
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._cancels: list[Row] = []
@@ -163,26 +170,40 @@ class Scheduler:
         self.steps += 1
         now = time.perf_counter()
         self.metrics.step_time.observe(now - t0)
-        out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        out = self._out
+        urgent, n_tokens = False, 0
         for ev in events:
             row = self._running.get(ev.request_id)
             if row is None:      # cancelled in the meantime
                 continue
             if ev.token_id is not None:
                 row.n_tokens += 1
-                self.metrics.generation_tokens.inc()
+                n_tokens += 1
                 if row.first_token is None:
                     row.first_token = now
                     self.metrics.ttft.observe(now - row.submitted)
+            if ev.text and not row.shown:    # a row's first visible text goes out at once (time to first token)
+                row.shown = urgent = True
             if ev.finished:
-                row.done = True
+                row.done = urgent = True
                 del self._running[ev.request_id]
                 self.metrics.latency.observe(now - row.submitted)
             out[row.loop].append((row, ev))
+        self.metrics.generation_tokens.inc(n_tokens)
         self.metrics.running.set(len(self._running))
-        self._deliver(out)
+        # Later tokens are handed over at most every stream_interval_s: each hand-over costs the HTTP side
+        # a wake-up and a socket write per client, and several tokens per write leave more CPU to the engine.
+        if urgent or now - self._last_flush >= self.stream_interval_s:
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        out, self._out = self._out, defaultdict(list)
+        self._last_flush = now
+        if out:
+            self._deliver(out)
 
     def _fail_all(self, err: Exception) -> None:
+        self._flush(time.perf_counter())       # tokens already made go out before the error
         out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         rows = list(self._running.values())
         with self._cv:
