@@ -35,14 +35,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, tc, vc = h[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
             n = hc.size(0)
             logits = hc @ weight.t()                                   # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)                      # (n,)
             tgt = tc.clamp_min(0)
             rows = torch.arange(n, device=h.device)
-            total += ((lse - logits[rows, tgt]) * vc).sum(dtype=torch.float64)
+            tgt_logit = logits[rows, tgt]                              # (n,) before the in-place ops
+            # one exp pass serves both the loss (log-sum-exp) and the gradient (softmax)
+            m = logits.amax(dim=-1, keepdim=True)                      # (n, 1)
+            e = logits.sub_(m).exp_()                                  # (n, V), in place
+            sumexp = e.sum(dim=-1, keepdim=True)                       # (n, 1)
+            lse = (m + sumexp.log()).squeeze(1)
+            w_row = vc.to(e.dtype) * scale                             # ignored rows get no gradient
+            total += ((lse - tgt_logit) * vc).sum(dtype=torch.float64)
             if need_h or need_w:
-                p = logits.sub_(lse[:, None]).exp_()                   # softmax, in place: (n, V)
-                p[rows, tgt] -= 1.0
-                p.mul_((vc.to(p.dtype) * scale)[:, None])              # ignored rows get no gradient
+                p = e.mul_((w_row[:, None] / sumexp))                  # softmax * row weight
+                p[rows, tgt] -= w_row
                 if need_h:
                     torch.mm(p, weight, out=grad_h[s:s + n])           # (n, C)
                 if need_w:
