@@ -13,6 +13,7 @@ context, the oldest turns are dropped (the system prompt stays) and a note goes 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -224,14 +225,14 @@ def register(sub) -> None:
     from chatstack.cli import add_dataclass_args
 
     g = sub.add_parser("generate", help="continue a text prompt (base models); few-shot and self-consistency",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("checkpoint", help="checkpoint directory")
     add_dataclass_args(g, GenerateArgs, group="prompt")
     add_dataclass_args(g, SamplingArgs, group="sampling")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="chat in the terminal (ChatML, streaming); reads turns from stdin when piped",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("checkpoint", help="checkpoint directory")
     c.add_argument("--system", default="", help="system prompt")
     add_dataclass_args(c, SamplingArgs, group="sampling")
