@@ -287,6 +287,12 @@ def test_rank_api_appends_rankings(server):
     assert last == {"prompt": [{"role": "user", "content": "Tell me a story"}], "responses": ranked}
     r = httpx.post(server.url + "/rank/api/submit", headers=h, json={"prompt": out["prompt"], "responses": ["one"]})
     assert r.status_code == 400
+    r = httpx.post(server.url + "/rank/api/submit", headers=h, json={"prompt": out["prompt"], "responses": ["a", "a"]})
+    assert r.status_code == 400 and "duplicate" in r.json()["error"]["message"]
+    # what the page wrote is what the reward model's reader accepts
+    from chatstack.data.preferences import load_preferences
+    groups = load_preferences(str(server.rankings))
+    assert groups and groups[-1].responses == ranked and len(groups[-1].pairs) == 3
 
 
 def test_loading_is_503_and_queue_full_is_429(ckpt):

@@ -625,7 +625,10 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
             choices = task.result()
         finally:
             st.scheduler.cancel(rows)
-        return {"prompt": messages, "responses": ["".join(c.text) for c in choices]}
+        # a ranking needs distinct answers (the reward data reader rejects duplicates): drop repeats
+        texts = ["".join(c.text) for c in choices]
+        distinct = list(dict.fromkeys(texts))
+        return {"prompt": messages, "responses": distinct, "duplicates": len(texts) - len(distinct)}
 
     @app.post("/rank/api/submit")
     async def rank_submit(req: P.RankSubmitRequest):
@@ -635,6 +638,18 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
         record = {"prompt": [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                              for m in req.prompt],
                   "responses": list(req.responses)}
+        if len(set(record["responses"])) != len(record["responses"]):
+            raise P.APIError(400, "responses holds duplicate answers; a ranking needs distinct ones",
+                             param="responses")
+        try:   # the same check `chatstack reward` applies when it reads the file
+            from chatstack.data.preferences import PreferenceError, parse_record
+        except ImportError:
+            pass
+        else:
+            try:
+                parse_record(record, "ranking")
+            except PreferenceError as e:
+                raise P.APIError(400, str(e), param="responses")
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with st.rank_lock:   # one writer at a time: lines never interleave
             path = Path(cfg.rankings)

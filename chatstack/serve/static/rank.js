@@ -78,7 +78,9 @@ async function sample() {
     });
     promptMessages = out.prompt;
     showAnswers(out.responses);
-    status(`${out.responses.length} answers: order them, then save`);
+    const dup = out.duplicates ? ` (${out.duplicates} duplicate${out.duplicates > 1 ? "s" : ""} dropped)` : "";
+    status(out.responses.length < 2 ? `only ${out.responses.length} distinct answer${dup}: sample again`
+                                    : `${out.responses.length} answers${dup}: order them, then save`);
   } catch (e) {
     status(e.message, true);
   } finally {
