@@ -28,7 +28,7 @@ from pathlib import Path
 from chatstack.data.tasks import TASKS, task_conversations
 
 # defaults sized for a ~4-minute CPU SFT of the tiny model (see docs/sft.md)
-DEFAULT_MIX = {"chitchat": 1.0, "chatterbot": 1.0, "identity": 3.0, "tasks": 1.0}
+DEFAULT_MIX = {"chitchat": 1.0, "chatterbot": 1.0, "identity": 3.0, "tasks": 2.0}
 DEFAULT_SIZES = {"chitchat": 2000, "tasks_per_task": 1500}
 TEST_FRACTION = 10           # 1 in 10 conversations (by id hash) is held out
 
