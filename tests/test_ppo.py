@@ -93,9 +93,9 @@ def test_ppo_iterations_raise_a_toy_reward(tok):
     policy = PolicyWithValue(lm)
     ref = _nano(tok)
     rm = _ToyReward(tok)
-    eng = Engine(lm, tok, max_batch_size=32)
+    eng = Engine(lm, tok, max_batch_size=32, transposed_head=False)
     cfg = ppo_mod.PPOConfig(kl_coef=0.0, ppo_epochs=2, minibatch=16, no_eos_penalty=0.0, max_new_tokens=6)
-    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, fused=True)   # fused: as build_adamw picks on CPU
     kl_ctl = pc.make_kl_controller(0.0, None)
     prompts = [tok.render_prompt([{"role": "user", "content": f"q{i}"}]) for i in range(32)]
     g = torch.Generator().manual_seed(0)
@@ -106,6 +106,7 @@ def test_ppo_iterations_raise_a_toy_reward(tok):
         rewards.append(row["reward"])
         kls.append(row["kl"])
         assert 0.0 <= row["clipfrac"] <= 1.0 and row["approx_kl"] >= 0
+        assert row["engine_logprob_err"] < 1e-4          # the engine samples from the policy being trained
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
     assert kls[-1] > kls[0]                           # it moved away from the reference to get there
 
