@@ -93,18 +93,19 @@ async function submit() {
   $("submit").disabled = true;
   try {
     const out = await chatstack.postJSON("/rank/api/submit", { prompt: promptMessages, responses });
-    status(`saved: ${out.ranked} ranking(s) in ${out.rankings}`);
+    const saved = `saved: ${out.ranked} ranking(s) in ${out.rankings}`;
+    status(saved);
     $("file-info").textContent = `${out.ranked} ranking(s) in ${out.rankings}`;
     $("answers").replaceChildren();
     $("skip").disabled = true;
-    if (promptIndex >= 0) nextPrompt();
+    if (promptIndex >= 0) nextPrompt(saved + " · ");
   } catch (e) {
     status(e.message, true);
     $("submit").disabled = false;
   }
 }
 
-async function nextPrompt() {
+async function nextPrompt(prefix = "") {
   try {
     const out = await chatstack.getJSON(`/rank/api/prompt?index=${promptIndex + 1}`);
     promptIndex = out.index;
@@ -112,7 +113,7 @@ async function nextPrompt() {
     const sys = msgs.find((m) => m.role === "system");
     $("system").value = sys ? sys.content : "";
     $("prompt").value = msgs.filter((m) => m.role !== "system").map((m) => m.content).join("\n\n");
-    status(`prompt ${out.index + 1} of ${out.total}`);
+    status(`${prefix}prompt ${out.index + 1} of ${out.total}`);
   } catch (e) {
     status(e.message, true);
   }
@@ -132,7 +133,7 @@ async function loadConfig() {
 $("sample").addEventListener("click", sample);
 $("submit").addEventListener("click", submit);
 $("skip").addEventListener("click", () => { $("answers").replaceChildren(); $("submit").disabled = $("skip").disabled = true; if (promptIndex >= 0) nextPrompt(); });
-$("next-prompt").addEventListener("click", nextPrompt);
+$("next-prompt").addEventListener("click", () => nextPrompt());
 $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
 
 chatstack.initKey();
