@@ -53,7 +53,7 @@ class PPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     minibatch: int = field(default=32, metadata={"help": "answers per PPO minibatch"})
-    lr: float = field(default=3e-5, metadata={"help": "learning rate (constant after warmup)"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate (constant after warmup)"})
     warmup: int = field(default=5, metadata={"help": "warmup iterations"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})

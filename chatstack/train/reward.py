@@ -36,7 +36,7 @@ class RewardConfig(TrainConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=50, metadata={"help": "evaluate held-out accuracy every N steps"})
     log_every: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
-    time_budget: float = field(default=110.0, metadata={"help": "seconds of training (0 = no limit)"})
+    time_budget: float = field(default=90.0, metadata={"help": "seconds of training (0 = no limit); the whole command stays under 2 minutes"})
 
 
 class RewardTask:
