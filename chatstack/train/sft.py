@@ -18,6 +18,7 @@ Held-out loss (`val_loss`) is measured on --val-data, or on the built-in held-ou
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -224,11 +225,13 @@ def _cmd_sft(args) -> int:
     from chatstack.cli import CLIError, dataclass_from_args
 
     cfg = dataclass_from_args(SFTConfig, args)
+    main_rank = int(os.environ.get("RANK", "0")) == 0       # under torchrun only rank 0 talks
     try:
-        path = run_sft(cfg, log=lambda s: print(s, file=sys.stderr))
+        path = run_sft(cfg, log=(lambda s: print(s, file=sys.stderr)) if main_rank else (lambda s: None))
     except (ConversationError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    print(f"saved {path}")
+    if main_rank:
+        print(f"saved {path}")
     return 0
 
 
