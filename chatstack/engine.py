@@ -203,8 +203,11 @@ class Engine:
         """transposed_head: compute next-token logits with a (n_embd, vocab) copy of the output matrix.
         On CPU a (1, h) @ (h, V) product runs ~20-30% faster than nn.Linear's (V, h) layout, and the output
         layer is the largest matrix of a small model (GPT-2 small: 154 of 498 MB). Costs one extra copy of
-        that matrix; refreshed automatically when the weights change (PPO trains the model it samples
-        from). Default: on for CPU, off elsewhere."""
+        that matrix. It is re-made at the start of every generate()/stream() call on an idle engine and
+        whenever the weight's version counter moves (ordinary in-place updates). Fused optimizers
+        (AdamW(fused=True)) update weights without bumping that counter: a caller that trains the model
+        and drives add_request()/step() itself should call refresh_weights() after each update.
+        Default: on for CPU, off elsewhere."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config
@@ -274,6 +277,11 @@ class Engine:
                 self._compact()
                 return True
         return False
+
+    def refresh_weights(self) -> None:
+        """Forget derived copies of the weights (the transposed output matrix): the next step re-makes them."""
+        self._head_key = None
+        self._head_t = None
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.pending)
@@ -473,6 +481,8 @@ class Engine:
                 self.check_prompt(pr)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        if not self.has_unfinished():
+            self.refresh_weights()   # the model may have been trained since the last call (PPO)
         rids = [self.add_request(pr, pa, _collect=True) for pr, pa in zip(prompts, params)]
         bar = None
         if progress:
@@ -496,6 +506,8 @@ class Engine:
 
     def stream(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> Iterator[TokenEvent]:
         """One request, its tokens as they come. Closing the iterator early cancels the request."""
+        if not self.has_unfinished():
+            self.refresh_weights()
         rid = self.add_request(prompt_ids, params)
         finished = False
         try:

@@ -216,22 +216,27 @@ def test_training_mode_restored_and_no_dropout_while_generating():
     assert c.token_ids == ref
 
 
-@pytest.mark.parametrize("transposed_head", [True, False])
-def test_engine_follows_weight_updates(transposed_head):
-    """PPO samples from the model it trains: after an optimizer step the engine must use the new weights."""
+@pytest.mark.parametrize("transposed_head,fused", [(True, False), (True, True), (False, True)])
+def test_engine_follows_weight_updates(transposed_head, fused):
+    """PPO samples from the model it trains: after an optimizer step the engine must use the new weights
+    (logprobs expose any stale copy: they must equal a full forward of the updated model)."""
     tok = small_tokenizer()
     model = nano_model("nano-llama", tok.vocab_size, seed=4)
     eng = Engine(model, tok, transposed_head=transposed_head)
     p = tok.encode("The quick")
-    sp = SamplingParams(max_new_tokens=6, **GREEDY)
-    before = eng.generate([p], sp)[0].token_ids
-    assert before == reference_greedy(model, p, 6)
-    opt = torch.optim.SGD(model.parameters(), lr=5.0)
+    sp = SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY)
+    before = eng.generate([p], sp)[0]
+    assert before.token_ids == reference_greedy(model, p, 6)
+    # fused AdamW updates weights without bumping their version counters: generate() must still see them
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.05, fused=True) if fused
+           else torch.optim.SGD(model.parameters(), lr=5.0))
     logits = model(torch.tensor([p]))
     logits[0, -1, 7].backward()                        # push token 7 up
     opt.step()
-    after = eng.generate([p], sp)[0].token_ids
-    assert after == reference_greedy(model, p, 6) and after != before
+    after = eng.generate([p], sp)[0]
+    assert after.token_ids == reference_greedy(model, p, 6)
+    assert after.logprobs == pytest.approx(reference_logprobs(model, p, after.token_ids), abs=1e-4)
+    assert after.logprobs != pytest.approx(before.logprobs, abs=1e-3)
 
 
 def test_random_schedules_match_reference():
