@@ -197,7 +197,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per load level (over all rounds)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleave the levels in this many rounds, so a change in machine load hits all alike")
-    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request")
+    ap.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request (a typical reply)")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
