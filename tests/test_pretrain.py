@@ -25,7 +25,7 @@ from chatstack.checkpoint import load_checkpoint
 from chatstack.cli import main
 
 NANO = ["--preset", "nano", "--block-size", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
-        "--no-progress", "--eval-tokens", "256", "--sample-tokens", "20"]
+        "--no-progress", "--eval-tokens", "256", "--sample-tokens", "20", "--time-budget", "0"]
 
 
 @pytest.fixture(autouse=True)
