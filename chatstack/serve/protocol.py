@@ -23,7 +23,6 @@ SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 MAX_N = 16            # choices per request (each one is a row in the batch)
 MAX_STOP = 16         # stop strings per request
 MAX_TOP_LOGPROBS = 20
-CHAT_ROLES = ("system", "user", "assistant", "developer")   # "developer" is OpenAI's new name for system
 
 
 def new_id(prefix: str) -> str:
@@ -67,7 +66,8 @@ class TextPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "user", "assistant", "developer"]   # tool/function calling is not supported
+    # "developer" is OpenAI's newer name for system; tool/function roles are not supported (400)
+    role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
 
