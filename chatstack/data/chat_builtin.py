@@ -86,7 +86,10 @@ def chitchat(split: str, n: int | None = None, max_turns: int = 6, max_chars: in
 
 def chatterbot(split: str) -> list[list[dict]]:
     """English chatterbot-corpus conversations: alternate user / assistant, starting with the user."""
-    import yaml   # PyYAML: only needed for this source
+    try:
+        import yaml   # PyYAML: only needed for this source
+    except ImportError:
+        raise FileNotFoundError("the chatterbot corpus is YAML: pip install pyyaml (or pip install -e .[data])") from None
 
     root = _package_dir("chatterbot_corpus") / "data" / "english"
     out, seen = [], set()
