@@ -6,12 +6,15 @@ driven through executable_path). Skipped cleanly when either is missing.
     apt-get install -y chromium && pip install playwright
     python -m pytest tests/test_web.py -q
 """
+import dataclasses
 import json
 import os
 import shutil
 
 import pytest
 
+from chatstack.checkpoint import load_checkpoint
+from chatstack.engine import Engine, SamplingParams
 from chatstack.serve.app import create_app
 from chatstack.serve.testing import LiveServer, make_tiny_checkpoint
 
@@ -30,10 +33,20 @@ KEY = "sk-web"
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     ckpt = make_tiny_checkpoint(root / "nano-chat", block_size=2048)   # long context: a reply that runs until stopped
+    ck = load_checkpoint(ckpt)
+    engine = Engine(ck.model.eval(), ck.tokenizer)
+    add_request = engine.add_request
+
+    def never_stop_on_tokens(ids, params=None, **kw):
+        # random weights emit <|im_end|> about every 150 tokens; the stop-button test needs a reply that
+        # only ends when stopped (or at max_tokens)
+        return add_request(ids, dataclasses.replace(params or SamplingParams(), stop_token_ids=[]), **kw)
+    engine.add_request = never_stop_on_tokens
     prompts = root / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Tell me about cats"}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "What is Paris?"}]}) + "\n")
-    app = create_app(ckpt, api_keys=(KEY,), rankings=str(root / "rankings.jsonl"), rank_prompts=str(prompts))
+    app = create_app(engine, model_name="nano-chat", api_keys=(KEY,), rankings=str(root / "rankings.jsonl"),
+                     rank_prompts=str(prompts))
     with LiveServer(app) as srv:
         srv.rankings = root / "rankings.jsonl"
         yield srv
