@@ -257,11 +257,16 @@ def test_concurrent_requests_share_the_batch(server, client):
     assert mean_batch > 1.5, f"requests did not share the batch (mean rows per step {mean_batch:.2f})"
 
 
-def test_disconnect_cancels_row(server):
+def test_disconnect_cancels_row(server, ref):
     st = server.app.state.chatstack
     before = st.metrics.cancelled.get()
-    body = {"model": "nano-chat", "messages": MSGS, "max_tokens": 200, "stream": True, "temperature": 1.0,
-            "stop": None}
+    # a seed whose reply runs the full 100 tokens (random weights often emit <|im_end|> early); 16 seeds
+    # in one batched call, each runs to the end with probability ~0.5
+    ids = ref.tok.render_prompt(MSGS)
+    outs = ref.generate([ids] * 16, [SamplingParams(max_new_tokens=100, temperature=1.0, seed=s) for s in range(16)])
+    seed = next(s for s, o in enumerate(outs) if o.finish_reason == "length")
+    body = {"model": "nano-chat", "messages": MSGS, "max_tokens": 100, "stream": True, "temperature": 1.0,
+            "seed": seed}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         it = r.iter_lines()
