@@ -35,6 +35,10 @@ def filtered_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     B, V = logits.shape
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
     scaled = logits.float() / t[:, None]
+    if not bool((top_k > 0).any()) and not bool((top_p < 1.0).any()):
+        # plain temperature sampling: no filter needs the order, so skip the (B, V) sort (the costliest
+        # op of a batched decode step for a small model); inverse-CDF over vocabulary order is just as exact
+        return scaled.softmax(dim=-1), torch.arange(V, device=logits.device).expand(B, V)
     if 0 < k_limit < V:
         vals, idx = scaled.topk(k_limit, dim=-1)              # (B, k_limit), sorted descending
     else:
