@@ -165,3 +165,29 @@ def test_ppo_command_resumes_exactly(nano_run):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     cfg = json.loads((tmp / "a" / "config.json").read_text())
     assert cfg["stage"] == "ppo" and cfg["kind"] == "lm" and "eval" in cfg
+
+
+def test_rounds_wiring(monkeypatch, tmp_path):
+    """--rounds 3: round 1 uses the given RM; later rounds label the newest policy, train a fresh RM from it,
+    and run PPO from it, always with the original SFT model as the KL reference; the last round writes OUT."""
+    import chatstack.data.label as label_mod
+    import chatstack.train.reward as reward_mod
+
+    calls = []
+    monkeypatch.setattr(label_mod, "label", lambda policy, out, cfg: calls.append(("label", policy, out)) or {})
+    monkeypatch.setattr(reward_mod, "train_reward",
+                        lambda cfg: calls.append(("reward", cfg.sft, cfg.data[0], cfg.out)) or {})
+    monkeypatch.setattr(ppo_mod, "run_ppo",
+                        lambda cfg: calls.append(("ppo", cfg.policy, cfg.reward, cfg.reference, cfg.out)) or cfg.out)
+    out = str(tmp_path / "ppo")
+    ppo_mod.run_rounds(ppo_mod.PPOConfig(policy="SFT", reward="RM0", out=out, rounds=3))
+    w = str(tmp_path / "ppo.rounds")
+    assert calls == [
+        ("ppo", "SFT", "RM0", "SFT", f"{w}/round1/ppo"),
+        ("label", f"{w}/round1/ppo", f"{w}/round2/ranks.jsonl"),
+        ("reward", f"{w}/round1/ppo", f"{w}/round2/ranks.jsonl", f"{w}/round2/rm"),
+        ("ppo", f"{w}/round1/ppo", f"{w}/round2/rm", "SFT", f"{w}/round2/ppo"),
+        ("label", f"{w}/round2/ppo", f"{w}/round3/ranks.jsonl"),
+        ("reward", f"{w}/round2/ppo", f"{w}/round3/ranks.jsonl", f"{w}/round3/rm"),
+        ("ppo", f"{w}/round2/ppo", f"{w}/round3/rm", "SFT", out),
+    ]
