@@ -61,9 +61,9 @@ def nano(dropout=0.0):
     return GPT(get_preset("nano", vocab_size=128, block_size=T, dropout=dropout))
 
 
-def run(tmp, name, steps=12, bs=4, accum=1, crash_at=None, resume=False, **kw):
+def run(tmp, name, steps=12, bs=4, accum=1, crash_at=None, resume=False, log_every=1, **kw):
     cfg = TrainConfig(out=str(tmp / name), max_steps=steps, batch_size=bs, grad_accum=accum, lr=3e-3,
-                      min_lr=3e-4, warmup_steps=3, log_every=1, eval_every=5, progress=False, resume=resume,
+                      min_lr=3e-4, warmup_steps=3, log_every=log_every, eval_every=5, progress=False, resume=resume,
                       **kw)
     model = nano(kw.get("dropout_model", 0.0)) if "dropout_model" in kw else nano()
     task = ToyTask(bs, accum, crash_at=crash_at)
@@ -118,12 +118,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
 
 
-def test_resume_after_crash_gives_the_same_curve(tmp_path):
-    ref, ref_rows = losses(run(tmp_path, "ref", steps=12))
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_resume_after_crash_gives_the_same_curve(tmp_path, log_every):
+    ref, ref_rows = losses(run(tmp_path, "ref", steps=12, log_every=log_every))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run(tmp_path, "crash", steps=12, save_every=4, crash_at=10)   # logged steps 9, 10 are past the save
+        # logged steps 9 (and 10) are past the save at 8: the resumed run must drop and redo them
+        run(tmp_path, "crash", steps=12, save_every=4, crash_at=10, log_every=log_every)
     assert has_checkpoint(tmp_path / "crash")
-    resumed, rows = losses(run(tmp_path, "crash", steps=12, save_every=4, resume=True))
+    resumed, rows = losses(run(tmp_path, "crash", steps=12, save_every=4, resume=True, log_every=log_every))
     assert resumed == ref   # bit-for-bit: same steps, same losses
     assert [r["step"] for r in rows if "val_loss" in r] == [r["step"] for r in ref_rows if "val_loss" in r]
 

@@ -308,7 +308,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         opt.zero_grad(set_to_none=True)
         step += 1
 
-        if step % cfg.log_every == 0 or step == max_steps or step == start_step + 1:
+        if step % cfg.log_every == 0 or step == max_steps or step == 1:
             loss_avg = D.all_reduce_mean(loss_sum / cfg.grad_accum).item()
             now = time.perf_counter()
             dt = max(now - t_log, 1e-9)
