@@ -156,7 +156,7 @@ def render_markdown(rep: dict) -> str:
                        ("sft_lift_points", "SFT lift over base few-shot (points)"),
                        ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
                        ("ppo_lift_points", "PPO lift over SFT (points)"),
-                       ("ppo_kl", "PPO mean KL to the reference (nats/token)")):
+                       ("ppo_kl", "PPO mean KL to the reference (nats per answer)")):
         t = targets.get(key, {})
         rows.append([label, h.get(key), t.get("goal", ""), t.get("met")])
     lines += [table(["what", "value", "goal", "met"], rows), ""]

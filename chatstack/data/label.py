@@ -51,6 +51,10 @@ class LabelConfig:
     batch_size: int = field(default=64, metadata={"help": "engine batch size"})
     seed: int = field(default=0, metadata={"help": "seed for prompts and sampling"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | ..."})
+    ties: str = field(default="tie", metadata={
+        "help": "builtin judge, answers of one class: 'tie' (not compared: only checkable comparisons train "
+                "the RM) | 'shorter' (the tie-break order counts as a preference; for smoke runs of untrained models)",
+        "choices": ["tie", "shorter"]})
 
 
 # ---- prompts ------------------------------------------------------------------------------------------
@@ -213,6 +217,8 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
             ranked, scores = judge_builtin(ans, ex)
             n_correct += sum(1 for s in scores if s >= 1.0)
             n_answers += len(scores)
+            if cfg.ties == "shorter":
+                scores = [float(len(scores) - i) for i in range(len(scores))]   # the full order, no ties
         else:
             res = judge_human(messages, ans, ask, show)
             if res == "quit":
@@ -247,6 +253,10 @@ def _cmd(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e))
     print(json.dumps(stats, indent=2))
+    if stats["written"] == 0 and cfg.judge == "builtin":
+        raise CLIError(f"no rankings written: the judge could not tell any prompt's answers apart "
+                       f"({stats['all_tied']} all tied, {stats['too_few_distinct']} with < 2 distinct answers); "
+                       "more prompts, a better-trained model, or --ties shorter")
     return 0
 
 
