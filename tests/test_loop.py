@@ -154,6 +154,12 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path):
     assert (path / "metrics.jsonl").read_text() == before
 
 
+def test_resume_with_more_steps_continues(tmp_path):
+    run(tmp_path, "more", steps=4)
+    curve, _ = losses(run(tmp_path, "more", steps=7, resume=True))
+    assert [s for s, _ in curve] == list(range(1, 8))
+
+
 def test_time_budget_stops_cleanly_and_saves(tmp_path):
     path = run(tmp_path, "tb", steps=100000, time_budget=1.0)
     curve, rows = losses(path)

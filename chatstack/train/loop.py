@@ -209,7 +209,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         load_weights(out, model, strict=True)
         resumed_state = load_state(out)["train"]
         start_step = int(resumed_state["step"])
-        max_steps = int(resumed_state["max_steps"])
+        # the step budget the first process settled on (a --time-budget may have cut it), unless the user
+        # asks for a different --max-steps now (e.g. to train a finished run further)
+        if int(resumed_state.get("cfg_max_steps", cfg.max_steps)) == cfg.max_steps:
+            max_steps = int(resumed_state["max_steps"])
         tokens_seen = int(resumed_state.get("tokens_seen", 0))
         if info.is_main:
             print(f"resuming {out} from step {start_step} of {max_steps}")
@@ -246,7 +249,8 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         opt_sd = opt.state_dict() if shadow is None else {}
         to_save = _full_state_for_save(model, shadow)
         if info.is_main:
-            state = {"train": {"step": step, "max_steps": max_steps, "tokens_seen": tokens_seen,
+            state = {"train": {"step": step, "max_steps": max_steps, "cfg_max_steps": cfg.max_steps,
+                               "tokens_seen": tokens_seen,
                                "optimizer": opt_sd, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}}
             save_checkpoint(out, to_save, ckpt_config, tokenizer, state)
         D.barrier()
