@@ -15,7 +15,6 @@ its vote share (votes / N paths; a path without an extractable answer counts aga
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -78,21 +77,16 @@ def majority_vote(answers: Sequence[Optional[str]]) -> tuple[Optional[str], floa
 
 def load_examples(path: str | Path) -> list[dict]:
     """Few-shot examples from JSONL: {"question", "answer"} (or {"input", "output"}) per line."""
+    from chatstack.data.jsonl import iter_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            q = obj.get("question", obj.get("input")) if isinstance(obj, dict) else None
-            a = obj.get("answer", obj.get("output")) if isinstance(obj, dict) else None
-            if not isinstance(q, str) or not isinstance(a, str):
-                raise ValueError(f"{path}:{lineno}: expected an object with string fields "
-                                 f"'question' and 'answer' (or 'input' and 'output')")
-            out.append({"question": q, "answer": a})
+    for lineno, obj in iter_jsonl(path):
+        q = obj.get("question", obj.get("input")) if isinstance(obj, dict) else None
+        a = obj.get("answer", obj.get("output")) if isinstance(obj, dict) else None
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise ValueError(f"{path}:{lineno}: expected an object with string fields "
+                             f"'question' and 'answer' (or 'input' and 'output')")
+        out.append({"question": q, "answer": a})
     if not out:
         raise ValueError(f"{path}: no examples")
     return out

@@ -256,17 +256,12 @@ def _read_texts(paths: list[str]) -> Iterable[str]:
         for f in files:
             try:
                 if f.suffix == ".jsonl":
-                    with open(f, encoding="utf-8") as fh:
-                        for ln, line in enumerate(fh, 1):
-                            if not line.strip():
-                                continue
-                            try:
-                                obj = json.loads(line)
-                            except json.JSONDecodeError as e:
-                                raise ValueError(f"{f}:{ln}: bad JSON ({e.msg})") from e
-                            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                                raise ValueError(f"{f}:{ln}: expected an object with a string 'text' field")
-                            yield obj["text"]
+                    from chatstack.data.jsonl import iter_jsonl
+
+                    for ln, obj in iter_jsonl(f):
+                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                            raise ValueError(f"{f}:{ln}: expected an object with a string 'text' field")
+                        yield obj["text"]
                 else:
                     yield f.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:

@@ -9,17 +9,6 @@ from chatstack.data.preferences import load_preferences
 from chatstack.data.tasks import TASKS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core box: one thread avoids OpenMP spin contention (measured 12 s -> 0.25 s
-    # for one nano PPO iteration under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def nano_ckpt(tmp_path_factory):
     from chatstack.checkpoint import save_checkpoint

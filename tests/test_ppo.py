@@ -14,17 +14,6 @@ from chatstack.rlhf.rollout import PolicyWithValue, build_rows, response_logprob
 from chatstack.train import ppo as ppo_mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core box: one thread avoids OpenMP spin contention (measured 12 s -> 0.25 s
-    # for one nano PPO iteration under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def tok():
     from chatstack.tokenizer import Tokenizer

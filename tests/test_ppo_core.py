@@ -7,17 +7,6 @@ import torch
 from chatstack.rlhf import ppo_core as pc
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core box: one thread avoids OpenMP spin contention (measured 12 s -> 0.25 s
-    # for one nano PPO iteration under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _gae_reference(rewards, values, gamma, lam):
     """Textbook GAE on one un-padded episode, in plain Python floats."""
     T = len(rewards)

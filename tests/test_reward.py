@@ -12,17 +12,6 @@ from chatstack.presets import get_preset
 from chatstack.rlhf.reward_model import RewardModel, collate, evaluate_groups, ranking_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared 2-core box: one thread avoids OpenMP spin contention (measured 12 s -> 0.25 s
-    # for one nano PPO iteration under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def tok():
     from chatstack.tokenizer import Tokenizer

@@ -75,24 +75,19 @@ def task_prompts(n: int, split: str, seed: int, names: list[str] | None = None) 
 
 
 def file_prompts(path: str) -> list[tuple[list[dict], None]]:
+    from chatstack.data.jsonl import iter_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                msgs = [{"role": "user", "content": obj["prompt"]}]
-            elif isinstance(obj, dict) and isinstance(obj.get("prompt") or obj.get("messages"), list):
-                msgs = obj.get("prompt") or obj["messages"]
-                if msgs and msgs[-1].get("role") == "assistant":
-                    msgs = msgs[:-1]     # a conversation: label a fresh answer to its last user turn
-            else:
-                raise ValueError(f"{path}:{lineno}: expected {{'prompt': str | [messages]}} or {{'messages': [...]}}")
-            out.append((msgs, None))
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            msgs = [{"role": "user", "content": obj["prompt"]}]
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt") or obj.get("messages"), list):
+            msgs = obj.get("prompt") or obj["messages"]
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]     # a conversation: label a fresh answer to its last user turn
+        else:
+            raise ValueError(f"{path}:{lineno}: expected {{'prompt': str | [messages]}} or {{'messages': [...]}}")
+        out.append((msgs, None))
     return out
 
 
