@@ -5,6 +5,7 @@
 # On a GPU machine, install your CUDA build of torch first; the pin below only applies when torch is absent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_ROOT_USER_ACTION=ignore
 PIP="python3 -m pip install --disable-pip-version-check -q"
 
 # torch==2.13.0 is a CPU build available offline here; any other spec would pull a multi-GB CUDA build.
