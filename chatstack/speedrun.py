@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -157,8 +156,7 @@ def run_pipeline(out: Path, smoke: bool = False, scale: str = "cpu", nproc: int 
         print(f"\n[{i}/{total}] {stage.name:10s} {'resuming' if resume else 'running'}: "
               f"chatstack {' '.join(shlex.quote(c) for c in cmd[cmd.index('chatstack.cli') + 1:])}", flush=True)
         t0 = time.time()
-        env = dict(os.environ)
-        proc = subprocess.run(cmd, env=env)
+        proc = subprocess.run(cmd)
         rec["wall_s"] += time.time() - t0
         _save_state(out, state)
         if proc.returncode != 0:
