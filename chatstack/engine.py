@@ -42,8 +42,24 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from chatstack.model import Linear
 from chatstack.sampling import greedy, sample
+
+# Optimizer steps taken anywhere in this process. Fused optimizers (AdamW(fused=True)) update weights
+# without bumping their version counters, so this count is how an engine learns that its (in, out) weight
+# copies may be stale (PPO samples from the model it trains). A global post-step hook sees every
+# torch.optim optimizer, fused or not.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @dataclass
@@ -199,15 +215,21 @@ class _Row:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
-                 transposed_head: Optional[bool] = None):
-        """transposed_head: compute next-token logits with a (n_embd, vocab) copy of the output matrix.
-        On CPU a (1, h) @ (h, V) product runs ~20-30% faster than nn.Linear's (V, h) layout, and the output
-        layer is the largest matrix of a small model (GPT-2 small: 154 of 498 MB). Costs one extra copy of
-        that matrix. It is re-made at the start of every generate()/stream() call on an idle engine and
-        whenever the weight's version counter moves (ordinary in-place updates). Fused optimizers
-        (AdamW(fused=True)) update weights without bumping that counter: a caller that trains the model
-        and drives add_request()/step() itself should call refresh_weights() after each update.
-        Default: on for CPU, off elsewhere."""
+                 transposed_weights: Optional[bool] = None, transposed_head: Optional[bool] = None):
+        """transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
+        chatstack.model.Linear: q/k/v, projections, MLP, output layer). On CPU a few-row x @ W_t runs 1.3-3x
+        faster than nn.Linear's x @ W.T with the (out, in) layout (GPT-2 small: ~10% more tokens/s at batch
+        1, where the step is bound by streaming the weights; the tiny model at 16 rows: every layer's
+        matmuls ~2x faster). Costs one extra copy of those weights, held by the engine. The copies are
+        bound to the model only inside step() and re-made when a weight's version counter or storage moves
+        (in-place updates, load_state_dict) and after any torch.optim optimizer step in this process (fused
+        optimizers update weights without bumping the version counter). Writes through `.data` are seen
+        by neither: call refresh_weights() after those. Making them costs a full transposing copy (GPT-2
+        small: ~0.4 s), so it is done only then, not on every generate() call. Default: on for CPU, off
+        elsewhere. transposed_head is its old name (it once covered only the
+        output layer); either set to False turns the copies off."""
+        if transposed_head is not None and transposed_weights is None:
+            transposed_weights = transposed_head
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config
@@ -222,9 +244,10 @@ class Engine:
         self.n_vocab = min(tv, self.cfg.vocab_size)
         self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
                                                     getattr(tokenizer, "im_end_id", None)) if i is not None})
-        self.transposed_head = (self.device.type == "cpu") if transposed_head is None else transposed_head
-        self._head_key = None
-        self._head_t = None
+        self.transposed = (self.device.type == "cpu") if transposed_weights is None else transposed_weights
+        self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
+        self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
+        self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its (in, out) copy)
         self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
         self.running: list[_Row] = []
         self.pending: list[_Row] = []
@@ -279,9 +302,34 @@ class Engine:
         return False
 
     def refresh_weights(self) -> None:
-        """Forget derived copies of the weights (the transposed output matrix): the next step re-makes them."""
-        self._head_key = None
-        self._head_t = None
+        """Forget derived copies of the weights (the (in, out) matrices): the next step re-makes them."""
+        self._wt = {}
+        self._linears = None
+
+    def _bind_weights(self) -> list:
+        """Give each chatstack.model.Linear its (in, out) weight copy for this step (made or re-made when the
+        weight changed); returns the modules bound, for _unbind_weights."""
+        if not self.transposed:
+            return []
+        if self._linears is None:
+            self._linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        if self._wt_steps != _optimizer_steps:     # some optimizer stepped: any weight may have moved
+            self._wt, self._wt_steps = {}, _optimizer_steps
+        wt = self._wt
+        for m in self._linears:
+            w = m.weight
+            # in-place updates (optimizer steps, load_state_dict) bump _version; new storage moves data_ptr
+            key = (w.data_ptr(), w._version)
+            entry = wt.get(m)
+            if entry is None or entry[0] != key:
+                entry = wt[m] = (key, w.detach().t().contiguous())   # (in, out)
+            m.__dict__["weight_t"] = entry[1]   # instance attribute over the class default None; no Module hooks
+        return self._linears
+
+    @staticmethod
+    def _unbind_weights(bound: list) -> None:
+        for m in bound:
+            m.__dict__.pop("weight_t", None)
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.pending)
@@ -293,6 +341,7 @@ class Engine:
         was_training = self.model.training
         if was_training:
             self.model.eval()     # no dropout while generating (PPO generates with a model it trains)
+        bound = self._bind_weights()
         try:
             events = []
             if self.running:
@@ -305,6 +354,7 @@ class Engine:
                 self._compact()
             return events
         finally:
+            self._unbind_weights(bound)   # outside a step the model is untouched (training, evals, saving)
             if was_training:
                 self.model.train()
 
@@ -352,17 +402,8 @@ class Engine:
         return self._accept(rows, self._logits(h[:, -1]))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, V) from final hidden states (B, h)."""
-        head = self.model.lm_head
-        if not self.transposed_head or not isinstance(head, torch.nn.Linear):
-            return head(h)
-        w = head.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype)   # in-place updates (optimizer steps) bump _version
-        if key != self._head_key:
-            self._head_t = w.detach().t().contiguous()       # (h, V)
-            self._head_key = key
-        out = h @ self._head_t
-        return out + head.bias if head.bias is not None else out
+        """Next-token logits (B, V) from final hidden states (B, h) (the output layer's bound copy, if any)."""
+        return self.model.lm_head(h)
 
     # ---- sampling and bookkeeping --------------------------------------------------------------------------
     def _sampling_tensors(self, rows: list[_Row]):
@@ -481,8 +522,6 @@ class Engine:
                 self.check_prompt(pr)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        if not self.has_unfinished():
-            self.refresh_weights()   # the model may have been trained since the last call (PPO)
         rids = [self.add_request(pr, pa, _collect=True) for pr, pa in zip(prompts, params)]
         bar = None
         if progress:
@@ -506,8 +545,6 @@ class Engine:
 
     def stream(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> Iterator[TokenEvent]:
         """One request, its tokens as they come. Closing the iterator early cancels the request."""
-        if not self.has_unfinished():
-            self.refresh_weights()
         rid = self.add_request(prompt_ids, params)
         finished = False
         try:

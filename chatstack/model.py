@@ -141,6 +141,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear that computes with an (in, out) copy of its weight while an inference engine binds one.
+
+    On CPU, x @ W_t with W_t an (in, out) contiguous matrix runs 1.3-3x faster than nn.Linear's x @ W.T at
+    the 1-16 rows of a decode step (measured, one thread: 512->128 at 16 rows 48 -> 16 us; GPT-2's
+    768->3072 at one row streams its weight at 16 instead of 11.7 GB/s). The engine (chatstack.engine) sets
+    `weight_t` for the duration of one step and removes it after, so everywhere else (training, evals,
+    checkpoints) this is plain nn.Linear with its usual (out, in) weight.
+    """
+    weight_t: Optional[torch.Tensor] = None   # (in, out) copy of weight; None = nn.Linear's own path
+
+    def forward(self, x):
+        wt = self.weight_t
+        if wt is None:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, wt.size(0))                                              # (N, in)
+        y = x2 @ wt if self.bias is None else torch.addmm(self.bias, x2, wt)        # (N, out)
+        return y.view(*x.shape[:-1], wt.size(1))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
@@ -148,8 +168,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # one fused projection for q, k, v: a single matmul is faster than three on every device
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.qkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
@@ -202,8 +222,8 @@ class MLP(nn.Module):
         self.kind = cfg.mlp
         f = cfg.ffn_hidden
         # swiglu: gate and up fused in one matmul, split after
-        self.fc = nn.Linear(cfg.n_embd, f if cfg.mlp == "gelu" else 2 * f, bias=cfg.bias)
-        self.proj = nn.Linear(f, cfg.n_embd, bias=cfg.bias)
+        self.fc = Linear(cfg.n_embd, f if cfg.mlp == "gelu" else 2 * f, bias=cfg.bias)
+        self.proj = Linear(f, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
         h = self.fc(x)
@@ -239,7 +259,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":

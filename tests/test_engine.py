@@ -239,6 +239,27 @@ def test_engine_follows_weight_updates(transposed_head, fused):
     assert after.logprobs != pytest.approx(before.logprobs, abs=1e-3)
 
 
+def test_weight_copies_bound_only_inside_step():
+    """The engine's (in, out) weight copies live on the model's Linear modules only during step(): outside,
+    the model computes (and saves) with its own weights; a load_state_dict between calls is picked up."""
+    from chatstack.model import Linear
+
+    tok = small_tokenizer()
+    model = nano_model("nano", tok.vocab_size, seed=6)
+    other = nano_model("nano", tok.vocab_size, seed=7)
+    eng = Engine(model, tok)
+    p = tok.encode("The quick")
+    sp = SamplingParams(max_new_tokens=6, **GREEDY)
+    assert eng.generate([p], sp)[0].token_ids == reference_greedy(model, p, 6)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 4 * model.config.n_layer + 1
+    assert all("weight_t" not in m.__dict__ and m.weight_t is None for m in linears)
+    assert reference_greedy(other, p, 6) != reference_greedy(model, p, 6)
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())     # in place: bumps version counters
+    assert eng.generate([p], sp)[0].token_ids == reference_greedy(other, p, 6)
+
+
 def test_random_schedules_match_reference():
     """Random arrivals, cancellations, prompt lengths and slot counts: every surviving request gets exactly
     the tokens a lone full-forward greedy decode gives (exercises slot compaction and cache growth)."""
