@@ -127,7 +127,7 @@ def test_builtin_sources_split_and_mix():
     ident = identity("train") + identity("test")
     assert 24 <= len(ident) <= 100
     assert sum("chatstack" in c[1]["content"] for c in ident) > len(ident) / 2
-    mix = builtin_mix("train", sizes={"chitchat": 50, "tasks_per_task": 5}, mix={"identity": 2.0})
+    mix = builtin_mix("train", sizes={"chitchat": 50, "tasks_per_task": 5}, mix={"identity": 2.0, "chitchat": 1.0})
     srcs = {m["source"] for m in mix}
     assert srcs == {"chitchat", "chatterbot", "identity", "tasks"}
     n_id = sum(m["source"] == "identity" for m in mix)

@@ -28,8 +28,16 @@ from pathlib import Path
 from chatstack.data.tasks import TASKS, task_conversations
 
 # defaults sized for a ~4-minute CPU SFT of the tiny model (see docs/sft.md)
-DEFAULT_MIX = {"chitchat": 1.0, "chatterbot": 1.0, "identity": 3.0, "tasks": 2.0}
-DEFAULT_SIZES = {"chitchat": 2000, "tasks_per_task": 1500}
+# Tasks dominate by design: a ~1M-parameter model needs ~7k examples of a skill to learn it in a 4-minute
+# run (docs/sft.md has the measurements); the chat sources are a small share that keeps the assistant role.
+DEFAULT_MIX = {"chitchat": 0.3, "chatterbot": 0.5, "identity": 2.0, "tasks": 6.0}
+DEFAULT_SIZES = {"chitchat": 2000, "tasks_per_task": 4000}
+# Per-task shares of the task examples (train split only). The column-addition chain of thought (add3) rests on
+# 100 single-digit sums and needs the most: at equal shares it reached 9-68% over four runs, at 2x 94-97%.
+# Halving compare and count cost them 10-50 points, so they stay at 1 (docs/sft.md).
+DEFAULT_TASK_WEIGHTS = {"add": 1.0, "sub": 1.0, "compare": 1.0, "reverse": 1.5, "count": 1.0, "add3": 2.0,
+                        "word_problem": 1.5}
+TEST_TASK_CAP = 300          # held-out examples per task at most (held-out loss is measured at every eval)
 TEST_FRACTION = 10           # 1 in 10 conversations (by id hash) is held out
 
 
@@ -150,8 +158,12 @@ def identity(split: str) -> list[list[dict]]:
 
 
 def builtin_mix(split: str, seed: int = 0, mix: dict[str, float] | None = None,
-                sizes: dict[str, int] | None = None, tasks: list[str] | None = None) -> list[dict]:
-    """The default SFT data: [{"messages", "source"}]; weights repeat a source (2.0 = twice, 0.5 = half)."""
+                sizes: dict[str, int] | None = None, tasks: list[str] | None = None,
+                task_weights: dict[str, float] | None = None) -> list[dict]:
+    """The default SFT data: [{"messages", "source"}]; weights repeat a source (2.0 = twice, 0.5 = half).
+
+    `task_weights` overrides DEFAULT_TASK_WEIGHTS (the share of each verifiable task in the train split)."""
+    tw = {**DEFAULT_TASK_WEIGHTS, **(task_weights or {})}
     mix = {**DEFAULT_MIX, **(mix or {})}
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     unknown = set(mix) - set(DEFAULT_MIX)
@@ -159,12 +171,12 @@ def builtin_mix(split: str, seed: int = 0, mix: dict[str, float] | None = None,
         raise ValueError(f"unknown built-in source(s) {sorted(unknown)}; choose from {', '.join(DEFAULT_MIX)}")
     test = split == "test"
     n_chat = sizes["chitchat"] // (TEST_FRACTION - 1) if test else sizes["chitchat"]
-    n_task = max(sizes["tasks_per_task"] // 8, 20) if test else sizes["tasks_per_task"]
+    n_task = min(max(sizes["tasks_per_task"] // 8, 20), TEST_TASK_CAP) if test else sizes["tasks_per_task"]
     pools = {
         "chitchat": lambda: chitchat(split, n_chat, seed=seed),
         "chatterbot": lambda: chatterbot(split),
         "identity": lambda: identity(split),
-        "tasks": lambda: [c["messages"] for c in task_conversations(split, n_task, seed, tasks)],
+        "tasks": lambda: [c["messages"] for c in task_conversations(split, n_task, seed, tasks, None if test else tw)],
     }
     rng = random.Random(f"mix|{split}|{seed}")
     out = []

@@ -93,14 +93,18 @@ class Task:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rng = random.Random(f"{self.name}|{split}|{seed}")
-        out, seen, tries = [], set(), 0
+        out, seen, stale, exhausted = [], set(), 0, False
         while len(out) < n:
-            tries += 1
             key, prompt, answer, final = self.make(rng)
             if _split_of(self.name, key) != split:
                 continue
-            if key in seen and tries < 50 * n:     # prefer distinct keys; allow repeats if the space is small
+            if key in seen and not exhausted:
+                # prefer distinct keys; after 2,000 draws in a row with nothing new the key space is
+                # (practically) used up, so repeats are allowed from then on
+                stale += 1
+                exhausted = stale >= 2000
                 continue
+            stale = 0
             seen.add(key)
             out.append(Example(self.name, [{"role": "user", "content": prompt}], answer, final))
         return out
@@ -222,11 +226,19 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_conversations(split: str, n_per_task: int, seed: int = 0, names: list[str] | None = None) -> list[dict]:
-    """Examples of every task as conversations {"messages": [...], "task": name} (for SFT mixing)."""
+def task_conversations(split: str, n_per_task: int, seed: int = 0, names: list[str] | None = None,
+                       weights: dict[str, float] | None = None) -> list[dict]:
+    """Examples of every task as conversations {"messages": [...], "task": name} (for SFT mixing).
+
+    `weights` scales the count per task (round(n_per_task * weight); missing names weigh 1)."""
+    weights = weights or {}
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
     out = []
     for name in names or list(TASKS):
-        for ex in TASKS[name].examples(split, n_per_task, seed):
+        n = max(1, round(n_per_task * weights.get(name, 1.0)))
+        for ex in TASKS[name].examples(split, n, seed):
             out.append({"messages": ex.conversation(), "task": name})
     return out
 

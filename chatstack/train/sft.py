@@ -9,7 +9,8 @@ The same loop as pretraining (chatstack.train.loop) with conversation batches: C
 on assistant tokens (and their <|im_end|>), every assistant turn of a multi-turn conversation trained,
 short conversations packed into full rows with attention that stays inside each conversation. The
 tokenizer and the architecture come from the base checkpoint; the output is an ordinary checkpoint
-(stage "sft", parent = the base). The learning rate defaults well below pretraining's (3e-4 vs 2e-3).
+(stage "sft", parent = the base). The default learning rate equals pretraining's peak (3e-3): the
+built-in skills are new to the base model and a lower rate learned them far more slowly (docs/sft.md).
 
 Data: `--data` JSONL files ({"messages": [...]}; see chatstack.data.conversations), or when none are given
 the built-in mix (chatstack.data.chat_builtin): chit-chat, chatterbot Q&A, identity, verifiable tasks.
@@ -41,9 +42,12 @@ class SFTConfig(TrainConfig):
     system: str = field(default="", metadata={"help": "system prompt added to every conversation without one"})
     epochs: float = field(default=0.0, metadata={"help": "train this many passes over the data (overrides --max-steps)"})
     mix: str = field(default="", metadata={
-        "help": "built-in source weights, e.g. 'chitchat=1,chatterbot=1,identity=3,tasks=1' (repeats per epoch)"})
+        "help": "built-in source weights (repeats per epoch); default 'chitchat=0.3,chatterbot=0.5,identity=2,tasks=6'"})
+    task_mix: str = field(default="", metadata={
+        "help": "built-in per-task shares, e.g. 'add3=2,compare=0.5' (default: chatstack.data.chat_builtin."
+                "DEFAULT_TASK_WEIGHTS)"})
     chitchat: int = field(default=2000, metadata={"help": "built-in: chit-chat conversations to use"})
-    tasks_per_task: int = field(default=1500, metadata={"help": "built-in: training examples per verifiable task"})
+    tasks_per_task: int = field(default=4000, metadata={"help": "built-in: training examples per verifiable task"})
     on_long: str = field(default="truncate", metadata={
         "help": "conversations longer than the context: truncate at a turn boundary, or drop",
         "choices": ["truncate", "drop"]})
@@ -52,13 +56,13 @@ class SFTConfig(TrainConfig):
     # fine-tuning defaults: lower learning rate than pretraining, a short run (see docs/sft.md)
     max_steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch (per process)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    time_budget: float = field(default=210.0, metadata={
+    time_budget: float = field(default=225.0, metadata={
         "help": "seconds of training; max_steps is cut to fit (0 = no limit)"})
     out: str = field(default="runs/sft", metadata={"help": "checkpoint directory to write (and resume from)"})
 
@@ -161,7 +165,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
 
         mix = parse_mix(cfg.mix)
         sizes = {"chitchat": cfg.chitchat, "tasks_per_task": cfg.tasks_per_task}
-        train_mix = builtin_mix("train", seed=cfg.seed, mix=mix, sizes=sizes)
+        train_mix = builtin_mix("train", seed=cfg.seed, mix=mix, sizes=sizes, task_weights=parse_mix(cfg.task_mix))
         val_mix = builtin_mix("test", seed=cfg.seed, mix=mix, sizes=sizes)
         convs = [c["messages"] for c in train_mix]
         tr_sum = LoadSummary()
