@@ -74,3 +74,23 @@ def test_greedy_rows_take_argmax():
     out = sample(logits, t, torch.zeros(3, dtype=torch.long), torch.ones(3), torch.tensor([0.99, 0.5, 0.01]))
     am = logits.argmax(-1)
     assert out[0] == am[0] and out[2] == am[2]
+
+
+@pytest.mark.parametrize("B,V", [(1, 320), (16, 4096), (1, 50257), (3, 30011)])
+def test_greedy_is_first_argmax(B, V):
+    """greedy() takes a vectorised path for large inputs: it must still give max(dim)'s first index on
+    ties, follow a NaN as max(dim) does, and accept a sliced (padded-vocab) view."""
+    from chatstack.sampling import greedy
+
+    g = torch.Generator().manual_seed(B * V)
+    x = torch.randn(B, V + 3, generator=g)[:, :V]
+    assert torch.equal(greedy(x), x.max(dim=-1).indices)
+    x = x.clone()
+    x[:, V // 2] = 9.0
+    x[:, V // 3] = 9.0
+    x[:, V - 1] = 9.0
+    assert (greedy(x) == V // 3).all()
+    x[0, 5] = float("nan")
+    assert torch.equal(greedy(x), x.max(dim=-1).indices)
+    x = torch.full((B, V), float("-inf"))
+    assert (greedy(x) == 0).all()
