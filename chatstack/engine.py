@@ -120,8 +120,9 @@ class TokenEvent:
 class SlotCache:
     """KV cache with one slot per running row and per-row lengths.
 
-    k, v: (n_layer, slots, n_kv_head, length, head_dim). The running batch is always slots 0..B-1, so the
-    keys a decode step attends over are a view `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)`
+    kv: (n_layer, 2, slots, n_kv_head, length, head_dim), k = kv[:, 0] and v = kv[:, 1] (keys and values in
+    one tensor, so a decode step with per-row positions writes both with one index_copy_ per layer). The
+    running batch is always slots 0..B-1, so the keys a decode step attends over are a view `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)`
     and reads `.pos`; the engine says beforehand where this forward writes (`prefill` or `decode`).
     Capacity grows on demand (doubling), so a short request doesn't allocate the whole context.
     """
@@ -131,7 +132,7 @@ class SlotCache:
         self.n_layer, self.n_kv, self.hd = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
         self.max_len = cfg.block_size
         self.device, self.dtype = device, dtype
-        self.k = self.v = None
+        self.kv = self.k = self.v = None
         self.slots = self.length = 0
         self.pos = 0             # read by the model only when it builds default positions/masks (prefill: 0)
         self._mode = None
@@ -142,13 +143,10 @@ class SlotCache:
             return
         new_slots = max(slots, min(2 * self.slots, self.max_slots))
         new_len = min(self.max_len, max(length, 2 * self.length))
-        shape = (self.n_layer, new_slots, self.n_kv, new_len, self.hd)
-        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        if self.k is not None:
-            k[:, :self.slots, :, :self.length] = self.k
-            v[:, :self.slots, :, :self.length] = self.v
-        self.k, self.v, self.slots, self.length = k, v, new_slots, new_len
+        kv = torch.zeros((self.n_layer, 2, new_slots, self.n_kv, new_len, self.hd), device=self.device, dtype=self.dtype)
+        if self.kv is not None:
+            kv[:, :, :self.slots, :, :self.length] = self.kv
+        self.kv, self.k, self.v, self.slots, self.length = kv, kv[:, 0], kv[:, 1], new_slots, new_len
 
     def prefill(self, first_slot: int, B: int):
         """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions 0..T-1."""
@@ -158,13 +156,14 @@ class SlotCache:
     def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
         """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,))."""
         if not isinstance(write_pos, int):
-            # flat row index of (slot b, head h, position p) in a layer viewed as (slots*Hkv*length, hd):
-            # one index_copy_ per layer writes every row's new key at its own position
-            if self._base_key != (B, self.length, write_pos.device):   # same for every step of a batch
-                heads = torch.arange(B * self.n_kv, device=write_pos.device).view(B, self.n_kv)   # b*Hkv + h
-                self._base = heads * self.length                                                   # (B, Hkv)
-                self._base_key = (B, self.length, write_pos.device)
-            write_pos = (self._base + write_pos[:, None]).view(-1)                                 # (B*Hkv,)
+            # flat row index of (k|v, slot b, head h, position p) in a layer viewed as (2*slots*Hkv*length, hd):
+            # one index_copy_ per layer writes every row's new key and value at its own position
+            if self._base_key != (B, self.slots, self.length, write_pos.device):   # same for a whole batch
+                heads = torch.arange(B * self.n_kv, device=write_pos.device).view(1, B, self.n_kv)  # b*Hkv + h
+                kv_off = torch.tensor([0, self.slots * self.n_kv], device=write_pos.device).view(2, 1, 1)
+                self._base = (heads + kv_off) * self.length                                         # (2, B, Hkv)
+                self._base_key = (B, self.slots, self.length, write_pos.device)
+            write_pos = (self._base + write_pos[:, None]).view(-1)                                  # (2*B*Hkv,)
         self._mode = ("decode", B, write_pos, S)
         self.pos = S - 1
 
@@ -181,8 +180,8 @@ class SlotCache:
             self.k[layer, :B, :, wp:wp + 1] = k
             self.v[layer, :B, :, wp:wp + 1] = v
         else:
-            self.k[layer].view(-1, self.hd).index_copy_(0, wp, k.reshape(-1, self.hd))   # k: (B, Hkv, 1, hd)
-            self.v[layer].view(-1, self.hd).index_copy_(0, wp, v.reshape(-1, self.hd))
+            # (2, B, Hkv, 1, hd) -> (2*B*Hkv, hd), rows in the order of wp
+            self.kv[layer].view(-1, self.hd).index_copy_(0, wp, torch.stack([k, v]).view(-1, self.hd))
         return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]  # (B, Hkv, S, hd) views
 
     def advance(self, T: int):
@@ -190,8 +189,7 @@ class SlotCache:
 
     def move(self, src: int, dst: int, n: int):
         """Copy the first n positions of slot src into slot dst (compaction after a row leaves)."""
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
-        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
 
 
 class _Row:
@@ -251,7 +249,7 @@ class Engine:
         self.transposed = (self.device.type == "cpu") if transposed_weights is None else transposed_weights
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
-        self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its (in, out) copy)
+        self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its fast_weight)
         self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
         self._key_pos = torch.arange(self.block_size, device=self.device)   # key positions, for decode masks
         self.running: list[_Row] = []
@@ -312,8 +310,8 @@ class Engine:
         self._linears = None
 
     def _bind_weights(self) -> list:
-        """Give each chatstack.model.Linear its (in, out) weight copy for this step (made or re-made when the
-        weight changed); returns the modules bound, for _unbind_weights."""
+        """Give each chatstack.model.Linear its fast_weight for this step: the transposed view of an (in, out)
+        copy of its weight, made or re-made when the weight changed. Returns the modules bound."""
         if not self.transposed:
             return []
         if self._linears is None:
@@ -322,19 +320,19 @@ class Engine:
             self._wt, self._wt_steps = {}, _optimizer_steps
         wt = self._wt
         for m in self._linears:
-            w = m.weight
-            # in-place updates (optimizer steps, load_state_dict) bump _version; new storage moves data_ptr
+            w = m._parameters["weight"]            # (what m.weight returns, without Module.__getattr__)
+            # in-place updates (load_state_dict, manual no_grad edits) bump _version; new storage moves data_ptr
             key = (w.data_ptr(), w._version)
             entry = wt.get(m)
             if entry is None or entry[0] != key:
-                entry = wt[m] = (key, w.detach().t().contiguous())   # (in, out)
-            m.__dict__["weight_t"] = entry[1]   # instance attribute over the class default None; no Module hooks
+                entry = wt[m] = (key, w.detach().t().contiguous().t())   # (out, in) view of an (in, out) copy
+            m.__dict__["fast_weight"] = entry[1]   # instance attribute over the class default None; no Module hooks
         return self._linears
 
     @staticmethod
     def _unbind_weights(bound: list) -> None:
         for m in bound:
-            m.__dict__.pop("weight_t", None)
+            m.__dict__.pop("fast_weight", None)
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.pending)
@@ -441,6 +439,9 @@ class Engine:
             if n_top:
                 tv, ti = logp.topk(min(n_top, logp.size(1)), dim=-1)
                 top_vals, top_ids = tv.tolist(), ti.tolist()
+        if lp is None:                                   # the common case: one plain call per row
+            adv = self._advance_row
+            return [adv(r, tid, None, None) for r, tid in zip(rows, next_ids.tolist())]
         events = []
         for i, (r, tid) in enumerate(zip(rows, next_ids.tolist())):
             events.append(self._advance_row(r, tid, lp[i] if lp is not None else None,
@@ -459,7 +460,7 @@ class Engine:
             self._finish(r, "stop")
         else:
             r.text += r.decoder.decode(self.tok.token_bytes(tid))
-            if not self._find_stop(r) and (len(r.out) >= p.max_new_tokens
+            if not (p.stop and self._find_stop(r)) and (len(r.out) >= p.max_new_tokens
                                            or len(r.prompt) + len(r.out) >= self.block_size):
                 self._finish(r, "length")
         if r.finished:

@@ -254,7 +254,7 @@ def test_weight_copies_bound_only_inside_step():
     assert before.token_ids == reference_greedy(model, p, 6)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * model.config.n_layer + 1
-    assert all("weight_t" not in m.__dict__ and m.weight_t is None for m in linears)
+    assert all("fast_weight" not in m.__dict__ and m.fast_weight is None for m in linears)
     with torch.no_grad():
         model.load_state_dict(other.state_dict())     # in place: bumps version counters
     after = eng.generate([p], sp)[0]
