@@ -8,7 +8,8 @@ What it prints (each as a ratio, goals from issue #4):
   2. the same for the GPT-2 small config (124M, random weights):                   engine / HF  (goal >= 1.0x)
   3. GPT-2 small engine tokens/s against the memory-bandwidth bound, where the bound is measured copy
      bandwidth (STREAM convention: 2 x bytes / time for a 512 MB copy) / fp32 bytes of weights read per
-     token (goal >= 85%); a read-only bandwidth (a 512 MB sum) is printed alongside for reference
+     token (goal >= 85%); a read-only bandwidth (a 512 MB sum) is printed alongside for reference. Both
+     are timed in the same rounds as the decodes (interleaved), like every other ratio here
   4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x)
 
 Both sides get the same prompt, generate exactly --tokens new tokens greedily with a KV cache (HF:
@@ -83,17 +84,20 @@ def best_times(fns: list, repeats: int) -> tuple[list[float], list[float], list]
     return wall, cpu, outs
 
 
-def bandwidths(mb: int = 512, repeats: int = 5) -> tuple[float, float]:
-    """(copy, read) memory bandwidth in bytes/s. copy: a large tensor copy counted STREAM's way (each
-    element read once and written once: 2 x size bytes moved); read: a large sum (size bytes read)."""
+def bandwidth_fns(mb: int = 512):
+    """Two timed functions and the bytes each moves, for (copy, read) memory bandwidth in bytes/s.
+    copy: a large tensor copy counted STREAM's way (each element read once and written once: 2 x size
+    bytes; a write-allocate read, where the CPU does one, is not counted); read: a large sum (size bytes).
+    They are timed in the same rounds as the GPT-2 decodes, so background load that comes and goes on a
+    shared machine hits the bound and the engine alike (timed minutes apart, the ratio swung 78-113%)."""
     n = mb * 2**20 // 4
     src = torch.randn(n)
     dst = torch.empty_like(src)
-    (t_copy, t_read), _, _ = best_times([lambda: dst.copy_(src), lambda: src.sum()], repeats)
-    return 2 * n * 4 / t_copy, n * 4 / t_read
+    return [lambda: dst.copy_(src), lambda: src.sum()], [2 * n * 4, n * 4]
 
 
-def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8):
+def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8, extra=()):
+    """extra: more functions timed in the same rounds; their best wall times come back last."""
     torch.manual_seed(0)
     model = GPT(get_preset(preset)).eval()
     hf = to_hf_gpt2(model)
@@ -115,12 +119,13 @@ def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: i
                               eos_token_id=None, pad_token_id=0)
         return out[0, prompt_len:].tolist()
 
-    (t_ours, t_hf), (c_ours, c_hf), (ids_ours, ids_hf) = best_times([ours, theirs], repeats)
+    wall, cpu, outs = best_times([ours, theirs, *extra], repeats)
+    (t_ours, t_hf), (c_ours, c_hf), (ids_ours, ids_hf) = wall[:2], cpu[:2], outs[:2]
     same = ids_ours == ids_hf
     print(f"{name}: max |logit diff| vs HF {diff:.2e}; identical greedy tokens: {same}")
     print(f"  engine {tokens / t_ours:8.1f} tok/s   HF generate {tokens / t_hf:8.1f} tok/s   "
           f"(per CPU second: {tokens / c_ours:.1f} vs {tokens / c_hf:.1f})")
-    return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same
+    return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same, wall[2:]
 
 
 def main():
@@ -135,7 +140,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     torch.set_grad_enabled(False)
 
-    model, engine, prompt, tiny_ours, tiny_hf, same_tiny = bench_model("tiny", "tiny", args.tokens, args.repeats)
+    model, engine, prompt, tiny_ours, tiny_hf, same_tiny, _ = bench_model("tiny", "tiny", args.tokens, args.repeats)
     # batched: B different prompts (different lengths), all greedy, same number of new tokens
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(2)
@@ -152,10 +157,12 @@ def main():
     print(f"  engine batched x{args.batch}: {batched:8.1f} tok/s, prompts of 4-11 tokens "
           f"(equal 8-token prompts: {args.batch * args.tokens / t_even:.1f}; batch-1 alongside: {single:.1f})")
 
-    _, _, _, g_ours, g_hf, same_g = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats)
+    bw_fns, bw_bytes = bandwidth_fns()
+    _, _, _, g_ours, g_hf, same_g, bw_times = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
+                                                          extra=bw_fns)
+    bw, read_bw = (b / t for b, t in zip(bw_bytes, bw_times))
     cfg = get_preset("gpt2")
     weight_bytes = _weights_read_per_token(cfg)
-    bw, read_bw = bandwidths()
     bound = bw / weight_bytes
     print(f"  copy bandwidth {bw / 1e9:.1f} GB/s (read-only {read_bw / 1e9:.1f} GB/s); weights read per token "
           f"{weight_bytes / 1e6:.0f} MB -> bound {bound:.1f} tok/s (read-only bound {read_bw / weight_bytes:.1f})")
