@@ -163,11 +163,17 @@ def render_markdown(rep: dict) -> str:
     lines += ["## Evals per stage", ""]
     ev = rep["evals"]
     task_names = sorted({t for stage in ev.values() for t in stage.get("tasks", {})})
-    header = ["task"] + list(ev)
-    rows = [[t] + [ev[s].get("tasks", {}).get(t, {}).get("accuracy") for s in ev] for t in task_names]
-    rows.append(["**mean accuracy**"] + [ev[s].get("mean_accuracy") for s in ev])
-    lines += ["Held-out exact-match accuracy (greedy; base model few-shot, chat models zero-shot with the chat template).", "",
-              table(header, rows), ""]
+    rm_acc = rep.get("reward_model", {}).get("val_accuracy_by_task") or {}
+    rm_n = rep.get("reward_model", {}).get("val_pairs_by_task") or {}
+    header = ["task"] + list(ev) + (["RM pairwise acc. (pairs)"] if rm_acc else [])
+    rows = [[t] + [ev[s].get("tasks", {}).get(t, {}).get("accuracy") for s in ev]
+            + ([f"{_fmt(rm_acc[t])} ({rm_n.get(t, '–')})" if t in rm_acc else "–"] if rm_acc else [])
+            for t in task_names]
+    rows.append(["**mean accuracy**"] + [ev[s].get("mean_accuracy") for s in ev]
+                + ([h.get("rm_val_accuracy")] if rm_acc else []))
+    lines += ["Held-out exact-match accuracy (greedy; base model few-shot, chat models zero-shot with the chat template)"
+              + ("; the last column is the reward model's held-out pairwise accuracy on each task's rankings" if rm_acc else "")
+              + ".", "", table(header, rows), ""]
     lines += ["## Stages", ""]
     rows = []
     for name, s in rep["stages"].items():

@@ -93,8 +93,11 @@ STAGES = [
           lambda r: ["eval", r.p("sft"), "--out", r.p("eval_sft.json"), *r.pick(["--n", "8"])],
           "eval_sft.json", key=lambda r: _eval_key(r, "sft")),
     Stage("label",
-          lambda r: ["label", r.p("sft"), "--judge", "builtin", "--k", "4", "--out", r.p("rankings.jsonl"),
-                     *r.pick(["--prompts", "16", "--max-new-tokens", "16", "--ties", "shorter"])],
+          # K = 8 answers per prompt: C(8,2) = 28 comparisons each; the reward model's held-out accuracy rose
+          # with the number of pairs (docs/rlhf.md), and sampling them costs well under a minute here
+          lambda r: ["label", r.p("sft"), "--judge", "builtin", "--out", r.p("rankings.jsonl"),
+                     *(r.pick(["--k", "4", "--prompts", "16", "--max-new-tokens", "16", "--ties", "shorter"])
+                       or ["--k", "8", "--prompts", "1200"])],
           "rankings.jsonl"),
     Stage("reward",
           lambda r: ["reward", "--sft", r.p("sft"), "--data", r.p("rankings.jsonl"), "--out", r.p("rm"),
@@ -249,6 +252,11 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         "ppo_reward_first": R.first(ppo_m, "reward"), "ppo_reward_last": R.last(ppo_m, "reward"),
         "ppo_kl": R.last(ppo_m, "kl"),
     }
+    rm_last = next((r for r in reversed(rm_m) if "val_accuracy" in r), {})
+    reward_model = {"val_accuracy_by_task": {k[len("val_accuracy_"):]: v for k, v in rm_last.items()
+                                             if k.startswith("val_accuracy_")},
+                    "val_pairs_by_task": {k[len("val_pairs_"):]: v for k, v in rm_last.items()
+                                          if k.startswith("val_pairs_")}}
     goals = {"bits_per_char": ("≤ 2.2", lambda v: v <= 2.2), "sft_lift_points": ("≥ 30", lambda v: v >= 30),
              "rm_val_accuracy": ("≥ 0.85", lambda v: v >= 0.85), "ppo_lift_points": ("≥ 10", lambda v: v >= 10),
              "ppo_kl": ("stated", None)}
@@ -280,7 +288,7 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
              "FLOP/s by the measured peak matmul rate above."]
     return {"name": out.name, "smoke": state.get("smoke", False), "environment": R.environment(),
             "wall_time_s": sum(walls.values()), "peak_flops": peak, "headline": headline, "targets": targets,
-            "stages": stages, "evals": evals, "plots": plots, "samples": samples, "notes": notes}
+            "stages": stages, "evals": evals, "reward_model": reward_model, "plots": plots, "samples": samples, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------------- CLI

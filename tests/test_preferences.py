@@ -76,3 +76,10 @@ def test_write_rankings_roundtrip(tmp_path):
     write_rankings(tmp_path / "r.jsonl", rows)
     (g,) = load_preferences(tmp_path / "r.jsonl")
     assert g.responses == ["b\u00e9st", "worst"] and g.pairs == [(0, 1)]
+
+
+def test_task_field_is_kept_for_per_task_accuracy(tmp_path):
+    p = _write(tmp_path, [{"prompt": "1+1?", "responses": ["2", "3"], "task": "add"},
+                          {"prompt": "x", "chosen": "a", "rejected": "b"}])
+    by_prompt = {g.prompt[-1]["content"]: g for g in load_preferences(p)}
+    assert by_prompt["1+1?"].task == "add" and by_prompt["x"].task == ""

@@ -33,7 +33,7 @@ from chatstack.data.tasks import TASKS, task_conversations
 DEFAULT_MIX = {"chitchat": 0.3, "chatterbot": 0.5, "identity": 2.0, "tasks": 6.0}
 DEFAULT_SIZES = {"chitchat": 2000, "tasks_per_task": 4000}
 # Per-task shares of the task examples (train split only). The column-addition chain of thought (add3) rests on
-# 100 single-digit sums and needs the most: at equal shares it reached 9-68% over four runs, at 2x 94-97%.
+# 100 single-digit sums and needs the most: at equal shares it reached 2-68% over seven runs, at 2x 94-97%.
 # Halving compare and count cost them 10-50 points, so they stay at 1 (docs/sft.md).
 DEFAULT_TASK_WEIGHTS = {"add": 1.0, "sub": 1.0, "compare": 1.0, "reverse": 1.5, "count": 1.0, "add3": 2.0,
                         "word_problem": 1.5}

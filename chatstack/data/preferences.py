@@ -39,6 +39,7 @@ class Comparison:
     responses: list[str]                   # distinct answers
     pairs: list[tuple[int, int]]           # (preferred index, dispreferred index) into responses
     source: str = ""                       # "file:line" of the (first) record
+    task: str = ""                         # the record's "task" field, if any (built-in judge rankings)
 
     @property
     def key(self) -> str:
@@ -129,14 +130,16 @@ def parse_record(obj, where: str) -> tuple[list[dict], list[str], list[tuple[int
     raise PreferenceError(f"{where}: neither a ranking ('prompt', 'responses') nor a pair ('prompt', 'chosen', 'rejected')")
 
 
-def group_records(records: list[tuple[list[dict], list[str], list[tuple[int, int]], str]]) -> list[Comparison]:
-    """Merge records sharing a prompt into one Comparison (responses de-duplicated, pairs re-indexed)."""
+def group_records(records: list[tuple]) -> list[Comparison]:
+    """Merge records (prompt, texts, pairs, where[, task]) sharing a prompt into one Comparison
+    (responses de-duplicated, pairs re-indexed)."""
     groups: dict[str, Comparison] = {}
-    for prompt, texts, pairs, where in records:
+    for prompt, texts, pairs, where, *rest in records:
         key = prompt_key(prompt)
         g = groups.get(key)
         if g is None:
-            g = groups[key] = Comparison(prompt=prompt, responses=[], pairs=[], source=where)
+            g = groups[key] = Comparison(prompt=prompt, responses=[], pairs=[], source=where,
+                                         task=rest[0] if rest else "")
         index = {t: i for i, t in enumerate(g.responses)}
         local = []
         for t in texts:
@@ -172,7 +175,8 @@ def load_preferences(paths: str | os.PathLike | list) -> list[Comparison]:
                 except json.JSONDecodeError as e:
                     raise PreferenceError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
                 prompt, texts, pairs = parse_record(obj, where)
-                records.append((prompt, texts, pairs, where))
+                task = obj.get("task") if isinstance(obj.get("task"), str) else ""
+                records.append((prompt, texts, pairs, where, task))
     groups = group_records(records)
     if not groups:
         raise PreferenceError(f"{', '.join(map(str, paths))}: no comparisons found")

@@ -115,6 +115,11 @@ def train_reward(cfg: RewardConfig) -> dict:
     shift = mean_score(rm, train_g, ck.tokenizer, block, encoded=task.encoded)
     rm.normalise_(shift)
     final = evaluate_groups(rm, val_g, ck.tokenizer, block, encoded=task.encoded) if val_g else {}
+    # which tasks does the RM really judge? (rankings from the built-in judge carry their task)
+    for name in sorted({g.task for g in val_g if g.task}):
+        sub = [g for g in val_g if g.task == name]
+        r = evaluate_groups(rm, sub, ck.tokenizer, block, encoded=task.encoded)
+        final[f"val_accuracy_{name}"], final[f"val_pairs_{name}"] = r["val_accuracy"], r["val_pairs"]
     state = load_state(out)
     ckpt_config["reward_bias_shift"] = shift
     ckpt_config["val"] = final
