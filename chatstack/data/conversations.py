@@ -146,8 +146,11 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: in
         raise ValueError(f"on_long must be 'truncate' or 'drop', got {on_long!r}")
     summary = summary if summary is not None else LoadSummary()
     out = []
+    rendered: dict[int, tuple | None] = {}      # a weighted mix repeats the same list objects: render each once
     for msgs in conversations:
-        r = render(tokenizer, with_system(msgs, system), max_len, on_long)
+        if id(msgs) not in rendered:
+            rendered[id(msgs)] = render(tokenizer, with_system(msgs, system), max_len, on_long)
+        r = rendered[id(msgs)]
         if r is None:
             summary.dropped_long += 1
             continue
@@ -202,18 +205,23 @@ def pack(encoded: list[tuple[list[int], list[int]]], row_len: int, pad_id: int, 
         random.Random(seed + 1).shuffle(rows)
     else:
         rows = [[i] for i in range(len(items))]
-    N = len(rows)
-    ids = torch.full((N, row_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((N, row_len), dtype=torch.uint8)
-    doc = torch.full((N, row_len), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        p = 0
+    # fill Python lists and convert once: per-slice tensor writes cost seconds on 200k conversations
+    all_ids, all_mask, all_doc = [], [], []
+    for members in rows:
+        r_ids, r_mask, r_doc = [], [], []
         for d, i in enumerate(members):
             t, m = items[i]
-            ids[r, p:p + len(t)] = torch.tensor(t)
-            mask[r, p:p + len(t)] = torch.tensor(m, dtype=torch.uint8)
-            doc[r, p:p + len(t)] = d
-            p += len(t)
+            r_ids += t
+            r_mask += m
+            r_doc += [d] * len(t)
+        pad = row_len - len(r_ids)
+        all_ids.append(r_ids + [pad_id] * pad)
+        all_mask.append(r_mask + [0] * pad)
+        all_doc.append(r_doc + [-1] * pad)
+    N = len(rows)
+    ids = torch.tensor(all_ids, dtype=torch.long).reshape(N, row_len)
+    mask = torch.tensor(all_mask, dtype=torch.uint8).reshape(N, row_len)
+    doc = torch.tensor(all_doc, dtype=torch.long).reshape(N, row_len)
     return PackedRows(ids, mask, doc)
 
 
