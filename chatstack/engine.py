@@ -120,10 +120,10 @@ class TokenEvent:
 class SlotCache:
     """KV cache with one slot per running row and per-row lengths.
 
-    kv: (n_layer, 2, slots, n_kv_head, length, head_dim), k = kv[:, 0] and v = kv[:, 1] (keys and values in
+    kv: (n_layer, 2, slots, n_kv_head, length, head_dim); k = kv[:, 0] and v = kv[:, 1] (keys and values in
     one tensor, so a decode step with per-row positions writes both with one index_copy_ per layer). The
-    running batch is always slots 0..B-1, so the keys a decode step attends over are a view `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)`
-    and reads `.pos`; the engine says beforehand where this forward writes (`prefill` or `decode`).
+    running batch is always slots 0..B-1, so the keys a decode step attends over are a view
+    `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)` and reads `.pos`; the engine says beforehand where this forward writes (`prefill` or `decode`).
     Capacity grows on demand (doubling), so a short request doesn't allocate the whole context.
     """
 
@@ -136,14 +136,15 @@ class SlotCache:
         self.slots = self.length = 0
         self.pos = 0             # read by the model only when it builds default positions/masks (prefill: 0)
         self._mode = None
-        self._base_key = self._base = None   # decode(): flat offsets of (slot, head) rows, kept per (B, length)
+        self._base_key = self._base = None   # decode(): flat offsets of (k|v, slot, head) rows, per batch shape
 
     def reserve(self, slots: int, length: int):
         if slots <= self.slots and length <= self.length:
             return
         new_slots = max(slots, min(2 * self.slots, self.max_slots))
         new_len = min(self.max_len, max(length, 2 * self.length))
-        kv = torch.zeros((self.n_layer, 2, new_slots, self.n_kv, new_len, self.hd), device=self.device, dtype=self.dtype)
+        kv = torch.zeros((self.n_layer, 2, new_slots, self.n_kv, new_len, self.hd),
+                         device=self.device, dtype=self.dtype)
         if self.kv is not None:
             kv[:, :, :self.slots, :, :self.length] = self.kv
         self.kv, self.k, self.v, self.slots, self.length = kv, kv[:, 0], kv[:, 1], new_slots, new_len
@@ -219,17 +220,17 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
                  transposed_weights: Optional[bool] = None, transposed_head: Optional[bool] = None):
         """transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
-        chatstack.model.Linear: q/k/v, projections, MLP, output layer). On CPU a few-row x @ W_t runs 1.3-3x
-        faster than nn.Linear's x @ W.T with the (out, in) layout (GPT-2 small: ~10% more tokens/s at batch
-        1, where the step is bound by streaming the weights; the tiny model at 16 rows: every layer's
-        matmuls ~2x faster). Costs one extra copy of those weights, held by the engine. The copies are
-        bound to the model only inside step() and re-made when a weight's version counter or storage moves
-        (in-place updates, load_state_dict) and after any torch.optim optimizer step in this process (fused
-        optimizers update weights without bumping the version counter). Writes through `.data` are seen
-        by neither: call refresh_weights() after those. Making them costs a full transposing copy (GPT-2
-        small: ~0.4 s), so it is done only then, not on every generate() call. Default: on for CPU, off
-        elsewhere. transposed_head is its old name (it once covered only the
-        output layer); either set to False turns the copies off."""
+        chatstack.model.Linear: q/k/v, projections, MLP, output layer; see Linear.fast_weight). On CPU a
+        few-row product runs 1.3-2.5x faster that way than with nn.Linear's (out, in) layout (tiny model,
+        16 rows: 512->128 43 -> 17 us, 128->384 21 -> 14 us); GPT-2 small at batch 1 is bound by streaming
+        its weights from memory and gains little. Costs one extra copy of those weights (GPT-2 small:
+        ~500 MB), held by the engine. The copies are bound to the model only inside step() and re-made
+        when a weight's version counter or storage moves (in-place updates, load_state_dict) and after
+        any torch.optim optimizer step in this process (fused optimizers update weights without bumping
+        the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
+        those. Making them is a full transposing copy (GPT-2 small: ~0.4 s), so it is done only then, not
+        on every generate() call. Default: on for CPU, off elsewhere. transposed_head is the old name
+        (it once covered only the output layer); either set to False turns the copies off."""
         if transposed_head is not None and transposed_weights is None:
             transposed_weights = transposed_head
         self.model = model
