@@ -216,6 +216,9 @@ class _Row:
         return len(self.prompt) + len(self.out) - 1
 
 
+TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weight copies (see Engine)
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
                  transposed_weights: Optional[bool] = None, transposed_head: Optional[bool] = None):
@@ -229,7 +232,8 @@ class Engine:
         any torch.optim optimizer step in this process (fused optimizers update weights without bumping
         the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
         those. Making them is a full transposing copy (GPT-2 small: ~0.4 s), so it is done only then, not
-        on every generate() call. Default: on for CPU, off elsewhere. transposed_head is the old name
+        on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
+        larger model loaded for CPU chat never needs twice its memory), off elsewhere. transposed_head is the old name
         (it once covered only the output layer); either set to False turns the copies off."""
         if transposed_head is not None and transposed_weights is None:
             transposed_weights = transposed_head
@@ -247,7 +251,10 @@ class Engine:
         self.n_vocab = min(tv, self.cfg.vocab_size)
         self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
                                                     getattr(tokenizer, "im_end_id", None)) if i is not None})
-        self.transposed = (self.device.type == "cpu") if transposed_weights is None else transposed_weights
+        if transposed_weights is None:
+            weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
+            transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
+        self.transposed = transposed_weights
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
         self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its fast_weight)
