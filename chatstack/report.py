@@ -53,6 +53,15 @@ def first(rows: list[dict], key: str) -> Optional[float]:
     return None
 
 
+def window_mean(rows: list[dict], key: str, n: int = 10, at: str = "first") -> Optional[float]:
+    """Mean of `key` over the first (or last) n rows that have it: one PPO iteration is too noisy to quote."""
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    if not vals:
+        return None
+    vals = vals[:n] if at == "first" else vals[-n:]
+    return sum(vals) / len(vals)
+
+
 # ---------------------------------------------------------------------------------------------- environment
 def environment() -> dict:
     cpu = platform.processor() or platform.machine()
@@ -156,7 +165,9 @@ def render_markdown(rep: dict) -> str:
                        ("sft_lift_points", "SFT lift over base few-shot (points)"),
                        ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
                        ("ppo_lift_points", "PPO lift over SFT (points)"),
-                       ("ppo_kl", "PPO mean KL to the reference (nats per answer)")):
+                       ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
+                       ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
+                       ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)")):
         t = targets.get(key, {})
         rows.append([label, h.get(key), t.get("goal", ""), t.get("met")])
     lines += [table(["what", "value", "goal", "met"], rows), ""]

@@ -249,8 +249,10 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         "sft_lift_points": 100 * (acc["sft"] - acc["base"]) if acc.get("sft") is not None and acc.get("base") is not None else None,
         "ppo_lift_points": 100 * (acc["ppo"] - acc["sft"]) if acc.get("ppo") is not None and acc.get("sft") is not None else None,
         "rm_val_accuracy": R.last(rm_m, "val_accuracy"),
-        "ppo_reward_first": R.first(ppo_m, "reward"), "ppo_reward_last": R.last(ppo_m, "reward"),
-        "ppo_kl": R.last(ppo_m, "kl"),
+        # means over the first / last 10 iterations: a single rollout batch of 64 answers is too noisy
+        "ppo_reward_first": R.window_mean(ppo_m, "reward", 10, "first"),
+        "ppo_reward_last": R.window_mean(ppo_m, "reward", 10, "last"),
+        "ppo_kl": R.window_mean(ppo_m, "kl", 10, "last"),
     }
     rm_last = next((r for r in reversed(rm_m) if "val_accuracy" in r), {})
     reward_model = {"val_accuracy_by_task": {k[len("val_accuracy_"):]: v for k, v in rm_last.items()
@@ -262,6 +264,8 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
              "ppo_kl": ("stated", None)}
     targets = {k: {"goal": g, "met": (f(headline[k]) if f and headline.get(k) is not None else None)}
                for k, (g, f) in goals.items()}
+    r0, r1 = headline["ppo_reward_first"], headline["ppo_reward_last"]
+    targets["ppo_reward_last"] = {"goal": "> first 10", "met": (r1 > r0) if r0 is not None and r1 is not None else None}
     plots = {}
     for title, fname, curves, ylabel in (
         ("Pretraining loss", "pretrain_loss.png",
