@@ -53,6 +53,17 @@ def first(rows: list[dict], key: str) -> Optional[float]:
     return None
 
 
+def rolling(ys: list, n: int = 10) -> list:
+    """Trailing mean over up to n points (a readable line through a noisy per-iteration curve)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= n:
+            acc -= ys[i - n]
+        out.append(acc / min(i + 1, n))
+    return out
+
+
 def window_mean(rows: list[dict], key: str, n: int = 10, at: str = "first") -> Optional[float]:
     """Mean of `key` over the first (or last) n rows that have it: one PPO iteration is too noisy to quote."""
     vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
@@ -111,8 +122,12 @@ def plot(path: Path, title: str, curves: list[tuple[str, list, list]], xlabel: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    has_trend = any("mean" in c[0] for c in curves)
     for label, xs, ys in curves:
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        trend = "mean" in label
+        # with a trend line, the raw per-iteration curve is drawn faint behind it
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3,
+                alpha=1.0 if trend or not has_trend else 0.4, linewidth=2.0 if trend else 1.2)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

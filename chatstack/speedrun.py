@@ -55,6 +55,11 @@ class Run:
         return []
 
 
+def _with_trend(name: str, xs: list, ys: list) -> list:
+    """A per-iteration curve plus its 10-iteration trailing mean (one rollout batch is noisy)."""
+    return [(name, xs, ys), (f"{name}, 10-iteration mean", xs, R.rolling(ys, 10))] if ys else [(name, xs, ys)]
+
+
 def _metric(run: Run, stage: str, key: str, fmt: str = "{:.3f}") -> str:
     v = R.last(R.read_metrics(Path(run.p(stage))), key)
     return f"{key} {fmt.format(v)}" if v is not None else ""
@@ -224,7 +229,14 @@ def _stage_numbers(run_dir: Path, name: str, ckpt: str, wall: float, peak: float
 def build_report(out: Path, state: Optional[dict] = None) -> dict:
     out = Path(out)
     state = state or _load_state(out)
-    peak = R.measure_peak_flops()
+    # measured once, at the first report, and kept: a report rebuilt later on a busy machine must not
+    # change every MFU figure of a run that trained on an idle one
+    peak, env = state.get("peak_flops"), state.get("environment")
+    if not peak or not env:
+        peak = state["peak_flops"] = peak or R.measure_peak_flops()
+        env = state["environment"] = env or R.environment()      # the commit and machine of the run
+        if (out / "speedrun.json").exists():
+            _save_state(out, state)
     stages_rec = state.get("stages", {})
     walls = {k: v.get("wall_s", 0.0) for k, v in stages_rec.items()}
     stages = {}
@@ -272,8 +284,8 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
          [("train", *R.series(base_m, "loss")), ("val", *R.series(base_m, "val_loss"))], "nats/token"),
         ("SFT loss", "sft_loss.png", [("train", *R.series(sft_m, "loss")), ("val", *R.series(sft_m, "val_loss"))], "nats/token"),
         ("Reward model held-out accuracy", "rm_accuracy.png", [("val", *R.series(rm_m, "val_accuracy"))], "pairwise accuracy"),
-        ("PPO mean RM score", "ppo_reward.png", [("reward", *R.series(ppo_m, "reward", "iter"))], "RM score"),
-        ("PPO KL to the reference", "ppo_kl.png", [("kl", *R.series(ppo_m, "kl", "iter"))], "nats per answer"),
+        ("PPO mean RM score", "ppo_reward.png", _with_trend("reward", *R.series(ppo_m, "reward", "iter")), "RM score"),
+        ("PPO KL to the reference", "ppo_kl.png", _with_trend("kl", *R.series(ppo_m, "kl", "iter")), "nats per answer"),
         ("PPO response length", "ppo_length.png", [("tokens", *R.series(ppo_m, "response_length", "iter"))], "tokens"),
     ):
         f = R.plot(out / fname, title, curves, ylabel=ylabel, xlabel="iteration" if "PPO" in title else "step")
@@ -290,7 +302,7 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
              "shorter): it stands in for human labellers only because these tasks' answers can be checked.",
              "FLOPs are the estimator's 6ND-style training FLOPs (with the attention term); MFU divides the achieved "
              "FLOP/s by the measured peak matmul rate above."]
-    return {"name": out.name, "smoke": state.get("smoke", False), "environment": R.environment(),
+    return {"name": out.name, "smoke": state.get("smoke", False), "environment": env,
             "wall_time_s": sum(walls.values()), "peak_flops": peak, "headline": headline, "targets": targets,
             "stages": stages, "evals": evals, "reward_model": reward_model, "plots": plots, "samples": samples, "notes": notes}
 
