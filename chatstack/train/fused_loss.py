@@ -6,7 +6,7 @@ Why: at the tiny preset (128 wide, 4,096 vocab) the logits of one batch are 16.7
 them, reads them for log_softmax, writes log-probs, then in backward fills a zero gradient of the same size,
 scatters into it and runs log_softmax's backward: several passes over 67 MB of memory per step, a quarter
 of the step on this CPU. Here each chunk of rows computes its logits, the loss and the gradient
-(softmax - onehot) in a chunk buffer of at most ~32 MB, and multiplies the gradient straight into dL/dh and
+(softmax - onehot) while the chunk is still in cache, and multiplies the gradient straight into dL/dh and
 dL/dW. The backward pass then only scales the saved gradients. Same FLOPs, far less memory traffic.
 
 Used in fp32 training (the CPU path); under autocast (bf16/fp16 on GPU) the plain path keeps its numerics.
@@ -14,8 +14,6 @@ Used in fp32 training (the CPU path); under autocast (bf16/fp16 on GPU) the plai
     python -m chatstack.train.fused_loss        # times plain vs fused on the tiny preset's shapes
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,27 +62,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w * grad_out if grad_w is not None else None, None, None)
 
 
-# Rows per chunk: as many as fit a logits chunk of CHUNK_ELEMENTS floats (32 MB in fp32), but at least
-# MIN_CHUNK_ROWS. Larger chunks mean fewer, larger matmuls and fewer read-modify-writes of grad_w (one addmm_
-# per chunk): on the 2-core dev box, 2-thread training of the tiny preset (4,096 vocab, 4,096 rows a batch)
-# ran 3% and 12% faster with 2,048-row chunks than with 256 (median of paired interleaved rounds, two runs of
-# 12; a noisy box); at 1 thread no difference.
-# GPT-2's 50,257 vocab keeps 256-row (51 MB) chunks.
-CHUNK_ELEMENTS = 8 * 1024 * 1024
-MIN_CHUNK_ROWS = 256
-
-
-def default_chunk(vocab_size: int) -> int:
-    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab_size)
-
-
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: Optional[int] = None) -> torch.Tensor:
-    """Mean cross-entropy of softmax(h @ weight.T) against targets (-1 = ignored), fused and chunked.
-
-    chunk: rows per chunk (None = default_chunk(vocab)); results agree to float rounding for any chunk."""
-    if chunk is None:
-        chunk = default_chunk(weight.size(0))
+                         chunk: int = 256) -> torch.Tensor:
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (-1 = ignored), fused and chunked."""
     return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk)
 
 
@@ -97,7 +77,7 @@ def _bench(reps: int = 10):
     w = (torch.randn(V, C) * 0.02).requires_grad_()
     t = torch.randint(0, V, (N,))
     plain = lambda: F.cross_entropy(h @ w.t(), t).backward()
-    fused = {c: (lambda c=c: linear_cross_entropy(h, w, t, c).backward()) for c in (256, 512, 1024, 2048)}   # default: 2048 here
+    fused = {c: (lambda c=c: linear_cross_entropy(h, w, t, c).backward()) for c in (256, 512, 1024, 2048)}
     res = {"plain": [], **{f"fused/{c}": [] for c in fused}}
     for _ in range(reps):   # interleaved, so machine load hits all variants alike
         for name, fn in [("plain", plain), *[(f"fused/{c}", f) for c, f in fused.items()]]:
