@@ -221,7 +221,7 @@ TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weig
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
-                 transposed_weights: Optional[bool] = None, transposed_head: Optional[bool] = None):
+                 transposed_weights: Optional[bool] = None):
         """transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
         chatstack.model.Linear: q/k/v, projections, MLP, output layer; see Linear.fast_weight). On CPU a
         few-row product runs 1.3-2.5x faster that way than with nn.Linear's (out, in) layout (tiny model,
@@ -233,10 +233,7 @@ class Engine:
         the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
         those. Making them is a full transposing copy (GPT-2 small: ~0.4 s), so it is done only then, not
         on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
-        larger model loaded for CPU chat never needs twice its memory), off elsewhere. transposed_head is the old name
-        (it once covered only the output layer); either set to False turns the copies off."""
-        if transposed_head is not None and transposed_weights is None:
-            transposed_weights = transposed_head
+        larger model loaded for CPU chat never needs twice its memory), off elsewhere."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config
@@ -452,7 +449,7 @@ class Engine:
             return [adv(r, tid, None, None) for r, tid in zip(rows, next_ids.tolist())]
         events = []
         for i, (r, tid) in enumerate(zip(rows, next_ids.tolist())):
-            events.append(self._advance_row(r, tid, lp[i] if lp is not None else None,
+            events.append(self._advance_row(r, tid, lp[i],
                                             list(zip(top_ids[i], top_vals[i]))[:r.params.top_logprobs]
                                             if top_ids is not None and r.params.top_logprobs else None))
         return events

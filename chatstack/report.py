@@ -46,13 +46,6 @@ def last(rows: list[dict], key: str) -> Optional[float]:
     return None
 
 
-def first(rows: list[dict], key: str) -> Optional[float]:
-    for r in rows:
-        if isinstance(r.get(key), (int, float)):
-            return r[key]
-    return None
-
-
 def rolling(ys: list, n: int = 10) -> list:
     """Trailing mean over up to n points (a readable line through a noisy per-iteration curve)."""
     out, acc = [], 0.0

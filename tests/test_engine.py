@@ -216,13 +216,13 @@ def test_training_mode_restored_and_no_dropout_while_generating():
     assert c.token_ids == ref
 
 
-@pytest.mark.parametrize("transposed_head,fused", [(True, False), (True, True), (False, True)])
-def test_engine_follows_weight_updates(transposed_head, fused):
+@pytest.mark.parametrize("transposed,fused", [(True, False), (True, True), (False, True)])
+def test_engine_follows_weight_updates(transposed, fused):
     """PPO samples from the model it trains: after an optimizer step the engine must use the new weights
     (logprobs expose any stale copy: they must equal a full forward of the updated model)."""
     tok = small_tokenizer()
     model = nano_model("nano-llama", tok.vocab_size, seed=4)
-    eng = Engine(model, tok, transposed_head=transposed_head)
+    eng = Engine(model, tok, transposed_weights=transposed)
     p = tok.encode("The quick")
     sp = SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY)
     before = eng.generate([p], sp)[0]

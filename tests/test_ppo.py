@@ -82,7 +82,7 @@ def test_ppo_iterations_raise_a_toy_reward(tok):
     policy = PolicyWithValue(lm)
     ref = _nano(tok)
     rm = _ToyReward(tok)
-    eng = Engine(lm, tok, max_batch_size=32, transposed_head=False)
+    eng = Engine(lm, tok, max_batch_size=32)      # default weight copies: they must follow fused AdamW
     cfg = ppo_mod.PPOConfig(kl_coef=0.0, ppo_epochs=2, minibatch=16, no_eos_penalty=0.0, max_new_tokens=6)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, fused=True)   # fused: as build_adamw picks on CPU
     kl_ctl = pc.make_kl_controller(0.0, None)

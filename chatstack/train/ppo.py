@@ -321,10 +321,9 @@ def run_ppo(cfg: PPOConfig) -> Path:
 
     pool = prompt_pool(cfg, tok)
     tr_tokens, va_tokens, ptx_src = pretraining_tokens(cfg, tok)
-    # transposed_head=False: the engine's cached (h, V) copy of the output matrix is keyed on the weight's
-    # version counter, which the fused AdamW kernel does not bump, so it would go stale as PPO trains
-    # (measured: engine log-probs drifting 0.24 nats from the policy's after 12 iterations)
-    engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch, 8), device=device, transposed_head=False)
+    # the engine re-makes its weight copies after every optimizer step (fused AdamW included), so rollouts
+    # always sample from the policy being trained; engine_logprob_err in metrics.jsonl checks it
+    engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch, 8), device=device)
     task_names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
     ckpt_config = {"kind": "lm", "stage": "ppo", "model": ck.model.config.to_dict(), "parent": str(cfg.policy),
                    "reference": str(cfg.reference or cfg.policy), "reward_model": str(cfg.reward), "tokenizer": tok.info(), "train": asdict(cfg),
