@@ -2,27 +2,10 @@
 import json
 
 import pytest
-import torch
 
 from chatstack.data.label import LabelConfig, judge_builtin, judge_human, label, parse_order, sample_distinct
 from chatstack.data.preferences import load_preferences
 from chatstack.data.tasks import TASKS
-
-
-@pytest.fixture(scope="module")
-def nano_ckpt(tmp_path_factory):
-    from chatstack.checkpoint import save_checkpoint
-    from chatstack.model import GPT
-    from chatstack.presets import get_preset
-    from chatstack.tokenizer import Tokenizer
-
-    texts = ["What is 12 + 34? 46. Reverse the letters: c a t. Answer: 7"] * 3
-    tok = Tokenizer.train(texts, vocab_size=300, show_progress=False)
-    torch.manual_seed(0)
-    cfg = get_preset("nano", vocab_size=tok.vocab_size, block_size=96)
-    path = tmp_path_factory.mktemp("label") / "sft"
-    save_checkpoint(path, GPT(cfg), {"stage": "sft", "model": cfg.to_dict(), "tokenizer": tok.info()}, tok)
-    return path
 
 
 def test_builtin_judge_rule():

@@ -68,7 +68,7 @@ class _ToyReward(nn.Module):
         self.prompt_len = None
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(self, idx, lengths):
+    def forward(self, idx, lengths, starts=None):
         out = []
         for row, n in zip(idx, lengths):
             # everything after the last <|im_start|>assistant\n is the answer; use the last 6 tokens as a proxy

@@ -1,6 +1,18 @@
-"""The reward model: the SFT transformer without its output layer, plus a scalar head at the final token.
+"""The reward model: the SFT transformer plus a scalar head at the final token (optionally a likelihood term).
 
-    r(x, y) = head(h_T)      h_T = final-normed hidden state at the response's last token (its <|im_end|>)
+    likelihood="none" (InstructGPT):  r(x, y) = head(h_T)
+    likelihood="mean" (our default):  r(x, y) = head(h_T) + s * 1/|y| sum_t log p(y_t | x, y_<t)
+    likelihood="sum":                 r(x, y) = head(h_T) + s * sum_t log p(y_t | x, y_<t)
+
+h_T is the final-normed hidden state at the response's last token (its <|im_end|>); p is the RM's own output
+layer (kept only with a likelihood term; tied to the embedding in our presets, so no extra parameters); s is
+a learned scalar (init 1) and the head starts at zero, so the untrained RM is the SFT model's own likelihood.
+
+Why the likelihood term: on the built-in tasks the judge's pairs are "correct vs wrong, both well-formed", and
+the head alone, trained from a few thousand pairs, learns to check answers poorly (61% held-out pairwise
+accuracy in the speedrun). The SFT model's likelihood of an answer already ranks 80-83% of those pairs right:
+the output layer is exactly the part of the SFT model that knows which digits should come next, and
+InstructGPT's RM throws it away. Training then adjusts both terms (docs/rlhf.md, "The likelihood term").
 
 Trained with InstructGPT's K-wise loss (Ouyang et al. 2022, eq. 1): for one prompt with a ranking of K
 responses, all C(K,2) (winner, loser) pairs form ONE batch element,
@@ -13,10 +25,11 @@ and the batch loss is the mean over prompts. A prompt's comparisons are never sp
 After training, the head's bias is shifted so the mean reward over the reference responses is 0
 (`normalise_`), so PPO's reward starts centred.
 
-A reward-model checkpoint has kind "reward": model.safetensors holds `gpt.*` (no lm_head) and `head.*`.
+A reward-model checkpoint has kind "reward" and "likelihood" in config.json: model.safetensors holds `gpt.*`
+(no lm_head unless the likelihood term needs one), `head.*` and, with the likelihood term, `lik_scale`.
 
     from chatstack.rlhf.reward_model import RewardModel, load_reward_model
-    rm = load_reward_model("runs/x/rm"); scores = rm(idx, lengths)    # (B,)
+    rm, cfg = load_reward_model("runs/x/rm"); scores = rm(idx, lengths, starts)    # (B,)
 """
 from __future__ import annotations
 
@@ -29,30 +42,64 @@ import torch.nn.functional as F
 from chatstack.model import GPT, GPTConfig
 
 
+LIKELIHOOD_MODES = ("none", "mean", "sum")
+
+
 class RewardModel(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """`likelihood`: "none" = InstructGPT's RM (no output layer); "mean" / "sum" = the output layer is kept and
+    the score adds `lik_scale` x the mean (or sum) log-probability of the response tokens (see module doc)."""
+
+    def __init__(self, cfg: GPTConfig, likelihood: str = "none"):
         super().__init__()
+        if likelihood not in LIKELIHOOD_MODES:
+            raise ValueError(f"likelihood must be one of {LIKELIHOOD_MODES}, got {likelihood!r}")
         self.config = cfg
+        self.likelihood = likelihood
         self.gpt = GPT(cfg)
-        self.gpt.lm_head = None            # the output layer is not part of a reward model (unties it if tied)
+        if likelihood == "none":
+            self.gpt.lm_head = None        # the output layer is not part of a reward model (unties it if tied)
+        else:
+            self.lik_scale = nn.Parameter(torch.tensor(1.0))
         self.head = nn.Linear(cfg.n_embd, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / (cfg.n_embd + 1) ** 0.5)
+        # with a likelihood term the head starts at zero: the untrained RM *is* the LM's own likelihood
+        nn.init.normal_(self.head.weight, std=0.0 if likelihood != "none" else 1.0 / (cfg.n_embd + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_lm(cls, lm: GPT) -> "RewardModel":
-        """Initialise the trunk from a language model (the SFT checkpoint)."""
-        rm = cls(lm.config)
-        sd = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+    def from_lm(cls, lm: GPT, likelihood: str = "none") -> "RewardModel":
+        """Initialise the trunk (and, with a likelihood term, the output layer) from a language model."""
+        rm = cls(lm.config, likelihood)
+        sd = lm.state_dict()
+        if likelihood == "none":
+            sd = {k: v for k, v in sd.items() if not k.startswith("lm_head.")}
         rm.gpt.load_state_dict(sd, strict=True)
         return rm.to(lm.tok_emb.weight.device)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) read at token lengths-1 of each right-padded row idx (B, T)."""
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B,) read at token lengths-1 of each right-padded row idx (B, T).
+
+        `starts` (B,): where each response begins (the prompt's length); needed with a likelihood term."""
         h = self.gpt.hidden_states(idx)                                 # (B, T, h)
+        rows = torch.arange(idx.size(0), device=idx.device)
         last = (lengths - 1).clamp_min(0)
-        h_last = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, h)
-        return self.head(h_last).squeeze(-1)
+        score = self.head(h[rows, last]).squeeze(-1)                    # (B,)
+        if self.likelihood == "none":
+            return score
+        if starts is None:
+            raise ValueError("this reward model scores the response's likelihood: pass starts (prompt lengths)")
+        # response token j (absolute position starts+j) is predicted from position starts+j-1
+        R = int((lengths - starts).max().clamp_min(1))
+        j = torch.arange(R, device=idx.device)[None]                             # (1, R)
+        pos = (starts[:, None] - 1 + j).clamp(0, idx.size(1) - 2)                # (B, R)
+        mask = (j < (lengths - starts)[:, None]).to(h.dtype)                     # (B, R)
+        hr = h.gather(1, pos[:, :, None].expand(-1, -1, h.size(-1)))             # (B, R, h)
+        tgt = idx.gather(1, pos + 1)                                             # (B, R)
+        logp = -F.cross_entropy(self.gpt.lm_head(hr).flatten(0, 1).float(), tgt.flatten(),
+                                reduction="none").view_as(mask) * mask           # (B, R)
+        lik = logp.sum(1)
+        if self.likelihood == "mean":
+            lik = lik / mask.sum(1).clamp_min(1.0)
+        return score + self.lik_scale * lik
 
     @torch.no_grad()
     def normalise_(self, mean_reward: float) -> None:
@@ -66,7 +113,7 @@ def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, dict
     if cfg.get("kind") != "reward":
         raise CheckpointError(f"{Path(path) / 'config.json'}: kind is {cfg.get('kind')!r}, expected 'reward' "
                               "(make one with `chatstack reward`)")
-    rm = RewardModel(GPTConfig.from_dict(cfg["model"]))
+    rm = RewardModel(GPTConfig.from_dict(cfg["model"]), cfg.get("likelihood", "none"))
     load_weights(path, rm, strict=True)
     return rm.to(device).eval(), cfg
 
@@ -88,16 +135,18 @@ def ranking_loss(scores: torch.Tensor, pair_w: torch.Tensor, pair_l: torch.Tenso
 
 
 # ---- turning comparison groups into tensors -------------------------------------------------------------
-def encode_response(tokenizer, prompt: list[dict], response: str, block_size: int) -> list[int]:
+def encode_response(tokenizer, prompt: list[dict], response: str, block_size: int, with_start: bool = False):
     """ChatML prompt + response + <|im_end|>: exactly the tokens a policy emits before stopping.
-    Over-long rows keep the end of the prompt (the newest turns) and the whole response when possible."""
+    Over-long rows keep the end of the prompt (the newest turns) and the whole response when possible.
+    With `with_start`, returns (ids, index of the response's first token)."""
     p = tokenizer.render_prompt(prompt)
     r = tokenizer.encode(response) + [tokenizer.im_end_id]
     if len(r) >= block_size:
-        return (p[:1] + r)[-block_size:]
+        ids = (p[:1] + r)[-block_size:]
+        return (ids, 1) if with_start else ids
     if len(p) + len(r) > block_size:
         p = p[len(p) + len(r) - block_size:]
-    return p + r
+    return (p + r, len(p)) if with_start else p + r
 
 
 def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,28 +161,29 @@ def collate(groups, tokenizer, block_size: int, encoded: dict | None = None) -> 
     """Comparison groups -> {idx (N, T), lengths (N,), pair_w, pair_l, pair_group (P,), n_groups ()}.
 
     `encoded` is an optional cache {(group key, response): ids} so repeated epochs skip tokenisation."""
-    rows, pw, pl, pg = [], [], [], []
+    rows, starts, pw, pl, pg = [], [], [], [], []
     for gi, g in enumerate(groups):
         base = len(rows)
         for r in g.responses:
             key = (g.key, r)
-            ids = encoded.get(key) if encoded is not None else None
-            if ids is None:
-                ids = encode_response(tokenizer, g.prompt, r, block_size)
+            hit = encoded.get(key) if encoded is not None else None
+            if hit is None:
+                hit = encode_response(tokenizer, g.prompt, r, block_size, with_start=True)
                 if encoded is not None:
-                    encoded[key] = ids
-            rows.append(ids)
+                    encoded[key] = hit
+            rows.append(hit[0])
+            starts.append(hit[1])
         for w, l in g.pairs:
             pw.append(base + w)
             pl.append(base + l)
             pg.append(gi)
     idx, lengths = pad_rows(rows, tokenizer.eot_id)
-    return {"idx": idx, "lengths": lengths, "pair_w": torch.tensor(pw), "pair_l": torch.tensor(pl),
+    return {"idx": idx, "lengths": lengths, "starts": torch.tensor(starts, dtype=torch.long), "pair_w": torch.tensor(pw), "pair_l": torch.tensor(pl),
             "pair_group": torch.tensor(pg), "n_groups": torch.tensor(len(groups))}
 
 
 def batch_loss(rm: RewardModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    scores = rm(batch["idx"], batch["lengths"])
+    scores = rm(batch["idx"], batch["lengths"], batch["starts"])
     return ranking_loss(scores, batch["pair_w"], batch["pair_l"], batch["pair_group"], int(batch["n_groups"]))
 
 
@@ -149,7 +199,7 @@ def evaluate_groups(rm: RewardModel, groups, tokenizer, block_size: int, batch_g
     for i in range(0, len(groups), batch_groups):
         b = collate(groups[i:i + batch_groups], tokenizer, block_size, encoded)
         b = {k: v.to(device) for k, v in b.items()}
-        scores = rm(b["idx"], b["lengths"])
+        scores = rm(b["idx"], b["lengths"], b["starts"])
         m = scores[b["pair_w"]] - scores[b["pair_l"]]
         correct += (m > 0).sum().item()
         total += m.numel()
@@ -169,7 +219,7 @@ def mean_score(rm: RewardModel, groups, tokenizer, block_size: int, batch_groups
     s, n = 0.0, 0
     for i in range(0, len(groups), batch_groups):
         b = collate(groups[i:i + batch_groups], tokenizer, block_size, encoded)
-        scores = rm(b["idx"].to(device), b["lengths"].to(device))
+        scores = rm(b["idx"].to(device), b["lengths"].to(device), b["starts"].to(device))
         s += scores.sum().item()
         n += scores.numel()
     return s / max(n, 1)

@@ -96,8 +96,8 @@ def build_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int
 
 
 @torch.no_grad()
-def score_rows(rm, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return rm(idx, lengths).float()
+def score_rows(rm, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    return rm(idx, lengths, starts).float()
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def rollout(engine, policy: PolicyWithValue, ref: GPT, rm, tokenizer, prompts: l
     ref_logp = response_logprobs(ref, idx, plen, resp) * mask
     lengths = plen + mask.sum(1).long()
     # an empty response (the model stopped at once... impossible: the stop token itself is a response token)
-    score = score_rows(rm, idx, lengths.clamp_min(1))
+    score = score_rows(rm, idx, lengths.clamp_min(1), plen)
     err = 0.0
     for i, c in enumerate(comps):
         if c.logprobs:

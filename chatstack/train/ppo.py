@@ -191,7 +191,7 @@ def _seed(*parts: int) -> int:
 def ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, prompts: list[list[int]], params, cfg: PPOConfig,
                   g: torch.Generator, ptx_tokens: torch.Tensor | None = None) -> dict[str, float]:
     """One PPO iteration: rollout -> rewards (score - KL penalty) -> GAE -> `ppo_epochs` of minibatch updates.
-    `rm` is any module rm(idx, lengths) -> (B,) scores. Returns the iteration's metrics."""
+    `rm` is any module rm(idx, lengths, starts) -> (B,) scores. Returns the iteration's metrics."""
     from chatstack.rlhf.rollout import rollout
 
     t0 = time.perf_counter()

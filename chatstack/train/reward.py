@@ -2,7 +2,10 @@
 
     chatstack reward --sft runs/x/sft --data runs/x/ranks.jsonl --out runs/x/rm
 
-The model is the SFT transformer without its output layer plus a scalar head (chatstack.rlhf.reward_model).
+The model is the SFT transformer plus a scalar head at the answer's last token (chatstack.rlhf.reward_model);
+by default (`--likelihood mean`) it keeps the output layer and adds the answer's mean token log-probability to
+the head's score, which lifts held-out pairwise accuracy from ~61% to ~81-85% on the built-in tasks;
+`--likelihood none` is InstructGPT's RM exactly (no output layer). Why: docs/rlhf.md, "The likelihood term".
 One batch element = one prompt with all its comparisons (InstructGPT's K-wise loss); `--batch-size` counts
 prompts. Prompts are split into train / held-out by a hash of the prompt, so held-out pairwise accuracy
 (`val_accuracy` in metrics.jsonl) measures answers to prompts the model never saw.
@@ -26,12 +29,21 @@ from chatstack.train.loop import TrainConfig
 class RewardConfig(TrainConfig):
     sft: str = field(default="", metadata={"help": "SFT checkpoint to initialise the reward model from"})
     data: list[str] = field(default_factory=list, metadata={"help": "rankings / pairs JSONL file(s)"})
+    likelihood: str = field(default="mean", metadata={
+        "help": "add lik_scale x the response's mean (or sum) token log-prob under the RM's own output layer to "
+                "the head's score: 'none' is InstructGPT's RM (no output layer); see docs/rlhf.md",
+        "choices": ["none", "mean", "sum"]})
+    trainable_blocks: int = field(default=-1, metadata={
+        "help": "train only the top N transformer blocks (+ final norm and head); the rest of the trunk, embedding "
+                "and output layer stay frozen. -1 = train everything, 0 = the head (and lik_scale) only"})
     val_frac: float = field(default=0.15, metadata={"help": "fraction of prompts held out (by prompt hash)"})
     # overrides of the loop's defaults, sized for the built-in demo on a CPU (see docs/rlhf.md)
     max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "prompts (comparison groups) per micro-batch"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine"})
+    # with the likelihood term the untrained RM already ranks ~80% of held-out pairs right; a high lr fits the
+    # training prompts and loses that (3e-4: 85% -> 77% in 150 steps), 3e-5 keeps it and adds 1-2 points
+    lr: float = field(default=3e-5, metadata={"help": "peak learning rate (3e-4 suits --likelihood none)"})
+    min_lr: float = field(default=3e-6, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=50, metadata={"help": "evaluate held-out accuracy every N steps"})
@@ -67,7 +79,7 @@ class RewardTask:
     def loss(self, model, batch):
         from chatstack.rlhf.reward_model import ranking_loss
 
-        scores = model(batch["idx"], batch["lengths"])
+        scores = model(batch["idx"], batch["lengths"], batch["starts"])
         return ranking_loss(scores, batch["pair_w"], batch["pair_l"], batch["pair_group"], int(batch["n_groups"]))
 
     def evaluate(self, model) -> dict[str, float]:
@@ -79,6 +91,19 @@ class RewardTask:
 
     def count_tokens(self, batch) -> int:
         return int(batch["lengths"].sum())
+
+
+def freeze_trunk(rm, trainable_blocks: int) -> None:
+    """Freeze all of the trunk but its top `trainable_blocks` blocks and final norm (-1: freeze nothing)."""
+    if trainable_blocks < 0:
+        return
+    n = len(rm.gpt.blocks)
+    for p in rm.gpt.parameters():
+        p.requires_grad_(False)
+    keep = list(rm.gpt.blocks[n - min(trainable_blocks, n):]) + ([rm.gpt.norm_f] if trainable_blocks > 0 else [])
+    for mod in keep:
+        for p in mod.parameters():
+            p.requires_grad_(True)
 
 
 def train_reward(cfg: RewardConfig) -> dict:
@@ -102,10 +127,11 @@ def train_reward(cfg: RewardConfig) -> dict:
     if not train_g:
         raise ValueError(f"{', '.join(cfg.data)}: no training prompts left after holding out {cfg.val_frac:.0%}")
     print(f"preferences: train {summary(train_g)}, held out {summary(val_g)}")
-    rm = RewardModel.from_lm(ck.model)
+    rm = RewardModel.from_lm(ck.model, cfg.likelihood)
+    freeze_trunk(rm, cfg.trainable_blocks)
     block = ck.model.config.block_size
     task = RewardTask(train_g, val_g, ck.tokenizer, block, cfg)
-    ckpt_config = {"kind": "reward", "stage": "reward", "model": ck.model.config.to_dict(),
+    ckpt_config = {"kind": "reward", "stage": "reward", "likelihood": cfg.likelihood, "model": ck.model.config.to_dict(),
                    "parent": str(cfg.sft), "tokenizer": ck.tokenizer.info(), "train": asdict(cfg),
                    "data": {"files": list(cfg.data), "train": summary(train_g), "val": summary(val_g)}}
     out = train(rm, task, cfg, ckpt_config, ck.tokenizer)
