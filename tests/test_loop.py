@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -33,14 +34,17 @@ class ToyTask:
     """Rows of a fixed periodic token stream (learnable), drawn per step like the pretraining task:
     the whole global batch from (seed, step), each (micro, rank) taking its slice."""
 
-    def __init__(self, batch_size, grad_accum, world=1, crash_at=None):
+    def __init__(self, batch_size, grad_accum, world=1, crash_at=None, slow_steps=0, delay=0.0):
         self.B, self.accum, self.world, self.crash_at = batch_size, grad_accum, world, crash_at
+        self.slow_steps, self.delay = slow_steps, delay     # the first steps sleep: a slow start
         self.stream = torch.tensor([(i * 7 + (i // 13)) % 97 for i in range(4000)])
         self.flops_per_token = 1e6
 
     def train_batch(self, step, micro, rank, world):
         if self.crash_at is not None and step == self.crash_at:
             raise RuntimeError("simulated crash")
+        if step < self.slow_steps:
+            time.sleep(self.delay)
         g = torch.Generator().manual_seed(1000 + step)
         offs = torch.randint(0, len(self.stream) - T - 1, (self.B * self.accum * world,), generator=g)
         start = (micro * world + rank) * self.B
@@ -167,6 +171,25 @@ def test_time_budget_stops_cleanly_and_saves(tmp_path):
     state = load_checkpoint(path, with_state=True, with_tokenizer=False).state["train"]
     assert state["step"] == curve[-1][0] == state["max_steps"]
     assert rows[-1].get("final") and "val_loss" in rows[-1]
+
+
+def test_time_budget_replans_after_a_slow_start(tmp_path):
+    """Steps 1-20 are slow (20 ms), the rest fast: the plan made after 20 steps (~200 steps in 5 s) is
+    re-made from the pace of steps 21-100 and the run goes on, still ending on its cosine within the budget."""
+    cfg = TrainConfig(out=str(tmp_path / "slow"), max_steps=100000, batch_size=4, lr=3e-3, min_lr=3e-4,
+                      warmup_steps=100, log_every=1, eval_every=0, save_every=0, progress=False, time_budget=5.0)
+    t0 = time.perf_counter()
+    model = nano()
+    path = train(model, ToyTask(4, 1, slow_steps=20, delay=0.02), cfg,
+                 {"stage": "toy", "model": model.config.to_dict()}, None)
+    wall = time.perf_counter() - t0
+    curve, rows = losses(path)
+    state = load_checkpoint(path, with_state=True, with_tokenizer=False).state["train"]
+    assert state["step"] == curve[-1][0] == state["max_steps"]
+    assert curve[-1][0] > 400                     # far beyond the ~200 the first 20 steps' pace allowed
+    assert max(r.get("elapsed_s", 0) for r in rows) < 5.0 + 0.5      # training time (setup and saving aside)
+    last = [r for r in rows if "lr" in r][-1]
+    assert last["lr"] == pytest.approx(3e-4, rel=0.05) or not last.get("final")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

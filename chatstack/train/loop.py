@@ -64,7 +64,7 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, exactly"})
     time_budget: float = field(default=0.0, metadata={
-        "help": "seconds of training: after 20 steps max_steps is cut to fit (the cosine still ends at "
+        "help": "seconds of training: after 20 steps max_steps is cut to fit, re-planned after 100 (the cosine still ends at "
                 "min_lr), and training stops cleanly when time runs out (0 = no limit)"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp",
                                                    "choices": ["ddp", "fsdp", "none"]})
@@ -336,11 +336,20 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         # (not on a resumed run: its step budget was already fixed by the first process, and is in the state)
         if cfg.time_budget > 0:
             elapsed = time.perf_counter() - t_start
-            if step == start_step + 20 and step < max_steps and resumed_state is None:
-                per_step = elapsed / 20
+            if step == start_step + 20:
+                elapsed_20 = elapsed
+            # plan the step budget after 20 steps, then re-plan after 100 from the steady-state pace of steps
+            # 21-100 (the first steps are slower: allocation, warm caches; planning from them alone ended a
+            # 300 s pretraining run 30 s early). The re-plan may extend the run up to --max-steps; it happens
+            # only before the first checkpoint (a resume restores the budget saved there) and, with the
+            # default warmup of >= 100 steps, before the cosine starts, so the schedule has no kink.
+            replan = step == start_step + 100 and not (cfg.save_every and cfg.save_every <= step)
+            if (step == start_step + 20 or replan) and resumed_state is None and step < max(max_steps, cfg.max_steps):
+                per_step = elapsed / 20 if step == start_step + 20 else (elapsed - elapsed_20) / 80
                 fit = D.broadcast_object(step + int(max(cfg.time_budget * 0.97 - elapsed, 0) / per_step))
-                if fit < max_steps:
-                    max_steps = max(fit, step)
+                new_max = max(min(fit, cfg.max_steps), step)
+                if new_max != max_steps and (new_max < max_steps or replan):
+                    max_steps = new_max
                     if bar is not None:
                         bar.total = max_steps
                         bar.refresh()

@@ -57,8 +57,8 @@ class PretrainConfig(TrainConfig):
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     out: str = field(default="runs/base", metadata={"help": "checkpoint directory to write (and resume from)"})
     time_budget: float = field(default=300.0, metadata={
-        "help": "seconds of training per process: after 20 steps max_steps is cut to fit if needed (the cosine "
-                "still ends at min_lr); stops cleanly when time runs out (0 = no limit)"})
+        "help": "seconds of training per process: after 20 steps max_steps is cut to fit if needed, and "
+                "re-planned from the pace of steps 21-100 (the cosine still ends at min_lr); stops cleanly when time runs out (0 = no limit)"})
 
 
 def flops_per_token(cfg) -> float:
