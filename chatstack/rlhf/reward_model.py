@@ -138,7 +138,8 @@ def ranking_loss(scores: torch.Tensor, pair_w: torch.Tensor, pair_l: torch.Tenso
 def encode_response(tokenizer, prompt: list[dict], response: str, block_size: int, with_start: bool = False):
     """ChatML prompt + response + <|im_end|>: exactly the tokens a policy emits before stopping.
     Over-long rows keep the end of the prompt (the newest turns) and the whole response when possible.
-    With `with_start`, returns (ids, index of the response's first token)."""
+    With `with_start`, returns (ids, index of the response's first token), at least 1: token 0 has no
+    position before it to predict it, so a response cut to the whole context is scored from its second token."""
     p = tokenizer.render_prompt(prompt)
     r = tokenizer.encode(response) + [tokenizer.im_end_id]
     if len(r) >= block_size:
@@ -158,7 +159,7 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def collate(groups, tokenizer, block_size: int, encoded: dict | None = None) -> dict[str, torch.Tensor]:
-    """Comparison groups -> {idx (N, T), lengths (N,), pair_w, pair_l, pair_group (P,), n_groups ()}.
+    """Comparison groups -> {idx (N, T), lengths (N,), starts (N,), pair_w, pair_l, pair_group (P,), n_groups ()}.
 
     `encoded` is an optional cache {(group key, response): ids} so repeated epochs skip tokenisation."""
     rows, starts, pw, pl, pg = [], [], [], [], []
@@ -178,8 +179,9 @@ def collate(groups, tokenizer, block_size: int, encoded: dict | None = None) -> 
             pl.append(base + l)
             pg.append(gi)
     idx, lengths = pad_rows(rows, tokenizer.eot_id)
-    return {"idx": idx, "lengths": lengths, "starts": torch.tensor(starts, dtype=torch.long), "pair_w": torch.tensor(pw), "pair_l": torch.tensor(pl),
-            "pair_group": torch.tensor(pg), "n_groups": torch.tensor(len(groups))}
+    return {"idx": idx, "lengths": lengths, "starts": torch.tensor(starts, dtype=torch.long),
+            "pair_w": torch.tensor(pw), "pair_l": torch.tensor(pl), "pair_group": torch.tensor(pg),
+            "n_groups": torch.tensor(len(groups))}
 
 
 def batch_loss(rm: RewardModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:

@@ -344,7 +344,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
             # only before the first checkpoint (a resume restores the budget saved there) and, with the
             # default warmup of >= 100 steps, before the cosine starts, so the schedule has no kink.
             replan = step == start_step + 100 and not (cfg.save_every and cfg.save_every <= step)
-            if (step == start_step + 20 or replan) and resumed_state is None and step < max(max_steps, cfg.max_steps):
+            if (step == start_step + 20 or replan) and resumed_state is None and step < max_steps:
                 per_step = elapsed / 20 if step == start_step + 20 else (elapsed - elapsed_20) / 80
                 fit = D.broadcast_object(step + int(max(cfg.time_budget * 0.97 - elapsed, 0) / per_step))
                 new_max = max(min(fit, cfg.max_steps), step)

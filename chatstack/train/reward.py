@@ -33,9 +33,6 @@ class RewardConfig(TrainConfig):
         "help": "add lik_scale x the response's mean (or sum) token log-prob under the RM's own output layer to "
                 "the head's score: 'none' is InstructGPT's RM (no output layer); see docs/rlhf.md",
         "choices": ["none", "mean", "sum"]})
-    trainable_blocks: int = field(default=-1, metadata={
-        "help": "train only the top N transformer blocks (+ final norm and head); the rest of the trunk, embedding "
-                "and output layer stay frozen. -1 = train everything, 0 = the head (and lik_scale) only"})
     val_frac: float = field(default=0.15, metadata={"help": "fraction of prompts held out (by prompt hash)"})
     # overrides of the loop's defaults, sized for the built-in demo on a CPU (see docs/rlhf.md)
     max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
@@ -94,19 +91,6 @@ class RewardTask:
         return int(batch["lengths"].sum())
 
 
-def freeze_trunk(rm, trainable_blocks: int) -> None:
-    """Freeze all of the trunk but its top `trainable_blocks` blocks and final norm (-1: freeze nothing)."""
-    if trainable_blocks < 0:
-        return
-    n = len(rm.gpt.blocks)
-    for p in rm.gpt.parameters():
-        p.requires_grad_(False)
-    keep = list(rm.gpt.blocks[n - min(trainable_blocks, n):]) + ([rm.gpt.norm_f] if trainable_blocks > 0 else [])
-    for mod in keep:
-        for p in mod.parameters():
-            p.requires_grad_(True)
-
-
 def train_reward(cfg: RewardConfig) -> dict:
     from chatstack.checkpoint import load_checkpoint, load_state, save_checkpoint
     from chatstack.data.preferences import load_preferences, split_by_prompt, summary
@@ -129,7 +113,6 @@ def train_reward(cfg: RewardConfig) -> dict:
         raise ValueError(f"{', '.join(cfg.data)}: no training prompts left after holding out {cfg.val_frac:.0%}")
     print(f"preferences: train {summary(train_g)}, held out {summary(val_g)}")
     rm = RewardModel.from_lm(ck.model, cfg.likelihood)
-    freeze_trunk(rm, cfg.trainable_blocks)
     block = ck.model.config.block_size
     task = RewardTask(train_g, val_g, ck.tokenizer, block, cfg)
     ckpt_config = {"kind": "reward", "stage": "reward", "likelihood": cfg.likelihood, "model": ck.model.config.to_dict(),
