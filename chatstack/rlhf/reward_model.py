@@ -87,15 +87,15 @@ class RewardModel(nn.Module):
             return score
         if starts is None:
             raise ValueError("this reward model scores the response's likelihood: pass starts (prompt lengths)")
-        # response token j (absolute position starts+j) is predicted from position starts+j-1
+        from chatstack.rlhf.ppo_core import logprobs_of
+        from chatstack.rlhf.rollout import gather_response
+
+        # response token j sits at position starts+j and is predicted from position starts+j-1 (starts >= 1)
         R = int((lengths - starts).max().clamp_min(1))
         j = torch.arange(R, device=idx.device)[None]                             # (1, R)
-        pos = (starts[:, None] - 1 + j).clamp(0, idx.size(1) - 2)                # (B, R)
         mask = (j < (lengths - starts)[:, None]).to(h.dtype)                     # (B, R)
-        hr = h.gather(1, pos[:, :, None].expand(-1, -1, h.size(-1)))             # (B, R, h)
-        tgt = idx.gather(1, pos + 1)                                             # (B, R)
-        logp = -F.cross_entropy(self.gpt.lm_head(hr).flatten(0, 1).float(), tgt.flatten(),
-                                reduction="none").view_as(mask) * mask           # (B, R)
+        tokens = idx.gather(1, (starts[:, None] + j).clamp(max=idx.size(1) - 1))  # (B, R)
+        logp = logprobs_of(self.gpt.lm_head(gather_response(h, starts, R)), tokens) * mask   # (B, R)
         lik = logp.sum(1)
         if self.likelihood == "mean":
             lik = lik / mask.sum(1).clamp_min(1.0)
