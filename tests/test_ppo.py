@@ -180,3 +180,45 @@ def test_rounds_wiring(monkeypatch, tmp_path):
         ("reward", f"{w}/round2/ppo", f"{w}/round3/ranks.jsonl", f"{w}/round3/rm"),
         ("ppo", f"{w}/round2/ppo", f"{w}/round3/rm", "SFT", out),
     ]
+
+
+def test_judge_reward_scores_answers_by_the_builtin_judge(tok):
+    """--reward judge: each rollout answer gets label.judge_score against its own prompt's example, centred on the
+    first batch's mean; --prompts files (no examples) are refused."""
+    from chatstack.data.label import judge_score, task_prompts
+
+    pool = [(tok.render_prompt(m), ex) for m, ex in task_prompts(6, "train", 0, ["add", "reverse"])]
+    judge = ppo_mod.JudgeReward(tok, pool)
+    answers = [pool[0][1].final, "12x", pool[2][1].final + "\n9", "nonsense words", pool[4][1].answer, "1"]
+    rows = [p + tok.encode(a) + [tok.im_end_id] for (p, _), a in zip(pool, answers)]
+    idx, lengths = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long), torch.tensor(list(map(len, rows)))
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r)
+    starts = torch.tensor([len(p) for p, _ in pool])
+    expect = torch.tensor([judge_score(a, ex) for a, (_, ex) in zip(answers, pool)])
+    assert expect.max() == 2.0 and expect.min() < 1.0          # both right and wrong answers are in the batch
+    got = judge(idx, lengths, starts)
+    assert torch.allclose(got, expect - expect.mean())
+    assert torch.allclose(judge(idx, lengths, starts), got)    # the centre is fixed after the first batch
+    with pytest.raises(ValueError, match="--prompts"):
+        ppo_mod.JudgeReward(tok, [(pool[0][0], None)])
+
+
+def test_ppo_command_with_the_judge_reward_resumes_exactly(nano_run):
+    from chatstack.cli import main
+
+    sft, _, tmp = nano_run
+    common = ["ppo", "--policy", str(sft), "--reward", "judge", "--rollout-batch", "8", "--minibatch", "4",
+              "--max-new-tokens", "5", "--eval-n", "1", "--eval-every", "0", "--save-every", "2",
+              "--time-budget", "0", "--no-progress", "--lr", "1e-3", "--tasks", "add,compare"]
+    assert main(common + ["--out", str(tmp / "a"), "--iterations", "4"]) == 0
+    assert main(common + ["--out", str(tmp / "b"), "--iterations", "2"]) == 0
+    st = torch.load(tmp / "b" / "state" / "ppo.pt", weights_only=True)
+    assert isinstance(st["judge_centre"], float)
+    st["max_iters"] = 4
+    torch.save(st, tmp / "b" / "state" / "ppo.pt")
+    assert main(common + ["--out", str(tmp / "b"), "--iterations", "4", "--resume"]) == 0
+    train_a = [r for r in _rows(tmp / "a") if not r.get("eval")]
+    assert train_a == [r for r in _rows(tmp / "b") if not r.get("eval")]
+    assert json.loads((tmp / "a" / "config.json").read_text())["reward_model"] == "judge"
+    assert main(["ppo", "--policy", str(sft), "--reward", "judge", "--out", str(tmp / "c"), "--rounds", "2"]) != 0

@@ -40,7 +40,9 @@ from chatstack.rlhf import ppo_core as pc
 @dataclass
 class PPOConfig:
     policy: str = field(default="", metadata={"help": "SFT checkpoint: the initial policy and the KL reference"})
-    reward: str = field(default="", metadata={"help": "reward-model checkpoint (chatstack reward)"})
+    reward: str = field(default="", metadata={"help": "reward-model checkpoint (chatstack reward), or 'judge': the "
+                                                      "built-in judge's score of each answer (verifiable tasks only; "
+                                                      "the ceiling a perfect reward model would give)"})
     reference: str = field(default="", metadata={"help": "frozen KL reference (default: --policy)"})
     out: str = field(default="", metadata={"help": "checkpoint directory to write (and resume from)"})
     prompts: str = field(default="", metadata={"help": "JSONL of {'prompt'} / {'messages'} (default: built-in task prompts)"})
@@ -95,7 +97,8 @@ class PPOConfig:
 
 
 # ---- prompts and pretraining data ------------------------------------------------------------------------
-def prompt_pool(cfg: PPOConfig, tokenizer) -> list[list[int]]:
+def prompt_pool(cfg: PPOConfig, tokenizer) -> list[tuple[list[int], object]]:
+    """(prompt token ids, its task Example or None) for every rollout prompt."""
     from chatstack.data.label import file_prompts, task_prompts
 
     if cfg.prompts:
@@ -105,7 +108,38 @@ def prompt_pool(cfg: PPOConfig, tokenizer) -> list[list[int]]:
         items = task_prompts(4000, "train", cfg.seed, names)
     if not items:
         raise ValueError(f"{cfg.prompts or 'built-in tasks'}: no prompts")
-    return [tokenizer.render_prompt(m) for m, _ in items]
+    return [(tokenizer.render_prompt(m), ex) for m, ex in items]
+
+
+class JudgeReward(torch.nn.Module):
+    """`--reward judge`: the built-in judge's score of each answer as the reward (label.judge_score: 2 correct and
+    well-formed, 1 correct but malformed, 0 wrong but well-formed, -1 wrong and malformed), minus `centre` (the
+    SFT policy's mean, measured on the first rollout, as a reward model is centred on reference answers).
+
+    Not RLHF: no labeller and no reward model. It is reinforcement learning from a verifiable reward, and here
+    it measures what PPO could do with a perfect reward model (docs/rlhf.md, "Session 4"). Same interface as a
+    reward model: (idx (B, L), lengths (B,), starts (B,)) -> (B,) scores."""
+
+    def __init__(self, tokenizer, pool: list[tuple[list[int], object]]):
+        super().__init__()
+        if any(ex is None for _, ex in pool):
+            raise ValueError("--reward judge scores the built-in verifiable tasks only; it cannot be used with --prompts")
+        self.tok = tokenizer
+        self.examples = {tuple(ids): ex for ids, ex in pool}
+        self.centre: float | None = None
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        from chatstack.data.label import judge_score
+
+        specials = self.tok.special_ids
+        out = []
+        for row, n, s in zip(idx.tolist(), lengths.tolist(), starts.tolist()):
+            answer = self.tok.decode([t for t in row[s:n] if t not in specials])
+            out.append(judge_score(answer, self.examples[tuple(row[:s])]))
+        scores = torch.tensor(out, device=idx.device)
+        if self.centre is None:
+            self.centre = scores.mean().item()
+        return scores - self.centre
 
 
 def _lineage_data(policy_path: str) -> str | None:
@@ -286,7 +320,11 @@ def run_ppo(cfg: PPOConfig) -> Path:
     tok = ck.tokenizer
     if tok is None:
         raise ValueError(f"{cfg.policy}: checkpoint has no tokenizer.json")
-    rm, rm_cfg = load_reward_model(cfg.reward, device=device)
+    pool = prompt_pool(cfg, tok)
+    if cfg.reward == "judge":
+        rm, rm_cfg = JudgeReward(tok, pool), {}
+    else:
+        rm, rm_cfg = load_reward_model(cfg.reward, device=device)
     if rm_cfg.get("tokenizer", {}).get("vocab_size") not in (None, tok.vocab_size):
         raise ValueError(f"{cfg.reward}: reward model's tokenizer (vocab {rm_cfg['tokenizer']['vocab_size']}) "
                          f"differs from the policy's ({tok.vocab_size})")
@@ -311,6 +349,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         policy.value_head.load_state_dict(st["value_head"])
         opt.load_state_dict(st["optimizer"])
         kl_ctl.load_state_dict(st["kl_ctl"])
+        if isinstance(rm, JudgeReward):
+            rm.centre = st.get("judge_centre")
         start_it, max_iters = int(st["iter"]), int(st["max_iters"])
         print(f"resuming {out} from iteration {start_it} of {max_iters}")
     else:
@@ -319,7 +359,6 @@ def run_ppo(cfg: PPOConfig) -> Path:
         metrics.path.unlink(missing_ok=True)
     metrics.truncate_after(start_it)
 
-    pool = prompt_pool(cfg, tok)
     tr_tokens, va_tokens, ptx_src = pretraining_tokens(cfg, tok)
     # the engine re-makes its weight copies after every optimizer step (fused AdamW included), so rollouts
     # always sample from the policy being trained; engine_logprob_err in metrics.jsonl checks it
@@ -342,7 +381,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
 
     def save(it: int, final_eval: dict | None = None):
         state = {"ppo": {"iter": it, "max_iters": max_iters, "optimizer": opt.state_dict(),
-                         "value_head": policy.value_head.state_dict(), "kl_ctl": kl_ctl.state_dict()}}
+                         "value_head": policy.value_head.state_dict(), "kl_ctl": kl_ctl.state_dict(),
+                         "judge_centre": getattr(rm, "centre", None)}}
         conf = dict(ckpt_config)
         if final_eval:
             conf["eval"] = final_eval
@@ -370,7 +410,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, logprobs=True,
                                  seed=_seed(cfg.seed, it, 3, i)) for i in range(cfg.rollout_batch)]
-        row = ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, [pool[j] for j in pick], params, cfg, g,
+        row = ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, [pool[j][0] for j in pick], params, cfg, g,
                             tr_tokens if cfg.ptx_coef > 0 else None)
         it += 1
         row = {"step": it, "iter": it, "lr": lr, **row, "iter_s": round(time.perf_counter() - t_it, 3),
@@ -411,6 +451,8 @@ def run_rounds(cfg: PPOConfig) -> Path:
 
     if cfg.rounds <= 1:
         return run_ppo(cfg)
+    if cfg.reward == "judge":
+        raise ValueError("--rounds > 1 trains a new reward model each round; with --reward judge there is none")
     work = Path(str(cfg.out).rstrip("/") + ".rounds")
     policy, reward = cfg.policy, cfg.reward
     for r in range(1, cfg.rounds + 1):
