@@ -4,6 +4,7 @@
     chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --ptx-coef 0.5 --kl-coef 0.2
     chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --resume       # continue exactly
     chatstack ppo --policy runs/x/sft --reward runs/x/rm --out runs/x/ppo --rounds 2     # label -> RM -> PPO again
+    chatstack ppo --policy runs/x/sft --reward judge --out runs/x/ppo_judge   # built-in judge as reward (ceiling)
 
 One iteration (InstructGPT / Ziegler et al. 2019):
   1. rollout: sample one answer per prompt through the engine (temperature 1, per-token log-probs);
