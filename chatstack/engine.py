@@ -257,6 +257,9 @@ class Engine:
         self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its fast_weight)
         self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
         self._key_pos = torch.arange(self.block_size, device=self.device)   # key positions, for decode masks
+        # decode masks come per head when every head has its own keys: the model's batched-GEMV attention then
+        # reads them as (B*H, 1, S) without a copy per layer; with grouped keys (GQA) one row per batch row
+        self._mask_heads = self.cfg.n_head if self.cfg.n_kv_head == self.cfg.n_head else 1
         self.running: list[_Row] = []
         self.pending: list[_Row] = []
         self.done: dict[int, Completion] = {}
@@ -403,8 +406,8 @@ class Engine:
             # additive float mask (0 = attend, -inf = not this row's key): SDPA adds it as is, where a bool
             # mask is converted in every layer (measured ~20% slower per attention call at 16 rows)
             hide = self._key_pos[:S] > positions                                               # (B, S)
-            mask = torch.zeros(B, 1, 1, S, device=self.device, dtype=self.cache.dtype).masked_fill_(
-                hide.view(B, 1, 1, S), float("-inf"))                                          # (B, 1, 1, S)
+            mask = torch.zeros(B, self._mask_heads, 1, S, device=self.device, dtype=self.cache.dtype).masked_fill_(
+                hide.view(B, 1, 1, S), float("-inf"))                                          # (B, Hm, 1, S)
             self.cache.decode(B, wp, S)
         h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)   # (B, 1, h)
         return self._accept(rows, self._logits(h[:, -1]))

