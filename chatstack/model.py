@@ -198,11 +198,12 @@ class Attention(nn.Module):
             S = k.size(2)
             k = k[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
-        if attn_mask is not None and T == 1 and cache is not None and drop == 0.0 and _DECODE_BMM \
+        if attn_mask is not None and T == 1 and cache is not None and drop == 0.0 \
                 and attn_mask.dtype == q.dtype and attn_mask.dim() == 4:
-            # batched decode, rows of different lengths (an additive (B, 1, 1, S) key mask): one batched GEMV
-            # per (row, head) for q.K^T and for p.V; measured 67 vs 82 us per call for SDPA's CPU kernel at 16
-            # rows x 4 heads x 75 keys (its per-call setup dominates at one query per row)
+            # batched decode, rows of different lengths (an additive key mask, (B, 1|H, 1, S); the engine makes it
+            # (B, H, 1, S) so the reshape below is a view): one batched GEMV per (row, head) for q.K^T and for
+            # p.V; measured 67 vs 82 us per call for SDPA's CPU kernel at 16 rows x 4 heads x 75 keys (its
+            # per-call setup dominates at one query per row)
             S = k.size(2)
             s = torch.baddbmm(attn_mask.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),
                               q.reshape(B * self.n_head, 1, hd), k.reshape(B * self.n_head, S, hd).transpose(1, 2),
@@ -222,9 +223,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)   # (B, T, H*hd)
         return self.proj(y)
-
-
-_DECODE_BMM = True
 
 
 class MLP(nn.Module):
