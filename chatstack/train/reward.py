@@ -75,10 +75,9 @@ class RewardTask:
         return collate(picked, self.tok, self.block_size, self.encoded)
 
     def loss(self, model, batch):
-        from chatstack.rlhf.reward_model import ranking_loss
+        from chatstack.rlhf.reward_model import batch_loss
 
-        scores = model(batch["idx"], batch["lengths"], batch["starts"])
-        return ranking_loss(scores, batch["pair_w"], batch["pair_l"], batch["pair_group"], int(batch["n_groups"]))
+        return batch_loss(model, batch)
 
     def evaluate(self, model) -> dict[str, float]:
         from chatstack.rlhf.reward_model import evaluate_groups
