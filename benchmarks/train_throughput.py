@@ -1,12 +1,16 @@
 """Training-step throughput: chatstack's pretraining step (GPT, fused output-layer loss, fused AdamW) vs Hugging Face `GPT2LMHeadModel` + torch AdamW,
-same config, batch, thread count and process, measured in interleaved rounds (so machine load hits both).
+same config, batch, thread count and process, measured in interleaved rounds (so machine load hits all alike).
 
     python benchmarks/train_throughput.py                       # the tiny preset, B=16, T=256
+    python benchmarks/train_throughput.py --dtype fp32          # fp32 only, on both sides
     python benchmarks/train_throughput.py --malloc both         # also: default glibc malloc vs tuned (2 runs)
     python benchmarks/train_throughput.py --n-layer 6 --n-embd 256 --threads 2 --rounds 5
 
-Prints tokens/s of each, the ratio (goal >= 1.3x), the measured peak fp32 matmul FLOP/s of this machine, and
-MFU of each against it (FLOPs per token from chatstack.estimate: 6N + 12*L*h*T).
+Precision: chatstack runs its step as `chatstack pretrain` would (--dtype auto: on a CPU with AMX, bf16 matmuls
+with everything else fp32; see chatstack.train.loop.resolve_dtype). When that is bf16, the same-precision
+comparison is HF under torch.autocast(bf16), its own mixed-precision route, and both sides are also measured
+in fp32. Prints tokens/s of each, the ratios (goal >= 1.3x), the measured peak fp32 matmul FLOP/s of this
+machine, and MFU against it (FLOPs per token from chatstack.estimate: 6N + 12*L*h*T).
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ import sys
 import time
 
 
-def peak_matmul_flops(n: int = 1024, reps: int = 20) -> float:
+def peak_matmul_flops(n: int = 1024, reps: int = 20, dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = time.perf_counter()
+    while time.perf_counter() - t < 1.0:   # AMX bf16 runs at a third of its rate for the first ~second
         a @ b
     best = float("inf")
     for _ in range(3):
@@ -66,27 +71,39 @@ def build(args):
 
 
 def make_steps(args, ours, ours_opt, hf, hf_opt):
+    """{name: step function}: chatstack and HF in fp32, and in bf16 when args.dtype resolves to it."""
+    import contextlib
+
     import torch
+
+    from chatstack.model import cpu_bf16_matmuls
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.B, args.T + 1), generator=g)
     idx, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
-    def ours_step():
-        _, loss = ours(idx, tgt)
+    def ours_step(ctx):
+        with ctx():
+            _, loss = ours(idx, tgt)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)
 
-    def hf_step():
-        loss = hf(input_ids=idx, labels=idx).loss
+    def hf_step(ctx):
+        with ctx():
+            loss = hf(input_ids=idx, labels=idx).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
-    return ours_step, hf_step
+    fp32 = contextlib.nullcontext
+    steps = {"chatstack fp32": lambda: ours_step(fp32), "hf fp32": lambda: hf_step(fp32)}
+    if args._dtype == torch.bfloat16:
+        steps["chatstack bf16"] = lambda: ours_step(cpu_bf16_matmuls)
+        steps["hf bf16"] = lambda: hf_step(lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    return steps
 
 
 def measure(args) -> dict:
@@ -96,40 +113,49 @@ def measure(args) -> dict:
 
     torch.set_num_threads(args.threads)
     cfg, ours, ours_opt, hf, hf_opt = build(args)
-    ours_step, hf_step = make_steps(args, ours, ours_opt, hf, hf_opt)
+    steps = make_steps(args, ours, ours_opt, hf, hf_opt)
     for _ in range(args.warmup):
-        ours_step()
-        hf_step()
-    rates = {"chatstack": [], "hf": []}
+        for fn in steps.values():
+            fn()
+    rates = {name: [] for name in steps}
     tokens = args.B * args.T
-    pair = (("chatstack", ours_step), ("hf", hf_step))
+    order = list(steps.items())
     for rnd in range(args.rounds):
-        # alternate who goes first: on this 2-core box the second slot of a round measured a few % faster
-        for name, fn in (pair if rnd % 2 == 0 else pair[::-1]):
+        # alternate the order: on this 2-core box the later slots of a round measured a few % faster
+        for name, fn in (order if rnd % 2 == 0 else order[::-1]):
             t = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             rates[name].append(tokens * args.steps / (time.perf_counter() - t))
     peak = peak_matmul_flops()
+    peak16 = peak_matmul_flops(dtype=torch.bfloat16) if "chatstack bf16" in rates else None
     fpt = flops_per_token(cfg)
-    res = {"threads": args.threads, "malloc_tuned": args._tuned, "peak_flops": peak, "flops_per_token": fpt}
+    res = {"threads": args.threads, "malloc_tuned": args._tuned, "peak_flops": peak, "peak_flops_bf16": peak16,
+           "flops_per_token": fpt, "dtype": str(args._dtype).replace("torch.", ""), "runs": {}, "ratios": {}}
     for name, r in rates.items():
         med = statistics.median(r)
-        res[name] = {"tokens_per_s": med, "rounds": [round(v) for v in r], "mfu": med * fpt / peak}
-    res["ratio"] = res["chatstack"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
-    # the same-round ratios: each pair ran back to back, so machine load hits both alike
-    res["round_ratio_median"] = statistics.median(a / b for a, b in zip(rates["chatstack"], rates["hf"]))
+        res["runs"][name] = {"tokens_per_s": med, "rounds": [round(v) for v in r],
+                             "mfu": med * fpt / (peak16 if name.endswith("bf16") else peak)}
+    pairs = [("fp32 vs fp32", "chatstack fp32", "hf fp32")]
+    if "chatstack bf16" in rates:
+        pairs += [("bf16 vs bf16 (HF autocast)", "chatstack bf16", "hf bf16"),
+                  ("as shipped: chatstack auto (bf16) vs HF default (fp32)", "chatstack bf16", "hf fp32")]
+    for label, a, b in pairs:
+        # the median of tokens/s, and the median of the same-round ratios (each pair ran back to back)
+        res["ratios"][label] = {"ratio": res["runs"][a]["tokens_per_s"] / res["runs"][b]["tokens_per_s"],
+                                "round_median": statistics.median(x / y for x, y in zip(rates[a], rates[b]))}
     return res
 
 
 def report(res: dict) -> None:
-    print(f"threads {res['threads']}, malloc tuned: {res['malloc_tuned']}, peak fp32 matmul "
-          f"{res['peak_flops'] / 1e9:.0f} GFLOP/s, {res['flops_per_token'] / 1e6:.2f} MFLOP/token")
-    for name in ("chatstack", "hf"):
-        r = res[name]
-        print(f"  {name:10s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {r['mfu']:.1%}  rounds {r['rounds']}")
-    print(f"  ratio chatstack / hf = {res['ratio']:.2f}x  (goal >= 1.3x); median of per-round ratios "
-          f"{res['round_ratio_median']:.2f}x")
+    bf16 = f", bf16 {res['peak_flops_bf16'] / 1e9:.0f}" if res.get("peak_flops_bf16") else ""
+    print(f"threads {res['threads']}, malloc tuned: {res['malloc_tuned']}, chatstack --dtype auto = {res['dtype']}, "
+          f"peak matmul fp32 {res['peak_flops'] / 1e9:.0f}{bf16} GFLOP/s (MFU denominators), "
+          f"{res['flops_per_token'] / 1e6:.2f} MFLOP/token")
+    for name, r in res["runs"].items():
+        print(f"  {name:15s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {r['mfu']:.1%}  rounds {r['rounds']}")
+    for label, r in res["ratios"].items():
+        print(f"  ratio {label}: {r['ratio']:.2f}x  (median of per-round ratios {r['round_median']:.2f}x; goal >= 1.3x)")
 
 
 def main() -> None:
@@ -145,6 +171,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--optimizer", default="auto", help="chatstack's AdamW kernel: auto | fused | foreach")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="chatstack's precision, resolved as `chatstack pretrain --dtype` does (auto: bf16 matmuls on a "
+                         "CPU with AMX, else fp32); with bf16, HF is also measured under autocast bf16")
     ap.add_argument("--malloc", default="tuned", choices=["tuned", "default", "both"],
                     help="glibc malloc: chatstack's tuning (as the training loop applies it), the default, or both")
     ap.add_argument("--json", action="store_true", help="print one JSON line (used by --malloc both)")
@@ -160,10 +189,15 @@ def main() -> None:
         for r in results:
             report(r)
         d, t = results
-        print(f"malloc tuning: chatstack x{t['chatstack']['tokens_per_s'] / d['chatstack']['tokens_per_s']:.2f}, "
-              f"hf x{t['hf']['tokens_per_s'] / d['hf']['tokens_per_s']:.2f} tokens/s")
+        print("malloc tuning: " + ", ".join(f"{name} x{t['runs'][name]['tokens_per_s'] / d['runs'][name]['tokens_per_s']:.2f}"
+                                            for name in t["runs"]) + " tokens/s")
         return
 
+    import torch
+
+    from chatstack.train.loop import resolve_dtype
+
+    args._dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     args._tuned = False
     if args.malloc == "tuned":
         from chatstack.train.distributed import tune_malloc

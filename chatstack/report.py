@@ -83,18 +83,29 @@ def environment() -> dict:
     except Exception:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    from chatstack.train.loop import resolve_dtype
+
+    train_dtype = str(resolve_dtype("auto", torch.device("cuda" if gpu else "cpu"))).replace("torch.", "")
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "train_dtype": train_dtype,
             "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def measure_peak_flops(seconds: float = 1.0, n: int = 1024) -> float:
-    """Achievable fp32 matmul FLOP/s on this device (the MFU denominator on CPU)."""
+    """Achievable matmul FLOP/s on this device in the precision training uses there (the MFU denominator):
+    bf16 on CUDA and on CPUs with AMX (where --dtype auto trains with bf16 matmuls), else fp32."""
+    from chatstack.train.loop import resolve_dtype
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = resolve_dtype("auto", torch.device(dev))
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:   # warm up: AMX bf16 ran at 1/3 of its rate for the first ~1 s
+        a @ b
+    if dev == "cuda":
+        torch.cuda.synchronize()
     iters, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
@@ -164,7 +175,8 @@ def render_markdown(rep: dict) -> str:
               f"{env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads)"
               f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, Python {env['python']}, "
               f"commit {env.get('git_commit') or '–'}, {env['date']}. Measured peak matmul "
-              f"{rep['peak_flops'] / 1e9:.0f} GFLOP/s (the MFU denominator).", ""]
+              f"{rep['peak_flops'] / 1e9:.0f} GFLOP/s{' (' + env['train_dtype'] + ')' if env.get('train_dtype') else ''} "
+              f"(the MFU denominator).", ""]
     lines += ["## Headline", ""]
     h = rep["headline"]
     targets = rep.get("targets", {})

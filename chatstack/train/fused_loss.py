@@ -9,11 +9,14 @@ of the step on this CPU. Here each chunk of rows computes its logits, the loss a
 (softmax - onehot) while the chunk is still in cache, and multiplies the gradient straight into dL/dh and
 dL/dW. The backward pass then only scales the saved gradients. Same FLOPs, far less memory traffic.
 
-Used in fp32 training (the CPU path); under autocast (bf16/fp16 on GPU) the plain path keeps its numerics.
+Used in CPU training: fp32, or with bf16 matmuls (mm_dtype) under chatstack.model.cpu_bf16_matmuls. Under
+torch.autocast (bf16/fp16 on GPU) the plain path keeps autocast's numerics.
 
     python -m chatstack.train.fused_loss        # times plain vs fused on the tiny preset's shapes
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +24,9 @@ import torch.nn.functional as F
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int):
+    def forward(ctx, h, weight, targets, chunk: int, mm_dtype):
         # h: (N, C)   weight: (V, C)   targets: (N,) long, -1 = ignored
+        # mm_dtype: None = fp32 matmuls; torch.bfloat16 = bf16 operands, fp32 accumulation and fp32 softmax
         N = h.size(0)
         valid = targets >= 0
         n_valid = int(valid.sum())
@@ -31,10 +35,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         total = torch.zeros((), dtype=torch.float64, device=h.device)
+        hm, wm = (h, weight) if mm_dtype is None else (h.to(mm_dtype), weight.to(mm_dtype))
         for s in range(0, N, chunk):
-            hc, tc, vc = h[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
+            hc, tc, vc = hm[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
             n = hc.size(0)
-            logits = hc @ weight.t()                                   # (n, V)
+            logits = hc @ wm.t()                                       # (n, V)
+            if mm_dtype is not None:
+                logits = logits.float()                                # softmax and loss in fp32
             tgt = tc.clamp_min(0)
             rows = torch.arange(n, device=h.device)
             tgt_logit = logits[rows, tgt]                              # (n,) before the in-place ops
@@ -48,10 +55,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h or need_w:
                 p = e.mul_((w_row[:, None] / sumexp))                  # softmax * row weight
                 p[rows, tgt] -= w_row
-                if need_h:
-                    torch.mm(p, weight, out=grad_h[s:s + n])           # (n, C)
-                if need_w:
-                    grad_w.addmm_(p.t(), hc)                           # (V, C)
+                if mm_dtype is None:
+                    if need_h:
+                        torch.mm(p, weight, out=grad_h[s:s + n])       # (n, C)
+                    if need_w:
+                        grad_w.addmm_(p.t(), hc)                       # (V, C)
+                else:
+                    p = p.to(mm_dtype)
+                    if need_h:
+                        grad_h[s:s + n] = torch.mm(p, wm)
+                    if need_w:
+                        grad_w += torch.mm(p.t(), hc)                  # bf16 product, fp32 sum over chunks
         ctx.save_for_backward(grad_h, grad_w)
         return (total * scale).to(h.dtype)
 
@@ -59,13 +73,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None)
+                grad_w * grad_out if grad_w is not None else None, None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 256) -> torch.Tensor:
-    """Mean cross-entropy of softmax(h @ weight.T) against targets (-1 = ignored), fused and chunked."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk)
+                         chunk: int = 256, mm_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Mean cross-entropy of softmax(h @ weight.T) against targets (-1 = ignored), fused and chunked.
+    mm_dtype=torch.bfloat16: the two matmuls take bf16 operands (CPU AMX; see chatstack.model.cpu_bf16_matmuls);
+    logits, softmax, loss and gradients stay fp32."""
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk, mm_dtype)
 
 
 def _bench(reps: int = 10):

@@ -5,7 +5,7 @@
 
 A stage supplies a `Task` (its batches, its loss, its evaluation) and a checkpoint config; the loop owns
 everything else: AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation,
-gradient clipping, mixed precision (bf16 autocast, or fp16 with a GradScaler), optional torch.compile,
+gradient clipping, mixed precision (bf16 autocast, fp16 with a GradScaler, or on CPU bf16 matmuls), optional torch.compile,
 DDP / FSDP under torchrun, metrics.jsonl, a progress bar, atomic checkpoints and exact `--resume`.
 
 Exact resume: nothing in the loop depends on hidden state that a checkpoint does not hold. Batches are a
@@ -29,13 +29,15 @@ import torch
 import torch.nn as nn
 
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
+from chatstack.model import cpu_bf16_matmuls
 from chatstack.train import distributed as D
 from chatstack.train.optim import build_adamw, lr_at
 
 # Peak dense FLOP/s used for MFU when --peak-flops is 0. The CPU figure is the fp32 matmul peak measured
-# on the 2-core dev box (shared/DATA.md; benchmarks/train_throughput.py re-measures it); GPU figures are
-# the vendors' dense bf16 numbers.
-PEAK_FLOPS = {"cpu": 370e9, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+# on the 2-core dev box (shared/DATA.md; benchmarks/train_throughput.py re-measures it); "cpu-bf16" is the
+# bf16 matmul peak of a 2-core AMX box (1024^3 in 2.15 ms, session 5), used with --dtype bf16 on CPU; GPU
+# figures are the vendors' dense bf16 numbers.
+PEAK_FLOPS = {"cpu": 370e9, "cpu-bf16": 1000e9, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
               "4090": 165e12, "T4": 65e12, "cuda": 100e12}
 
 
@@ -59,7 +61,8 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (bf16 on CUDA if supported, else fp16 there; fp32 on CPU) | fp32 | bf16 | fp16",
+        "help": "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 matmuls if it has AMX, else fp32) | fp32 | bf16 "
+                "(on CPU: bf16 matmuls, fp32 elsewhere) | fp16",
         "choices": ["auto", "fp32", "bf16", "fp16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, exactly"})
@@ -91,21 +94,39 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix instructions): Intel Sapphire Rapids and later."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:   # an older torch without the probe
+        return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The training precision for --dtype NAME on DEVICE.
+
+    auto: CUDA: bf16 where supported, else fp16 (with a GradScaler). CPU with AMX: bf16 matmuls, fp32
+    everything else (chatstack.model.cpu_bf16_matmuls: 1.27-1.35x fp32's tokens/s on the tiny preset).
+    Other CPUs: fp32 (without AMX, bf16 autocast trained at 0.6x fp32 speed on the session-1 dev CPU)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32   # bf16 autocast trained at 0.6x fp32 speed on the dev CPU (no AMX)
+        if device.type == "cpu" and cpu_has_amx():
+            return torch.bfloat16
+        return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
+    """The mixed-precision context of a forward pass. bf16 on CPU means bf16 matmuls only (see resolve_dtype)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return cpu_bf16_matmuls()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+def peak_flops(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     if cfg.peak_flops > 0:
         return cfg.peak_flops
     if device.type == "cuda":
@@ -114,7 +135,7 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
             if key in name:
                 return v
         return PEAK_FLOPS["cuda"]
-    return PEAK_FLOPS["cpu"]
+    return PEAK_FLOPS["cpu-bf16" if dtype == torch.bfloat16 else "cpu"]
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -241,7 +262,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     fwd = torch.compile(wrapped) if cfg.compile else wrapped
     is_ddp = isinstance(wrapped, nn.parallel.DistributedDataParallel)
     flops_per_token = float(getattr(task, "flops_per_token", 0.0) or 0.0)
-    peak = peak_flops(cfg, device)
+    peak = peak_flops(cfg, device, dtype)
 
     def save(step: int):
         # FSDP: the checkpoint holds the gathered full weights only; its optimizer moments stay sharded and

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from chatstack.data.mixture import Mixture
 from chatstack.data.shards import DataError, Split
-from chatstack.model import GPT
+from chatstack.model import GPT, cpu_bf16_active
 from chatstack.train.fused_loss import linear_cross_entropy
 from chatstack.train.loop import TrainConfig, train
 
@@ -71,6 +71,7 @@ def flops_per_token(cfg) -> float:
 class PretrainGPT(GPT):
     """The GPT, whose fp32 training forward (targets, no cache, no mask) computes the loss with the fused
     output layer + cross-entropy (chatstack/train/fused_loss.py) and returns (None, loss): no logits tensor.
+    Inside chatstack.model.cpu_bf16_matmuls the fused loss's matmuls take bf16 operands like every Linear.
     Same parameters and names as GPT, so its checkpoints load as a plain GPT."""
 
     def forward(self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None,
@@ -79,7 +80,8 @@ class PretrainGPT(GPT):
                 or self.lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled(idx.device.type)):
             return super().forward(idx, targets, loss_mask, cache, positions, attn_mask, last_only)
         h = self.hidden_states(idx, positions=positions, attn_mask=attn_mask)     # (B, T, C)
-        return None, linear_cross_entropy(h, self.lm_head.weight, targets)
+        mm = torch.bfloat16 if cpu_bf16_active() and idx.device.type == "cpu" else None
+        return None, linear_cross_entropy(h, self.lm_head.weight, targets, mm_dtype=mm)
 
 
 def token_lengths(tok) -> tuple[torch.Tensor, torch.Tensor]:
