@@ -219,6 +219,9 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     info = D.setup(cfg.device)
     device, rank, world = info.device, info.rank, info.world
     dtype = resolve_dtype(cfg.dtype, device)
+    if info.is_main and cfg.progress and device.type == "cpu" and dtype == torch.bfloat16:
+        print(f"precision: bf16 matmuls, fp32 elsewhere ({'this CPU has AMX; ' if cfg.dtype == 'auto' else ''}"
+              f"--dtype fp32 for fp32 throughout)")
     out = Path(cfg.out)
     metrics = Metrics(out, info.is_main)
     ckpt_config = dict(ckpt_config)
