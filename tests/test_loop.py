@@ -181,7 +181,8 @@ def test_time_budget_replans_after_a_slow_start(tmp_path):
     """Steps 1-20 are slow (20 ms), the rest fast: the plan made after 20 steps (~200 steps in 5 s) is
     re-made from the pace of steps 21-100 and the run goes on, still ending on its cosine within the budget."""
     cfg = TrainConfig(out=str(tmp_path / "slow"), max_steps=100000, batch_size=4, lr=3e-3, min_lr=3e-4,
-                      warmup_steps=100, log_every=1, eval_every=0, save_every=0, progress=False, time_budget=5.0)
+                      warmup_steps=100, log_every=1, eval_every=0, save_every=0, progress=False, time_budget=5.0,
+                      dtype="fp32")   # the planning under test, at fp32's pace (bf16 casts slow a toy model down)
     t0 = time.perf_counter()
     model = nano()
     path = train(model, ToyTask(4, 1, slow_steps=20, delay=0.02), cfg,
