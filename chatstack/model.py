@@ -12,6 +12,9 @@ Per GPT block the parameters are exactly `12h^2 + 13h`:
 Inference uses a KV cache: `forward(idx, cache=cache)` appends this call's keys/values to the cache and
 attends over everything cached so far. Prefill + one-token steps give the same logits as a full pass.
 
+CPU mixed precision: inside `with cpu_bf16_matmuls():` every Linear multiplies in bf16 (AMX) and all else
+stays fp32; the training loop uses it for --dtype bf16 on CPU.
+
     python -m chatstack.model      # prints the parameter breakdown of the tiny preset
 """
 from __future__ import annotations
