@@ -150,8 +150,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # here: 4096x128 @ 128x512 in 0.62 vs 2.29 ms). torch.autocast("cpu", bf16) would use them, but it also runs
 # GELU, softmax and attention in bf16, and CPU kernels for those are slower in bf16 than in fp32 (SDPA's
 # backward 2.4x slower), so it gained only ~10%. This mode changes only the matmuls: each Linear multiplies
-# bf16 copies of its input and weight (fp32 accumulation inside the instruction) and returns fp32; weights,
-# gradients, optimizer state and every other op stay fp32. Measured on the tiny preset's training step:
+# bf16 copies of its input and weight (fp32 accumulation inside the instruction) and returns fp32, or bf16
+# where the next op takes bf16 as well (Linear.bf16_out); weights, gradients, optimizer state and every
+# other op stay fp32. Measured on the tiny preset's training step:
 # 1.27-1.35x the tokens/s of fp32 (benchmarks/train_throughput.py). The training loop enters it for
 # --dtype bf16 on CPU, which --dtype auto picks when the CPU has AMX (chatstack.train.loop.resolve_dtype).
 _cpu_bf16 = False
@@ -174,7 +175,8 @@ def cpu_bf16_matmuls(enabled: bool = True):
 
 
 class _BF16Linear(torch.autograd.Function):
-    """y = x @ W.T + b with bf16 operands and fp32 accumulation; fp32 in, fp32 out, fp32 gradients."""
+    """y = x @ W.T + b with bf16 operands and fp32 accumulation. y is fp32 (bf16 with out_bf16); the input's
+    gradient comes back in the input's dtype, the weight's and bias's in fp32."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_bf16: bool):
