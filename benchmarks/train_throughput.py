@@ -197,7 +197,7 @@ def main() -> None:
 
     from chatstack.train.loop import resolve_dtype
 
-    args._dtype = resolve_dtype(args.dtype, torch.device("cpu"))
+    args._dtype = resolve_dtype(args.dtype, torch.device("cpu"), args.n_embd)
     args._tuned = False
     if args.malloc == "tuned":
         from chatstack.train.distributed import tune_malloc

@@ -154,7 +154,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # where the next op takes bf16 as well (Linear.bf16_out); weights, gradients, optimizer state and every
 # other op stay fp32. Measured on the tiny preset's training step:
 # 1.27-1.35x the tokens/s of fp32 (benchmarks/train_throughput.py). The training loop enters it for
-# --dtype bf16 on CPU, which --dtype auto picks when the CPU has AMX (chatstack.train.loop.resolve_dtype).
+# --dtype bf16 on CPU, which --dtype auto picks when the CPU has AMX and the model is >= 96 wide
+# (chatstack.train.loop.resolve_dtype).
 _cpu_bf16 = False
 
 

@@ -78,6 +78,9 @@ def test_dtype_auto_picks_bf16_matmuls_on_cpus_with_amx(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(L, "cpu_has_amx", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, width=128) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, width=32) == torch.float32       # too narrow: the casts cost more
+    assert resolve_dtype("bf16", cpu, width=32) == torch.bfloat16      # asked for explicitly
     with autocast(cpu, torch.bfloat16):                      # bf16 on CPU = bf16 matmuls, not torch.autocast
         assert cpu_bf16_active() and not torch.is_autocast_enabled("cpu")
     monkeypatch.setattr(L, "cpu_has_amx", lambda: False)

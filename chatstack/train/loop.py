@@ -61,7 +61,8 @@ class TrainConfig:
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="auto", metadata={
-        "help": "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 matmuls if it has AMX, else fp32) | fp32 | bf16 "
+        "help": "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 matmuls if it has AMX and the model is >= 96 wide, "
+                "else fp32) | fp32 | bf16 "
                 "(on CPU: bf16 matmuls, fp32 elsewhere) | fp16",
         "choices": ["auto", "fp32", "bf16", "fp16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -102,16 +103,23 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The training precision for --dtype NAME on DEVICE.
+# the narrowest model (n_embd) that --dtype auto trains with bf16 matmuls on an AMX CPU: below it the casts
+# cost more than the faster products (training step, bf16 / fp32 tokens/s: width 32 0.75x, 64 0.99x,
+# 96 1.33x, 128 1.16-1.35x; session 5, 2 threads)
+CPU_BF16_MIN_WIDTH = 96
+
+
+def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) -> torch.dtype:
+    """The training precision for --dtype NAME on DEVICE, for a model `width` (n_embd) wide if given.
 
     auto: CUDA: bf16 where supported, else fp16 (with a GradScaler). CPU with AMX: bf16 matmuls, fp32
-    everything else (chatstack.model.cpu_bf16_matmuls: 1.27-1.35x fp32's tokens/s on the tiny preset).
-    Other CPUs: fp32 (without AMX, bf16 autocast trained at 0.6x fp32 speed on the session-1 dev CPU)."""
+    everything else (chatstack.model.cpu_bf16_matmuls: 1.27-1.35x fp32's tokens/s on the tiny preset), for
+    models at least CPU_BF16_MIN_WIDTH wide. Other CPUs and narrower models: fp32 (without AMX, bf16
+    autocast trained at 0.6x fp32 speed on the session-1 dev CPU)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_amx():
+        if device.type == "cpu" and cpu_has_amx() and (width is None or width >= CPU_BF16_MIN_WIDTH):
             return torch.bfloat16
         return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
@@ -218,7 +226,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     D.tune_malloc()
     info = D.setup(cfg.device)
     device, rank, world = info.device, info.rank, info.world
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, getattr(getattr(model, "config", None), "n_embd", None))
     if info.is_main and cfg.progress and device.type == "cpu" and dtype == torch.bfloat16:
         print(f"precision: bf16 matmuls, fp32 elsewhere ({'this CPU has AMX; ' if cfg.dtype == 'auto' else ''}"
               f"--dtype fp32 for fp32 throughout)")
