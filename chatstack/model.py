@@ -20,6 +20,7 @@ stays fp32; the training loop uses it for --dtype bf16 on CPU.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -156,23 +157,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # 1.27-1.35x the tokens/s of fp32 (benchmarks/train_throughput.py). The training loop enters it for
 # --dtype bf16 on CPU, which --dtype auto picks when the CPU has AMX and the model is >= 96 wide
 # (chatstack.train.loop.resolve_dtype).
-_cpu_bf16 = False
+# a context variable, not a module global: a server thread generating while another thread trains in this
+# mode keeps its own fp32 matmuls
+_cpu_bf16: contextvars.ContextVar[bool] = contextvars.ContextVar("chatstack_cpu_bf16", default=False)
 
 
 def cpu_bf16_active() -> bool:
     """True inside `cpu_bf16_matmuls()`."""
-    return _cpu_bf16
+    return _cpu_bf16.get()
 
 
 @contextlib.contextmanager
 def cpu_bf16_matmuls(enabled: bool = True):
     """Inside: every chatstack Linear on CPU (and the fused pretraining loss) multiplies in bf16."""
-    global _cpu_bf16
-    prev, _cpu_bf16 = _cpu_bf16, enabled
+    token = _cpu_bf16.set(enabled)
     try:
         yield
     finally:
-        _cpu_bf16 = prev
+        _cpu_bf16.reset(token)
 
 
 class _BF16Linear(torch.autograd.Function):
@@ -223,7 +225,7 @@ class Linear(nn.Linear):
         w = self.fast_weight
         if w is not None:
             return F.linear(x, w, self.bias)
-        if _cpu_bf16 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if _cpu_bf16.get() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             return _BF16Linear.apply(x, self.weight, self.bias, self.bf16_out)
         return F.linear(x, self.weight, self.bias)
 

@@ -86,3 +86,15 @@ def test_dtype_auto_picks_bf16_matmuls_on_cpus_with_amx(monkeypatch):
     monkeypatch.setattr(L, "cpu_has_amx", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("bf16", cpu) == torch.bfloat16 and resolve_dtype("fp32", cpu) == torch.float32
+
+
+def test_the_mode_belongs_to_the_thread_that_entered_it():
+    import threading
+
+    seen = {}
+    with cpu_bf16_matmuls():
+        t = threading.Thread(target=lambda: seen.setdefault("other", cpu_bf16_active()))
+        t.start()
+        t.join()
+        seen["this"] = cpu_bf16_active()
+    assert seen == {"this": True, "other": False}
