@@ -9,8 +9,9 @@ same config, batch, thread count and process, measured in interleaved rounds (so
 Precision: chatstack runs its step as `chatstack pretrain` would (--dtype auto: on a CPU with AMX, bf16 matmuls
 with everything else fp32; see chatstack.train.loop.resolve_dtype). When that is bf16, the same-precision
 comparison is HF under torch.autocast(bf16), its own mixed-precision route, and both sides are also measured
-in fp32. Prints tokens/s of each, the ratios (goal >= 1.3x), the measured peak fp32 matmul FLOP/s of this
-machine, and MFU against it (FLOPs per token from chatstack.estimate: 6N + 12*L*h*T).
+in fp32. Prints tokens/s of each, the ratios (goal >= 1.3x), the measured peak matmul FLOP/s of this machine
+in fp32 (and bf16), and each run's MFU against the peak of its precision (FLOPs per token from
+chatstack.estimate: 6N + 12*L*h*T).
 """
 from __future__ import annotations
 
@@ -21,22 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-
-def peak_matmul_flops(n: int = 1024, reps: int = 20, dtype=None) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = time.perf_counter()
-    while time.perf_counter() - t < 1.0:   # AMX bf16 runs at a third of its rate for the first ~second
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / reps)
-    return 2 * n ** 3 / best
 
 
 def build(args):
@@ -110,6 +95,7 @@ def measure(args) -> dict:
     import torch
 
     from chatstack.estimate import flops_per_token
+    from chatstack.report import measure_peak_flops
 
     torch.set_num_threads(args.threads)
     cfg, ours, ours_opt, hf, hf_opt = build(args)
@@ -127,8 +113,8 @@ def measure(args) -> dict:
             for _ in range(args.steps):
                 fn()
             rates[name].append(tokens * args.steps / (time.perf_counter() - t))
-    peak = peak_matmul_flops()
-    peak16 = peak_matmul_flops(dtype=torch.bfloat16) if "chatstack bf16" in rates else None
+    peak = measure_peak_flops(dtype=torch.float32)
+    peak16 = measure_peak_flops(dtype=torch.bfloat16) if "chatstack bf16" in rates else None
     fpt = flops_per_token(cfg)
     res = {"threads": args.threads, "malloc_tuned": args._tuned, "peak_flops": peak, "peak_flops_bf16": peak16,
            "flops_per_token": fpt, "dtype": str(args._dtype).replace("torch.", ""), "runs": {}, "ratios": {}}
