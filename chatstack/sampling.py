@@ -32,7 +32,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     if V % blk or B * V < 16384 or logits.stride(-1) != 1:
         return logits.max(dim=-1).indices
     nb = V // blk
-    v = logits.view(B, nb, blk) if logits.is_contiguous() else logits.as_strided((B, nb, blk), (logits.stride(0), blk, 1))
+    v = logits.as_strided((B, nb, blk), (logits.stride(0), blk, 1))               # (B, nb, blk); a sliced vocab too
     best_blk = v.amax(dim=-1).argmax(dim=-1)                                     # (B,)
     inner = v.gather(1, best_blk.view(B, 1, 1).expand(B, 1, blk)).view(B, blk)   # (B, blk)
     return best_blk * blk + inner.argmax(dim=-1)
