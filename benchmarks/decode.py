@@ -11,6 +11,9 @@ What it prints (each as a ratio, goals from issue #4):
      token (goal >= 85%); a read-only bandwidth (a 512 MB sum) is printed alongside for reference. Both
      are timed in the same rounds as the decodes (interleaved), like every other ratio here
   4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x)
+  5. (no goal) GPT-2 small with int8 weights for decoding (Engine(quantize="int8"), chatstack.quantize),
+     timed in the same rounds: tokens/s against the fp32 engine and HF. Its quality cost on trained models
+     is measured by benchmarks/quantize_quality.py
 
 Both sides get the same prompt, generate exactly --tokens new tokens greedily with a KV cache (HF:
 use_cache=True, do_sample=False, no EOS), and the outputs are checked to be identical tokens. Each timing
@@ -96,8 +99,9 @@ def bandwidth_fns(mb: int = 512):
     return [lambda: dst.copy_(src), lambda: src.sum()], [2 * n * 4, n * 4]
 
 
-def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8, extra=()):
-    """extra: more functions timed in the same rounds; their best wall times come back last."""
+def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8, extra=(), int8=False):
+    """extra: more functions timed in the same rounds; their best wall times come back last (after the int8
+    engine's, with int8=True)."""
     torch.manual_seed(0)
     model = GPT(get_preset(preset)).eval()
     hf = to_hf_gpt2(model)
@@ -119,12 +123,22 @@ def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: i
                               eos_token_id=None, pad_token_id=0)
         return out[0, prompt_len:].tolist()
 
-    wall, cpu, outs = best_times([ours, theirs, *extra], repeats)
+    more = list(extra)
+    if int8:
+        engine8 = Engine(model, _IdTokenizer(V), max_batch_size=16, quantize="int8")
+        more.insert(0, lambda: engine8.generate([prompt], sp)[0].token_ids)
+    wall, cpu, outs = best_times([ours, theirs, *more], repeats)
     (t_ours, t_hf), (c_ours, c_hf), (ids_ours, ids_hf) = wall[:2], cpu[:2], outs[:2]
     same = ids_ours == ids_hf
     print(f"{name}: max |logit diff| vs HF {diff:.2e}; identical greedy tokens: {same}")
     print(f"  engine {tokens / t_ours:8.1f} tok/s   HF generate {tokens / t_hf:8.1f} tok/s   "
           f"(per CPU second: {tokens / c_ours:.1f} vs {tokens / c_hf:.1f})")
+    if int8:
+        t8 = wall[2]
+        agree = sum(a == b for a, b in zip(outs[2], ids_ours))
+        print(f"  engine, int8 weights {tokens / t8:8.1f} tok/s: {t_ours / t8:.2f}x the fp32 engine, "
+              f"{t_hf / t8:.2f}x HF (greedy tokens equal to fp32: {agree}/{tokens}; random weights, so the "
+              f"quality cost is measured elsewhere)")
     return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same, wall[2:]
 
 
@@ -158,8 +172,9 @@ def main():
           f"(equal 8-token prompts: {args.batch * args.tokens / t_even:.1f}; batch-1 alongside: {single:.1f})")
 
     bw_fns, bw_bytes = bandwidth_fns()
-    _, _, _, g_ours, g_hf, same_g, bw_times = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
-                                                          extra=bw_fns)
+    _, _, _, g_ours, g_hf, same_g, more_times = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
+                                                            extra=bw_fns, int8=True)
+    bw_times = more_times[1:]
     bw, read_bw = (b / t for b, t in zip(bw_bytes, bw_times))
     cfg = get_preset("gpt2")
     weight_bytes = _weights_read_per_token(cfg)

@@ -31,6 +31,9 @@ alternatives of that same distribution, most likely first.
     out = engine.generate([tokenizer.encode("Once upon a time")], SamplingParams(max_new_tokens=50, temperature=0))
     for ev in engine.stream(ids, SamplingParams(temperature=0.8, seed=1)): print(ev.text, end="", flush=True)
 
+Quantised decoding (CPU): `Engine(..., quantize="int8")` runs decode steps with int8 copies of the weights
+(chatstack.quantize; prefill keeps fp32), ~1.5-2x faster where decoding is bound by weight bytes.
+
 The engine is not thread-safe: one scheduler (the server's, or generate/stream here) drives `step()`.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chatstack.model import Linear
+from chatstack.quantize import Int8Weight, check_quantize, int8_supported
 from chatstack.sampling import greedy, sample
 
 # Optimizer steps taken anywhere in this process. Fused optimizers (AdamW(fused=True)) update weights
@@ -221,8 +225,12 @@ TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weig
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
-                 transposed_weights: Optional[bool] = None):
-        """transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
+                 transposed_weights: Optional[bool] = None, quantize: Optional[str] = None):
+        """quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
+        chatstack.quantize: what it costs is measured by benchmarks/quantize_quality.py); prompts are still
+        prefilled with the fp32 weights. The int8 copies are kept and re-made like the transposed ones below.
+
+        transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
         chatstack.model.Linear: q/k/v, projections, MLP, output layer; see Linear.fast_weight). On CPU a
         few-row product runs 1.3-2.5x faster that way than with nn.Linear's (out, in) layout (tiny model,
         16 rows: 512->128 43 -> 17 us, 128->384 21 -> 14 us); GPT-2 small at batch 1 is bound by streaming
@@ -252,9 +260,12 @@ class Engine:
             weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
             transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
         self.transposed = transposed_weights
+        self.quantize = check_quantize(quantize, self.device)
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
-        self._wt: dict = {}          # Linear module -> ((data_ptr, version) of its weight, its fast_weight)
+        # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
+        self._wt: dict = {}
+        self._int8_ok: set = set()              # the Linears the int8 kernel takes (chatstack.quantize)
         self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
         self._key_pos = torch.arange(self.block_size, device=self.device)   # key positions, for decode masks
         # decode masks come per head when every head has its own keys: the model's batched-GEMV attention then
@@ -317,25 +328,40 @@ class Engine:
         self._wt = {}
         self._linears = None
 
-    def _bind_weights(self) -> list:
-        """Give each chatstack.model.Linear its fast_weight for this step: the transposed view of an (in, out)
-        copy of its weight, made or re-made when the weight changed. Returns the modules bound."""
-        if not self.transposed:
+    def _bind_weights(self, quantized: bool = False) -> list:
+        """Give each chatstack.model.Linear its fast_weight for one forward: the transposed view of an (in, out)
+        copy of its weight, or (quantized, for decode steps) its Int8Weight; each made or re-made when the
+        weight changed. Returns the modules bound."""
+        quantized = quantized and self.quantize is not None
+        if not (self.transposed or quantized):
             return []
         if self._linears is None:
             self._linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+            self._int8_ok = {m for m in self._linears if int8_supported(m.in_features, self.device)}
         if self._wt_steps != _optimizer_steps:     # some optimizer stepped: any weight may have moved
             self._wt, self._wt_steps = {}, _optimizer_steps
         wt = self._wt
+        bound = []
         for m in self._linears:
             w = m._parameters["weight"]            # (what m.weight returns, without Module.__getattr__)
             # in-place updates (load_state_dict, manual no_grad edits) bump _version; new storage moves data_ptr
             key = (w.data_ptr(), w._version)
             entry = wt.get(m)
             if entry is None or entry[0] != key:
-                entry = wt[m] = (key, w.detach().t().contiguous().t())   # (out, in) view of an (in, out) copy
-            m.__dict__["fast_weight"] = entry[1]   # instance attribute over the class default None; no Module hooks
-        return self._linears
+                entry = wt[m] = [key, None, None]
+            if quantized and m in self._int8_ok:
+                if entry[2] is None:
+                    entry[2] = Int8Weight(w)
+                fast = entry[2]
+            elif self.transposed:
+                if entry[1] is None:
+                    entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
+                fast = entry[1]
+            else:
+                continue
+            m.__dict__["fast_weight"] = fast       # instance attribute over the class default None; no Module hooks
+            bound.append(m)
+        return bound
 
     @staticmethod
     def _unbind_weights(bound: list) -> None:
@@ -352,7 +378,6 @@ class Engine:
         was_training = self.model.training
         if was_training:
             self.model.eval()     # no dropout while generating (PPO generates with a model it trains)
-        bound = self._bind_weights()
         try:
             events = []
             if self.running:
@@ -365,7 +390,6 @@ class Engine:
                 self._compact()
             return events
         finally:
-            self._unbind_weights(bound)   # outside a step the model is untouched (training, evals, saving)
             if was_training:
                 self.model.train()
 
@@ -383,9 +407,13 @@ class Engine:
         idx = idx.to(self.device)
         positions = torch.arange(T, device=self.device)[None]  # (1, T)
         self.cache.prefill(s0, B)
-        h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
-        last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
-        logits = self._logits(last)                         # (B, V)
+        bound = self._bind_weights()
+        try:
+            h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
+            last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
+            logits = self._logits(last)                     # (B, V)
+        finally:
+            self._unbind_weights(bound)   # outside a forward the model is untouched (training, evals, saving)
         return self._accept(rows, logits)
 
     def _decode(self) -> list[TokenEvent]:
@@ -409,8 +437,13 @@ class Engine:
             mask = torch.zeros(B, self._mask_heads, 1, S, device=self.device, dtype=self.cache.dtype).masked_fill_(
                 hide.view(B, 1, 1, S), float("-inf"))                                          # (B, Hm, 1, S)
             self.cache.decode(B, wp, S)
-        h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)   # (B, 1, h)
-        return self._accept(rows, self._logits(h[:, -1]))
+        bound = self._bind_weights(quantized=True)
+        try:
+            h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)   # (B, 1, h)
+            logits = self._logits(h[:, -1])
+        finally:
+            self._unbind_weights(bound)
+        return self._accept(rows, logits)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, V) from final hidden states (B, h) (the output layer's bound copy, if any)."""

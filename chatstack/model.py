@@ -215,8 +215,10 @@ class Linear(nn.Linear):
     GPT-2's 768->3072 at one row streams its weight at 16 instead of 11.7 GB/s). The engine
     (chatstack.engine) sets it for the duration of one step and removes it after, so everywhere else
     (training, evals, checkpoints) this is plain nn.Linear, except inside `cpu_bf16_matmuls()` (above).
+    For an int8-quantised decode step the engine binds a chatstack.quantize.Int8Weight instead, which
+    computes the product itself.
     """
-    fast_weight: Optional[torch.Tensor] = None   # None = use weight
+    fast_weight = None   # None = use weight; a Tensor (see above); or an Int8Weight
     # under cpu_bf16_matmuls: return the product in bf16 (set where the consumer takes bf16 as well: the MLP's
     # activation, or a residual add, which promotes to fp32 inside its own kernel) instead of casting it to fp32
     bf16_out: bool = False
@@ -224,7 +226,9 @@ class Linear(nn.Linear):
     def forward(self, x):
         w = self.fast_weight
         if w is not None:
-            return F.linear(x, w, self.bias)
+            if isinstance(w, torch.Tensor):
+                return F.linear(x, w, self.bias)
+            return w.linear(x, self.bias)
         if _cpu_bf16.get() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
             return _BF16Linear.apply(x, self.weight, self.bias, self.bf16_out)
         return F.linear(x, self.weight, self.bias)

@@ -58,6 +58,7 @@ class ServerConfig:
     any_model: bool = False                 # accept any model id (only one model is served)
     stream_interval_s: float = 0.05         # tokens between a row's first and last go out at most this often
     device: Optional[str] = None
+    quantize: Optional[str] = None          # "int8": decode with int8 weights (CPU; chatstack.quantize)
 
 
 class ServerState:
@@ -101,7 +102,7 @@ class ServerState:
                          "invalid_request_error", param="model", code="model_not_found")
 
 
-def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int):
+def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quantize: Optional[str] = None):
     from chatstack.checkpoint import load_checkpoint
     from chatstack.engine import Engine
 
@@ -109,7 +110,8 @@ def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int):
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt_path}: the checkpoint has no tokenizer.json")
     ckpt.model.eval()
-    return Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device), ckpt.name
+    return Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device,
+                  quantize=quantize), ckpt.name
 
 
 def read_rank_prompts(path: str) -> list[list[dict]]:
@@ -252,7 +254,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     def _load():
         try:
-            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size)
+            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size, cfg.quantize)
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info("serving %s (%s)", st.model_id, source)
         except Exception as e:   # reported by /health and 503s, not a crash with a stack trace
@@ -773,6 +775,9 @@ def register(sub) -> None:
     p.add_argument("--stream-interval", type=float, default=0.05, metavar="SECONDS",
                    help="hand streamed tokens to the HTTP side at most this often (first token and end at once)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: cpu)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="decode with int8 weights (CPU; faster where decoding is bound by weight bytes; "
+                        "see chatstack/quantize.py for the measured quality cost)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -792,6 +797,8 @@ def _cmd_serve(args) -> int:
     for f in (args.rank_prompts,):
         if f and not os.path.exists(f):
             raise CLIError(f"{f}: no such file")
+    if args.quantize and (args.device or "cpu") != "cpu":
+        raise CLIError(f"--quantize {args.quantize} is for CPU decoding (got --device {args.device}); on a GPU use bf16")
     if args.threads:
         import torch
 
@@ -801,7 +808,8 @@ def _cmd_serve(args) -> int:
         app = create_app(args.checkpoint, model_name=args.model_name, api_keys=tuple(keys), rankings=args.rankings,
                          rank_prompts=args.rank_prompts, max_queue=args.max_queue,
                          max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
-                         any_model=args.any_model, device=args.device, stream_interval_s=args.stream_interval)
+                         any_model=args.any_model, device=args.device, stream_interval_s=args.stream_interval,
+                         quantize=args.quantize)
     except ValueError as e:
         raise CLIError(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
