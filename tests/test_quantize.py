@@ -131,3 +131,20 @@ def test_cli_generate_quantize_int8(tmp_path, capsys):
     assert out == tok.decode(ref[:cut]) + "\n"
     assert main(["generate", str(path), "--prompt", prompt, "--quantize", "int4"]) == 2
     assert "unknown kind 'int4'" in capsys.readouterr().err
+
+
+def test_eval_quantize_int8_decodes_with_int8(tmp_path, monkeypatch):
+    """`chatstack eval --quantize int8`: the task generations go through the int8 weights, and the result says so."""
+    from chatstack.evals.run import evaluate_checkpoint, format_table
+
+    path = tmp_path / "ck"
+    make_checkpoint(path, "nano", block_size=128)
+    calls = []
+    orig = Int8Weight.linear
+    monkeypatch.setattr(Int8Weight, "linear", lambda self, x, b: calls.append(x.shape) or orig(self, x, b))
+    res = evaluate_checkpoint(str(path), ["add", "compare"], n=3, loss=False, quantize="int8")
+    assert res["quantize"] == "int8" and set(res["tasks"]) == {"add", "compare"}
+    # decode steps only: one position per row (the output layer gets (rows, width))
+    assert calls and all(len(s) == 2 or s[1] == 1 for s in calls)
+    assert "int8 decoding" in format_table(res)
+    assert "quantize" not in evaluate_checkpoint(str(path), ["add"], n=2, loss=False)

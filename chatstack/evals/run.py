@@ -23,7 +23,7 @@ import torch
 
 def evaluate_checkpoint(path: str, task_names=None, n: int = 100, mode: str = "auto", shots: int = 3,
                         seed: int = 0, loss: bool = True, data=None, device: str = "cpu",
-                        progress: bool = False, log=lambda s: None) -> dict:
+                        progress: bool = False, log=lambda s: None, quantize=None) -> dict:
     from chatstack.checkpoint import load_checkpoint
     from chatstack.data.conversations import encode_conversations, pack, read_jsonl
     from chatstack.evals.tasks_eval import conversation_loss, default_mode, evaluate_tasks, mean_accuracy
@@ -36,8 +36,10 @@ def evaluate_checkpoint(path: str, task_names=None, n: int = 100, mode: str = "a
     model, tok = ck.model.eval(), ck.tokenizer
     mode = default_mode(ck.config) if mode == "auto" else mode
     t0 = time.perf_counter()
-    tasks = evaluate_tasks(model, tok, task_names, n=n, seed=seed, mode=mode, shots=shots, progress=progress)
+    tasks = evaluate_tasks(model, tok, task_names, n=n, seed=seed, mode=mode, shots=shots, progress=progress,
+                           quantize=quantize)
     res = {"checkpoint": str(path), "stage": ck.config.get("stage"), "mode": mode,
+           **({"quantize": quantize} if quantize else {}),
            "shots": shots if mode == "fewshot" else 0, "seed": seed, "n_per_task": n,
            "tasks": tasks, "mean_accuracy": mean_accuracy(tasks)}
     log(f"tasks: {time.perf_counter() - t0:.1f}s")
@@ -61,6 +63,7 @@ def evaluate_checkpoint(path: str, task_names=None, n: int = 100, mode: str = "a
 
 def format_table(res: dict) -> str:
     lines = [f"{res['checkpoint']}  (stage {res['stage']}, mode {res['mode']}"
+             + (f", {res['quantize']} decoding" if res.get("quantize") else "")
              + (f", {res['shots']}-shot" if res["mode"] == "fewshot" else "") + ")",
              f"{'task':14s} {'accuracy':>9s} {'well-formed':>12s} {'n':>5s}"]
     for name, r in res["tasks"].items():
@@ -84,7 +87,7 @@ def _cmd_eval(args) -> int:
     try:
         res = evaluate_checkpoint(args.checkpoint, args.task or None, n=args.n, mode=args.mode, shots=args.shots,
                                   seed=args.seed, loss=args.loss, data=args.data, device=args.device,
-                                  progress=args.progress and sys.stderr.isatty(),
+                                  progress=args.progress and sys.stderr.isatty(), quantize=args.quantize,
                                   log=lambda s: print(s, file=sys.stderr))
     except (CheckpointError, ConversationError, ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(str(e).strip("'\"")) from e
@@ -119,6 +122,9 @@ def register(sub) -> None:
     p.add_argument("--loss", action=argparse.BooleanOptionalAction, default=True,
                    help="measure held-out conversation loss (default on)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="generate with int8 weights (CPU; chatstack.quantize): what they cost on the tasks "
+                        "(the conversation loss stays fp32)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default="", help="write the JSON here (default CKPT/eval.json)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,

@@ -16,6 +16,8 @@ Conversation loss: mean cross-entropy (nats/token) on the assistant tokens of he
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -50,15 +52,16 @@ def build_prompts(tokenizer, task_names, n: int, seed: int, mode: str, shots: in
 @torch.no_grad()
 def evaluate_tasks(model: nn.Module, tokenizer, task_names=None, n: int = 100, seed: int = 0, mode: str = "chat",
                    shots: int = 3, max_new_tokens: int = 48, batch_size: int = 64, progress: bool = False,
-                   n_samples: int = 3) -> dict[str, dict]:
-    """{task: {"accuracy", "n", "well_formed", "samples"}} from greedy generation on held-out examples."""
+                   n_samples: int = 3, quantize: Optional[str] = None) -> dict[str, dict]:
+    """{task: {"accuracy", "n", "well_formed", "samples"}} from greedy generation on held-out examples.
+    quantize="int8": decode with int8 weights (chatstack.quantize), to measure what they cost on tasks."""
     from chatstack.engine import Engine, SamplingParams
 
     names = list(task_names or TASKS)
     items = build_prompts(tokenizer, names, n, seed, mode, shots)
     was_training = model.training
     model.eval()
-    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, quantize=quantize)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=STOP if mode == "fewshot" else [])
     outs = engine.generate([ids for _, _, ids in items], params, progress=progress)
     model.train(was_training)
