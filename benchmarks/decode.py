@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                 # ~1-2 minutes on a 2-core CPU
     python benchmarks/decode.py --tokens 64 --repeats 5 --threads 2
+    python benchmarks/decode.py --runs 5         # five full runs, then each ratio's median and range
 
 What it prints (each as a ratio, goals from issue #4):
   1. batch-1 greedy decode tokens/s, tiny preset (4 layers, 128 wide, random weights): engine / HF  (goal >= 1.5x)
@@ -23,6 +24,7 @@ down, so the minimum is the least noisy estimate). Timings include the short pro
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -142,10 +144,17 @@ def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: i
     return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same, wall[2:]
 
 
+GOALS = [("tiny batch-1 engine / HF", 1.5, "x"), ("gpt2 small batch-1 engine / HF", 1.0, "x"),
+         ("gpt2 small engine / bandwidth bound", 0.85, "%"), ("tiny batched / batch-1", 8.0, "x")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per request")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per measurement (each timing is the best)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement; with more than one, end with each ratio's median, range "
+                         "and how many runs met its goal (single runs swing with load on a shared machine)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
@@ -153,7 +162,22 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     torch.set_grad_enabled(False)
+    runs = []
+    for r in range(args.runs):
+        if args.runs > 1:
+            print(f"\n=== run {r + 1} of {args.runs}")
+        runs.append(measure(args))
+    if args.runs > 1:
+        print(f"\nover {args.runs} runs: median (range), runs meeting the goal")
+        for i, (name, goal, unit) in enumerate(GOALS):
+            vals = sorted(run[i] for run in runs)
+            fmt = (lambda v: f"{v:.0%}") if unit == "%" else (lambda v: f"{v:.2f}x")
+            print(f"  {name:38s} {fmt(statistics.median(vals)):>6s} ({fmt(vals[0])}-{fmt(vals[-1])})  "
+                  f"{sum(v >= goal for v in vals)}/{len(vals)}   (>= {fmt(goal)})")
 
+
+def measure(args) -> list[float]:
+    """One full measurement; prints it and returns the four goal ratios (wall clock), in GOALS' order."""
     model, engine, prompt, tiny_ours, tiny_hf, same_tiny, _ = bench_model("tiny", "tiny", args.tokens, args.repeats)
     # batched: B different prompts (different lengths), all greedy, same number of new tokens
     V = model.config.vocab_size
@@ -192,6 +216,7 @@ def main():
           f"{batched_cpu / single_cpu:5.2f}x   (>= 8x)")
     if not (same_tiny and same_g):
         print("  WARNING: engine and HF produced different greedy tokens")
+    return [tiny_ours[0] / tiny_hf[0], g_ours[0] / g_hf[0], g_ours[0] / bound, batched / single]
 
 
 def _weights_read_per_token(cfg) -> int:
