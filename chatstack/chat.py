@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -33,6 +34,8 @@ class SamplingArgs:
     seed: Optional[int] = field(default=None, metadata={"help": "fixes the random draws (reproducible output)"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings (not printed)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | mps"})
+    stats: bool = field(default=False, metadata={"help": "after each completion/reply, print to stderr the time to "
+                                                      "the first token and the decode speed (tok/s)"})
     quantize: str = field(default="", metadata={"help": "int8: decode with int8 weights (CPU; faster where decoding "
                                                         "is bound by weight bytes, e.g. 1.3x on GPT-2 small; see "
                                                         "chatstack/quantize.py for the measured quality cost)"})
@@ -52,6 +55,29 @@ class GenerateArgs:
                                                     "answer and its vote share (0 = off)"})
     path_temperatures: list[float] = field(default_factory=lambda: [0.7],
                                            metadata={"help": "temperatures the paths cycle through"})
+
+
+class StreamTimer:
+    """Times one streamed completion: call tick() per token event, summary() at the end."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.first: Optional[float] = None
+        self.n = 0
+
+    def tick(self):
+        self.n += 1
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def summary(self, n_prompt: int) -> str:
+        if self.first is None:
+            return f"({n_prompt} prompt tokens, no new token)"
+        after = self.n - 1                  # decode speed: tokens after the first (which includes the prefill)
+        dt = time.perf_counter() - self.first
+        rate = f", then {after / dt:.1f} tok/s" if after and dt > 0 else ""
+        return (f"({n_prompt} prompt tokens, {self.n} new: first after "
+                f"{(self.first - self.t0) * 1e3:.0f} ms{rate})")
 
 
 def _engine(ck, args) -> Engine:
@@ -132,10 +158,15 @@ def cmd_generate(args) -> int:
         seed = None if args.seed is None else args.seed + i
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
+        timer = StreamTimer()
         for ev in engine.stream(ids, _params(args, seed=seed, stop=stop)):
+            timer.tick()
             sys.stdout.write(ev.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if args.stats:
+            sys.stdout.flush()
+            print(timer.summary(len(ids)), file=sys.stderr)
     return 0
 
 
@@ -144,8 +175,9 @@ class ChatSession:
     """A conversation with the model: ChatML history, slash commands, context trimming."""
 
     def __init__(self, engine: Engine, params: SamplingParams, system: str = "",
-                 note: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 note: Callable[[str], None] = lambda s: print(s, file=sys.stderr), stats: bool = False):
         self.engine, self.params, self.system, self.note = engine, params, system, note
+        self.stats = stats                   # note each reply's timing (StreamTimer) after it
         self.turns: list[dict] = []          # user/assistant messages (the system prompt is kept apart)
 
     def messages(self) -> list[dict]:
@@ -189,13 +221,17 @@ class ChatSession:
             self.note(f"(message too long for the model's context of {self.engine.block_size} tokens)")
             return ""
         out = []
+        timer = StreamTimer()
         try:
             for ev in self.engine.stream(ids, self.params):
+                timer.tick()
                 if ev.text:
                     out.append(ev.text)
                     on_text(ev.text)
         except KeyboardInterrupt:
             self.note("\n(interrupted)")         # keep what was said so far
+        if self.stats:
+            self.note("\n" + timer.summary(len(ids)))
         text = "".join(out)
         self.turns.append({"role": "assistant", "content": text})
         return text
@@ -204,7 +240,7 @@ class ChatSession:
 def cmd_chat(args) -> int:
     ck = _load(args.checkpoint, args.device)
     engine = _engine(ck, args)
-    session = ChatSession(engine, _params(args), system=args.system)
+    session = ChatSession(engine, _params(args), system=args.system, stats=args.stats)
     interactive = sys.stdin.isatty()
 
     def write(s):

@@ -123,3 +123,22 @@ def test_generate_chat_mode_uses_chatml(ckpt, capsys, monkeypatch):
     c = Engine(model, tok).chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
                                 SamplingParams(max_new_tokens=5, temperature=0))
     assert out == c.text + "\n"
+
+
+def test_stats_print_timing_to_stderr(ckpt, capsys, monkeypatch):
+    """--stats: stdout keeps just the text; stderr gets prompt/new token counts, time to first token, tok/s."""
+    import re
+
+    path, model, tok = ckpt
+    argv = ["generate", path, "--prompt", "The quick brown", "--max-new-tokens", "9", "--temperature", "0"]
+    rc, out, err = _run(argv + ["--stats"], capsys, monkeypatch)
+    assert rc == 0 and out == _run(argv, capsys, monkeypatch)[1]
+    m = re.search(r"\((\d+) prompt tokens, (\d+) new: first after \d+ ms(, then [\d.]+ tok/s)?\)", err)
+    assert m, err
+    ref = reference_greedy(model, tok.encode("The quick brown"), 9)
+    stops = {tok.eot_id, tok.im_end_id}
+    n_new = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))   # a stop token is generated too
+    assert int(m.group(1)) == len(tok.encode("The quick brown")) and int(m.group(2)) == n_new
+    rc, out, err = _run(["chat", path, "--max-new-tokens", "5", "--temperature", "0", "--stats"], capsys,
+                        monkeypatch, stdin="Hi\nHello again\n")
+    assert rc == 0 and len(re.findall(r"prompt tokens, \d+ new: first after", err)) == 2
