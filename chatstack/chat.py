@@ -84,9 +84,11 @@ def _engine(ck, args) -> Engine:
     from chatstack.cli import CLIError
 
     try:
-        return Engine(ck.model, ck.tokenizer, quantize=args.quantize or None)
+        engine = Engine(ck.model, ck.tokenizer, quantize=args.quantize or None)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    engine.prepare_weights()     # now, so --stats times the first reply like the others
+    return engine
 
 
 def _load(path: str, device: str):

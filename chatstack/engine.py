@@ -328,6 +328,12 @@ class Engine:
         self._wt = {}
         self._linears = None
 
+    def prepare_weights(self) -> None:
+        """Make the derived weight copies (transposed, int8) now rather than in the first request's steps
+        (GPT-2 small: ~0.4 s), so a server's or chat's first reply doesn't wait for them."""
+        self._unbind_weights(self._bind_weights())
+        self._unbind_weights(self._bind_weights(quantized=True))
+
     def _bind_weights(self, quantized: bool = False) -> list:
         """Give each chatstack.model.Linear its fast_weight for one forward: the transposed view of an (in, out)
         copy of its weight, or (quantized, for decode steps) its Int8Weight; each made or re-made when the

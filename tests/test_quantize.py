@@ -148,3 +148,20 @@ def test_eval_quantize_int8_decodes_with_int8(tmp_path, monkeypatch):
     assert calls and all(len(s) == 2 or s[1] == 1 for s in calls)
     assert "int8 decoding" in format_table(res)
     assert "quantize" not in evaluate_checkpoint(str(path), ["add"], n=2, loss=False)
+
+
+def test_prepare_weights_builds_copies_up_front_and_leaves_model_untouched():
+    tok = small_tokenizer()
+    model = nano_model("nano", tok.vocab_size, seed=3)
+    eng = Engine(model, tok, quantize="int8")
+    assert eng._wt == {}
+    eng.prepare_weights()
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert set(eng._wt) == set(linears)
+    assert all(e[1] is not None and isinstance(e[2], Int8Weight) for e in eng._wt.values())
+    assert all("fast_weight" not in m.__dict__ for m in linears)
+    made = {m: (e[1], e[2]) for m, e in eng._wt.items()}
+    p = tok.encode("To be")
+    assert eng.generate([p], SamplingParams(max_new_tokens=5, **GREEDY))[0].token_ids == \
+        _mixed_reference_greedy(model, p, 5)
+    assert all(eng._wt[m][1] is a and eng._wt[m][2] is b for m, (a, b) in made.items())   # reused, not re-made

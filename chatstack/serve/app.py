@@ -110,8 +110,9 @@ def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quan
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt_path}: the checkpoint has no tokenizer.json")
     ckpt.model.eval()
-    return Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device,
-                  quantize=quantize), ckpt.name
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device, quantize=quantize)
+    engine.prepare_weights()     # before /health says ready: the first request doesn't pay for them
+    return engine, ckpt.name
 
 
 def read_rank_prompts(path: str) -> list[list[dict]]:
