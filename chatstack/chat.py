@@ -36,6 +36,9 @@ class SamplingArgs:
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | mps"})
     stats: bool = field(default=False, metadata={"help": "after each completion/reply, print to stderr the time to "
                                                       "the first token and the decode speed (tok/s)"})
+    prefix_cache_mb: float = field(default=256, metadata={"help": "keep finished replies' keys/values up to this "
+                                                                "many MB, so the next turn (or sample) prefills only "
+                                                                "what is new; 0 = off"})
     quantize: str = field(default="", metadata={"help": "int8: decode with int8 weights (CPU; faster where decoding "
                                                         "is bound by weight bytes, e.g. 1.3x on GPT-2 small; see "
                                                         "chatstack/quantize.py for the measured quality cost)"})
@@ -84,7 +87,7 @@ def _engine(ck, args) -> Engine:
     from chatstack.cli import CLIError
 
     try:
-        engine = Engine(ck.model, ck.tokenizer, quantize=args.quantize or None)
+        engine = Engine(ck.model, ck.tokenizer, quantize=args.quantize or None, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as e:
         raise CLIError(str(e)) from None
     engine.prepare_weights()     # now, so --stats times the first reply like the others

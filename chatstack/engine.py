@@ -48,6 +48,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from chatstack.model import Linear
+from chatstack.prefix_cache import PrefixCache
 from chatstack.quantize import Int8Weight, check_quantize, int8_supported
 from chatstack.sampling import greedy, sample
 
@@ -153,10 +154,11 @@ class SlotCache:
             kv[:, :, :self.slots, :, :self.length] = self.kv
         self.kv, self.k, self.v, self.slots, self.length = kv, kv[:, 0], kv[:, 1], new_slots, new_len
 
-    def prefill(self, first_slot: int, B: int):
-        """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions 0..T-1."""
-        self._mode = ("prefill", first_slot, B)
-        self.pos = 0
+    def prefill(self, first_slot: int, B: int, start: int = 0):
+        """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions start..start+T-1
+        (start > 0: a chunk after a prefix already in the slot; B must then be 1)."""
+        self._mode = ("prefill", first_slot, B, start)
+        self.pos = start
 
     def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
         """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,))."""
@@ -175,10 +177,12 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         mode = self._mode
         if mode[0] == "prefill":
-            _, s0, B = mode
+            _, s0, B, start = mode
             T = k.size(2)
-            self.k[layer, s0:s0 + B, :, :T] = k                  # (B, Hkv, T, hd)
-            self.v[layer, s0:s0 + B, :, :T] = v
+            self.k[layer, s0:s0 + B, :, start:start + T] = k      # (B, Hkv, T, hd)
+            self.v[layer, s0:s0 + B, :, start:start + T] = v
+            if start:   # the chunk attends over the cached prefix too
+                return self.k[layer, s0:s0 + B, :, :start + T], self.v[layer, s0:s0 + B, :, :start + T]
             return k, v
         _, B, wp, S = mode
         if isinstance(wp, int):
@@ -195,6 +199,14 @@ class SlotCache:
     def move(self, src: int, dst: int, n: int):
         """Copy the first n positions of slot src into slot dst (compaction after a row leaves)."""
         self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+
+    def read(self, slot: int, n: int) -> torch.Tensor:
+        """A copy of the first n positions of a slot: (n_layer, 2, Hkv, n, hd)."""
+        return self.kv[:, :, slot, :, :n].clone()
+
+    def write(self, slot: int, kv: torch.Tensor, n: int):
+        """Put the first n positions of `kv` (as `read` returns it) into a slot."""
+        self.kv[:, :, slot, :, :n] = kv[:, :, :, :n]
 
 
 class _Row:
@@ -225,8 +237,12 @@ TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weig
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
-                 transposed_weights: Optional[bool] = None, quantize: Optional[str] = None):
-        """quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
+                 transposed_weights: Optional[bool] = None, quantize: Optional[str] = None,
+                 prefix_cache_mb: float = 0):
+        """prefix_cache_mb: keep finished requests' keys/values, up to this many MB, so a request that starts with
+        the same tokens (a chat resending its history) prefills only the rest (chatstack.prefix_cache). 0 = off.
+
+        quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
         chatstack.quantize: what it costs is measured by benchmarks/quantize_quality.py); prompts are still
         prefilled with the fp32 weights. The int8 copies are kept and re-made like the transposed ones below.
 
@@ -261,6 +277,7 @@ class Engine:
             transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
         self.transposed = transposed_weights
         self.quantize = check_quantize(quantize, self.device)
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
         # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
@@ -324,9 +341,16 @@ class Engine:
         return False
 
     def refresh_weights(self) -> None:
-        """Forget derived copies of the weights (the (in, out) matrices): the next step re-makes them."""
+        """Forget derived copies of the weights (the (in, out) matrices) and cached prefixes: the next step
+        re-makes them."""
         self._wt = {}
         self._linears = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    def _weights_signature(self) -> tuple:
+        """Changes whenever a weight may have changed (optimizer steps, in-place writes, new storage)."""
+        return (_optimizer_steps,) + tuple((p.data_ptr(), p._version) for p in self.model.parameters())
 
     def prepare_weights(self) -> None:
         """Make the derived weight copies (transposed, int8) now rather than in the first request's steps
@@ -400,27 +424,48 @@ class Engine:
                 self.model.train()
 
     def _prefill(self, rows: list[_Row]) -> list[TokenEvent]:
+        hits = {}
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_weights(self._weights_signature())
+            for r in rows:
+                n, kv = self.prefix_cache.lookup(r.prompt)
+                if n:
+                    hits[r.rid] = (n, kv)
+        # rows prefilled from scratch first (one batched forward over contiguous slots), then rows that
+        # continue a cached prefix, one at a time (each has its own past)
+        rows = [r for r in rows if r.rid not in hits] + [r for r in rows if r.rid in hits]
         s0 = len(self.running)
         self.running.extend(rows)
         need = max(min(self.block_size, len(r.prompt) + r.params.max_new_tokens) for r in self.running)
         self.cache.reserve(len(self.running), need)
-        B = len(rows)
-        lens = [len(r.prompt) for r in rows]
-        T = max(lens)
-        idx = torch.zeros(B, T, dtype=torch.long)
-        for i, r in enumerate(rows):                        # right-padded; padding is never attended
-            idx[i, :lens[i]] = torch.tensor(r.prompt)
-        idx = idx.to(self.device)
-        positions = torch.arange(T, device=self.device)[None]  # (1, T)
-        self.cache.prefill(s0, B)
+        fresh = rows[:len(rows) - len(hits)]
+        events = []
         bound = self._bind_weights()
         try:
-            h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
-            last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
-            logits = self._logits(last)                     # (B, V)
+            if fresh:
+                B = len(fresh)
+                lens = [len(r.prompt) for r in fresh]
+                T = max(lens)
+                idx = torch.zeros(B, T, dtype=torch.long)
+                for i, r in enumerate(fresh):                    # right-padded; padding is never attended
+                    idx[i, :lens[i]] = torch.tensor(r.prompt)
+                idx = idx.to(self.device)
+                positions = torch.arange(T, device=self.device)[None]  # (1, T)
+                self.cache.prefill(s0, B)
+                h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
+                last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
+                events += self._accept(fresh, self._logits(last))                          # logits (B, V)
+            for i, r in enumerate(rows[len(fresh):]):
+                slot = s0 + len(fresh) + i
+                n, kv = hits[r.rid]
+                self.cache.write(slot, kv, n)
+                self.cache.prefill(slot, 1, start=n)
+                idx = torch.tensor([r.prompt[n:]], device=self.device)                   # (1, T - n)
+                h = self.model.hidden_states(idx, cache=self.cache)                       # positions n.. (from pos)
+                events += self._accept([r], self._logits(h[:, -1]))
         finally:
             self._unbind_weights(bound)   # outside a forward the model is untouched (training, evals, saving)
-        return self._accept(rows, logits)
+        return events
 
     def _decode(self) -> list[TokenEvent]:
         rows = self.running
@@ -555,6 +600,15 @@ class Engine:
     def _compact(self):
         """Remove finished rows; the last running row moves into each hole so slots stay 0..B-1."""
         running = self.running
+        if self.prefix_cache is not None:
+            sig = None
+            for slot, r in enumerate(running):
+                if r.finished and r.reason != "cancelled" and r.cache_len >= 1:
+                    if sig is None:
+                        sig = self._weights_signature()
+                        self.prefix_cache.check_weights(sig)
+                    n = r.cache_len          # every token the row fed: its prompt and all but its last new token
+                    self.prefix_cache.add((r.prompt + r.out)[:n], self.cache.read(slot, n))
         i = 0
         while i < len(running):
             if not running[i].finished:

@@ -68,6 +68,24 @@ def test_models_health_metrics(server, client):
         assert name in text
 
 
+def test_multi_turn_reuses_cached_history(server, client, ref):
+    """The prefix cache (on by default): a second turn that resends the first reuses its keys/values, and the
+    answer is still the reference engine's (which has no prefix cache)."""
+    def reused():
+        text = httpx.get(server.url + "/metrics").text
+        return float(next(ln.split()[-1] for ln in text.splitlines()
+                          if ln.startswith("chatstack_prefix_cache_reused_tokens ")))
+
+    before = reused()
+    turn1 = MSGS + [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Say it back."}]
+    r1 = client.chat.completions.create(model="nano-chat", messages=turn1, max_tokens=6, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "Again, please."}]
+    r2 = client.chat.completions.create(model="nano-chat", messages=turn2, max_tokens=6, temperature=0)
+    assert r2.choices[0].message.content == _ref_text(ref, turn2, max_new_tokens=6, temperature=0).text
+    assert reused() - before >= len(ref.tok.render_prompt(turn1)) - 1
+
+
 def test_chat_non_streaming_matches_engine(client, ref):
     r = client.chat.completions.create(model="nano-chat", messages=MSGS, max_tokens=8, temperature=0)
     want = _ref_text(ref, MSGS, max_new_tokens=8, temperature=0)

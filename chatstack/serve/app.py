@@ -59,6 +59,7 @@ class ServerConfig:
     stream_interval_s: float = 0.05         # tokens between a row's first and last go out at most this often
     device: Optional[str] = None
     quantize: Optional[str] = None          # "int8": decode with int8 weights (CPU; chatstack.quantize)
+    prefix_cache_mb: float = 256            # finished requests' keys/values kept for reuse (chatstack.prefix_cache)
 
 
 class ServerState:
@@ -102,7 +103,8 @@ class ServerState:
                          "invalid_request_error", param="model", code="model_not_found")
 
 
-def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quantize: Optional[str] = None):
+def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quantize: Optional[str] = None,
+                prefix_cache_mb: float = 0):
     from chatstack.checkpoint import load_checkpoint
     from chatstack.engine import Engine
 
@@ -110,7 +112,8 @@ def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quan
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt_path}: the checkpoint has no tokenizer.json")
     ckpt.model.eval()
-    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device, quantize=quantize)
+    engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device, quantize=quantize,
+                    prefix_cache_mb=prefix_cache_mb)
     engine.prepare_weights()     # before /health says ready: the first request doesn't pay for them
     return engine, ckpt.name
 
@@ -255,7 +258,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     def _load():
         try:
-            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size, cfg.quantize)
+            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size, cfg.quantize, cfg.prefix_cache_mb)
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info("serving %s (%s)", st.model_id, source)
         except Exception as e:   # reported by /health and 503s, not a crash with a stack trace
@@ -333,6 +336,10 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
+        pc = st.engine.prefix_cache if st.engine is not None else None
+        if pc is not None:    # read without the scheduler's lock: two ints, a moment stale at worst
+            st.metrics.prefix_reused.set(pc.tokens_reused)
+            st.metrics.prefix_bytes.set(pc.bytes)
         return PlainTextResponse(st.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=P.ModelList)
@@ -779,6 +786,9 @@ def register(sub) -> None:
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="decode with int8 weights (CPU; faster where decoding is bound by weight bytes; "
                         "see chatstack/quantize.py for the measured quality cost)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256, metavar="MB",
+                   help="keep finished requests' keys/values up to this many MB, so a request resending the same "
+                        "history (multi-turn chat) prefills only what is new; 0 = off (default 256)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -810,7 +820,7 @@ def _cmd_serve(args) -> int:
                          rank_prompts=args.rank_prompts, max_queue=args.max_queue,
                          max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
                          any_model=args.any_model, device=args.device, stream_interval_s=args.stream_interval,
-                         quantize=args.quantize)
+                         quantize=args.quantize, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as e:
         raise CLIError(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -13,6 +13,8 @@ conventions (`_total` counters, `_seconds` histograms) and vLLM's where one exis
     chatstack_request_latency_seconds              submit -> last token (histogram)
     chatstack_batch_size                           rows per engine step (histogram)
     chatstack_engine_step_seconds                  time of one engine step (histogram)
+    chatstack_prefix_cache_reused_tokens           prompt tokens not prefilled thanks to the prefix cache (so far)
+    chatstack_prefix_cache_bytes                   memory the prefix cache holds
 """
 from __future__ import annotations
 
@@ -132,10 +134,14 @@ class ServerMetrics:
         self.batch = Histogram("chatstack_batch_size", "Rows in the batch per engine step.", BATCH_BUCKETS)
         self.step_time = Histogram("chatstack_engine_step_seconds", "Seconds per engine step (prefill + decode).",
                                    (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.prefix_reused = Gauge("chatstack_prefix_cache_reused_tokens",
+                                   "Prompt tokens not prefilled thanks to the prefix cache, since start.")
+        self.prefix_bytes = Gauge("chatstack_prefix_cache_bytes", "Bytes of keys/values the prefix cache holds.")
 
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cancelled, self.rejected,
-                  self.queue_depth, self.running, self.ttft, self.latency, self.batch, self.step_time):
+                  self.queue_depth, self.running, self.ttft, self.latency, self.batch, self.step_time,
+                  self.prefix_reused, self.prefix_bytes):
             lines += m.render()
         return "\n".join(lines) + "\n"
