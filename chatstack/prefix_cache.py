@@ -10,7 +10,9 @@ token) are copied out of its slot into a store keyed by those token ids. When a 
 entry sharing the longest prefix with its prompt (at least MIN_PREFIX tokens, and never the whole prompt: the
 last prompt token must run to give the first logits) is copied into the new row's slot and only the rest of
 the prompt is prefilled, as a chunk after the cached prefix. Keys and values depend only on the tokens before
-them, so the result equals a full prefill (tested: same greedy tokens, log-probabilities within 1e-4).
+them, so the result equals a full prefill (tested: same greedy tokens, log-probabilities within 1e-4). With
+int8 decoding (chatstack.quantize) the reused keys/values of generated tokens are the int8 steps' own, as in
+the request that made them, where a full prefill would recompute them in fp32.
 Entries are evicted least recently used first, to stay under the memory budget; an entry that is a prefix of
 a newly stored one is dropped (the new one serves both).
 """
