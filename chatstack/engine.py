@@ -9,6 +9,9 @@ How it works
     of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
     row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
     of the cache and no gather is needed) and a waiting request joins at the next `step()`.
+  * Prefix caching (optional, `prefix_cache_mb`): finished rows' keys/values are kept, and a new request
+    that starts with the same tokens copies them into its slot and prefills only the rest
+    (chatstack.prefix_cache).
   * Sampling per row (greedy / temperature / top-k / top-p, see chatstack.sampling); a request's seed fixes
     its random draws, whatever else is in the batch.
   * Detokenisation is incremental and UTF-8 safe: token bytes go through an incremental UTF-8 decoder, so
@@ -120,6 +123,7 @@ class TokenEvent:
     top_logprobs: Optional[list[tuple[int, float]]]
     finished: bool
     finish_reason: Optional[str]
+    cached_tokens: int = 0                    # on a request's first event: prompt tokens taken from the prefix cache
 
 
 class SlotCache:
@@ -462,7 +466,9 @@ class Engine:
                 self.cache.prefill(slot, 1, start=n)
                 idx = torch.tensor([r.prompt[n:]], device=self.device)                   # (1, T - n)
                 h = self.model.hidden_states(idx, cache=self.cache)                       # positions n.. (from pos)
-                events += self._accept([r], self._logits(h[:, -1]))
+                ev = self._accept([r], self._logits(h[:, -1]))
+                ev[0].cached_tokens = n
+                events += ev
         finally:
             self._unbind_weights(bound)   # outside a forward the model is untouched (training, evals, saving)
         return events

@@ -84,6 +84,24 @@ def test_multi_turn_reuses_cached_history(server, client, ref):
     r2 = client.chat.completions.create(model="nano-chat", messages=turn2, max_tokens=6, temperature=0)
     assert r2.choices[0].message.content == _ref_text(ref, turn2, max_new_tokens=6, temperature=0).text
     assert reused() - before >= len(ref.tok.render_prompt(turn1)) - 1
+    # OpenAI's usage field for it, as the official client reads it
+    assert r1.usage.prompt_tokens_details.cached_tokens < len(ref.tok.render_prompt(turn1))
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert len(ref.tok.render_prompt(turn1)) <= cached < r2.usage.prompt_tokens
+    # streaming, with include_usage: the last chunk carries the same count
+    turn3 = turn2 + [{"role": "assistant", "content": r2.choices[0].message.content},
+                     {"role": "user", "content": "Once more."}]
+    chunks = list(client.chat.completions.create(model="nano-chat", messages=turn3, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens >= cached and usage.prompt_tokens == \
+        len(ref.tok.render_prompt(turn3))
+    # legacy completions, n=2: the prompt counts once per choice, and so does its reuse
+    prompt = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
+    client.completions.create(model="nano-chat", prompt=prompt, max_tokens=3, temperature=0)
+    c = client.completions.create(model="nano-chat", prompt=prompt, max_tokens=3, temperature=0, n=2)
+    n_ids = len(ref.tok.encode(prompt))
+    assert c.usage.prompt_tokens == 2 * n_ids and c.usage.prompt_tokens_details.cached_tokens == 2 * (n_ids - 1)
 
 
 def test_chat_non_streaming_matches_engine(client, ref):

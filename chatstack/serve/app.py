@@ -403,8 +403,13 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                             finish_reason=c.finish_reason) for i, c in enumerate(choices)]
         completion = sum(len(c.token_ids) for c in choices)
         return P.ChatCompletion(id=rid, created=created, model=st.model_id, choices=out,
-                                usage=P.Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                                              total_tokens=len(prompt_ids) + completion))
+                                usage=P.Usage.of(len(prompt_ids), completion, _cached(rows)))
+
+    def _cached(rows, per_row: bool = False) -> int:
+        """usage.prompt_tokens_details.cached_tokens: chat counts its prompt once (the most any choice reused);
+        completions count the prompt once per choice, so the reuse is summed."""
+        got = [r.cached_tokens for r in rows]
+        return sum(got) if per_row else max(got, default=0)
 
     def _chat_logprobs(items) -> P.ChoiceLogprobs:
         content = []
@@ -467,8 +472,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                 if out:
                     yield "".join(out)
             if include_usage:
-                yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                                 "total_tokens": n_prompt + completion})
+                yield chunk([], P.Usage.of(n_prompt, completion, _cached(rows)).model_dump())
             yield "data: [DONE]\n\n"
         finally:   # normal end, or the client went away (the generator is closed): free the rows
             st.scheduler.cancel(rows)
@@ -536,8 +540,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                                           if req.logprobs is not None else None))
         completion = sum(len(c.token_ids) for c in choices)
         return P.TextCompletion(id=rid, created=created, model=st.model_id, choices=out,
-                                usage=P.Usage(prompt_tokens=n_prompt, completion_tokens=completion,
-                                              total_tokens=n_prompt + completion))
+                                usage=P.Usage.of(n_prompt, completion, _cached(all_rows, per_row=True)))
 
     def _completion_logprobs(items, offset0: int) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs(top_logprobs=[])
@@ -592,8 +595,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                 if out:
                     yield "".join(out)
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], {"prompt_tokens": n_prompt, "completion_tokens": completion,
-                                 "total_tokens": n_prompt + completion})
+                yield chunk([], P.Usage.of(n_prompt, completion, _cached(rows, per_row=True)).model_dump())
             yield "data: [DONE]\n\n"
         finally:
             st.scheduler.cancel(rows)

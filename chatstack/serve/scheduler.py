@@ -52,6 +52,7 @@ class Row:
     cancelled: bool = False
     done: bool = False
     shown: bool = False                # some text has been handed to the client
+    cached_tokens: int = 0             # prompt tokens the engine took from its prefix cache
 
 
 class Scheduler:
@@ -176,6 +177,8 @@ class Scheduler:
             row = self._running.get(ev.request_id)
             if row is None:      # cancelled in the meantime
                 continue
+            if ev.cached_tokens:
+                row.cached_tokens = ev.cached_tokens
             if ev.token_id is not None:
                 row.n_tokens += 1
                 n_tokens += 1
