@@ -435,14 +435,25 @@ class Engine:
                 n, kv = self.prefix_cache.lookup(r.prompt)
                 if n:
                     hits[r.rid] = (n, kv)
-        # rows prefilled from scratch first (one batched forward over contiguous slots), then rows that
-        # continue a cached prefix, one at a time (each has its own past)
-        rows = [r for r in rows if r.rid not in hits] + [r for r in rows if r.rid in hits]
+        # Slot order: rows prefilled from scratch (one batched forward over contiguous slots), then copies of
+        # them (a prompt admitted several times at once: n > 1 choices, self-consistency paths; prefilled once,
+        # its keys/values copied), then rows that continue a cached prefix, one at a time (each has its own past)
+        first: dict[tuple, int] = {}                     # prompt -> index of its first fresh row
+        fresh, copies = [], []
+        for r in rows:
+            if r.rid in hits:
+                continue
+            key = tuple(r.prompt)
+            if key in first:
+                copies.append((r, first[key]))
+            else:
+                first[key] = len(fresh)
+                fresh.append(r)
+        rows = fresh + [r for r, _ in copies] + [r for r in rows if r.rid in hits]
         s0 = len(self.running)
         self.running.extend(rows)
         need = max(min(self.block_size, len(r.prompt) + r.params.max_new_tokens) for r in self.running)
         self.cache.reserve(len(self.running), need)
-        fresh = rows[:len(rows) - len(hits)]
         events = []
         bound = self._bind_weights()
         try:
@@ -458,9 +469,16 @@ class Engine:
                 self.cache.prefill(s0, B)
                 h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
                 last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
-                events += self._accept(fresh, self._logits(last))                          # logits (B, V)
-            for i, r in enumerate(rows[len(fresh):]):
-                slot = s0 + len(fresh) + i
+                logits = self._logits(last)                                                # (B, V)
+                if copies:
+                    src = [j for _, j in copies]
+                    for i, j in enumerate(src):
+                        self.cache.move(s0 + j, s0 + B + i, lens[j])
+                    logits = torch.cat([logits, logits[src]])                              # (B + copies, V)
+                events += self._accept(fresh + [r for r, _ in copies], logits)
+            n_done = len(fresh) + len(copies)
+            for i, r in enumerate(rows[n_done:]):
+                slot = s0 + n_done + i
                 n, kv = hits[r.rid]
                 self.cache.write(slot, kv, n)
                 self.cache.prefill(slot, 1, start=n)

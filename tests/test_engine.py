@@ -305,3 +305,29 @@ def test_random_schedules_match_reference():
                 assert got[i] == ref(p, n)
 
     check()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identical_prompts_prefilled_once(family):
+    """A prompt admitted several times in one step (n > 1 choices, self-consistency paths) runs through the model
+    once; each copy still samples on its own (seeds) and gives what it gives alone."""
+    tok = small_tokenizer()
+    model = nano_model(family, tok.vocab_size, seed=8)
+    a, b = tok.encode("The quick brown fox"), tok.encode("To be")
+    params = [SamplingParams(max_new_tokens=7, temperature=0.9, seed=s, logprobs=True, stop_token_ids=[])
+              for s in range(5)]
+    prompts = [a, b, a, a, b]
+    eng = Engine(model, tok)
+    batch_rows = []
+    orig = model.hidden_states
+    model.hidden_states = lambda idx, **kw: (batch_rows.append(idx.shape[0]), orig(idx, **kw))[1]
+    try:
+        out = eng.generate(prompts, params)
+    finally:
+        model.hidden_states = orig
+    assert batch_rows[0] == 2                       # the prefill: two distinct prompts, not five rows
+    for p, sp, c in zip(prompts, params, out):
+        alone = Engine(model, tok).generate([p], sp)[0]
+        assert c.token_ids == alone.token_ids
+        assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    assert out[0].token_ids != out[2].token_ids or out[2].token_ids != out[3].token_ids   # seeds differ
