@@ -229,6 +229,9 @@ class _Row:
         self.emitted = 0          # chars of self.text already handed out
         self.finished = False
         self.reason: Optional[str] = None
+        self.staged: Optional["SlotCache"] = None   # chunked prefill: the prompt's keys/values so far
+        self.staged_len = 0                         # ... and how many prompt tokens they cover
+        self.cached = 0                             # prompt tokens taken from the prefix cache
 
     @property
     def cache_len(self) -> int:
@@ -242,8 +245,12 @@ TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weig
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
                  transposed_weights: Optional[bool] = None, quantize: Optional[str] = None,
-                 prefix_cache_mb: float = 0):
-        """prefix_cache_mb: keep finished requests' keys/values, up to this many MB, so a request that starts with
+                 prefix_cache_mb: float = 0, prefill_chunk: int = 0):
+        """prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
+        while the running rows go on decoding (a long prompt would otherwise stall every stream for its whole
+        prefill). 0 = off: a prompt is prefilled in one forward.
+
+        prefix_cache_mb: keep finished requests' keys/values, up to this many MB, so a request that starts with
         the same tokens (a chat resending its history) prefills only the rest (chatstack.prefix_cache). 0 = off.
 
         quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
@@ -282,6 +289,10 @@ class Engine:
         self.transposed = transposed_weights
         self.quantize = check_quantize(quantize, self.device)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0 = off), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.prefilling: list[_Row] = []   # long prompts being prefilled chunk by chunk, oldest first
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
         # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
@@ -333,10 +344,11 @@ class Engine:
     @torch.inference_mode()      # compaction writes the cache, which step() created in inference mode
     def cancel(self, rid: int) -> bool:
         """Drop a request (queued or running) and free its slot. True if it was found."""
-        for i, r in enumerate(self.pending):
-            if r.rid == rid:
-                del self.pending[i]
-                return True
+        for rows in (self.pending, self.prefilling):
+            for i, r in enumerate(rows):
+                if r.rid == rid:
+                    del rows[i]
+                    return True
         for r in self.running:
             if r.rid == rid and not r.finished:
                 r.finished, r.reason, r.collect = True, "cancelled", False
@@ -403,7 +415,7 @@ class Engine:
             m.__dict__.pop("fast_weight", None)
 
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.pending)
+        return bool(self.running or self.pending or self.prefilling)
 
     # ---- one scheduler step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -417,10 +429,18 @@ class Engine:
             if self.running:
                 events += self._decode()
                 self._compact()
-            free = self.max_batch_size - len(self.running)
+            free = self.max_batch_size - len(self.running) - len(self.prefilling)
             if self.pending and free > 0:
                 new, self.pending = self.pending[:free], self.pending[free:]
-                events += self._prefill(new)
+                if self.prefill_chunk:
+                    long = [r for r in new if len(r.prompt) > self.prefill_chunk]
+                    new = [r for r in new if len(r.prompt) <= self.prefill_chunk]
+                    self.prefilling += long
+                if new:
+                    events += self._prefill(new)
+                    self._compact()
+            if self.prefilling:
+                events += self._prefill_next_chunk()
                 self._compact()
             return events
         finally:
@@ -485,11 +505,47 @@ class Engine:
                 idx = torch.tensor([r.prompt[n:]], device=self.device)                   # (1, T - n)
                 h = self.model.hidden_states(idx, cache=self.cache)                       # positions n.. (from pos)
                 ev = self._accept([r], self._logits(h[:, -1]))
-                ev[0].cached_tokens = n
+                ev[0].cached_tokens = r.cached = n
                 events += ev
         finally:
             self._unbind_weights(bound)   # outside a forward the model is untouched (training, evals, saving)
         return events
+
+    def _prefill_next_chunk(self) -> list[TokenEvent]:
+        """One chunk of the oldest long prompt, into its own staging cache; when the prompt is done, the row
+        joins the running batch (its keys/values copied into a slot) with its first token."""
+        r = self.prefilling[0]
+        if r.staged is None:
+            r.staged = SlotCache(self.cfg, self.device, self.cache.dtype, 1)
+            r.staged.reserve(1, len(r.prompt))
+            if self.prefix_cache is not None:
+                self.prefix_cache.check_weights(self._weights_signature())
+                n, kv = self.prefix_cache.lookup(r.prompt)
+                if n:
+                    r.staged.write(0, kv, n)
+                    r.staged_len = r.cached = n
+        start = r.staged_len
+        end = min(len(r.prompt), start + self.prefill_chunk)
+        r.staged.prefill(0, 1, start=start)
+        bound = self._bind_weights()
+        try:
+            h = self.model.hidden_states(torch.tensor([r.prompt[start:end]], device=self.device),
+                                         cache=r.staged)                       # (1, end - start, h); positions start..
+            logits = self._logits(h[:, -1]) if end == len(r.prompt) else None
+        finally:
+            self._unbind_weights(bound)
+        r.staged_len = end
+        if logits is None:
+            return []
+        self.prefilling.pop(0)
+        slot = len(self.running)
+        self.running.append(r)
+        self.cache.reserve(len(self.running), min(self.block_size, len(r.prompt) + r.params.max_new_tokens))
+        self.cache.write(slot, r.staged.kv[:, :, 0], end)
+        r.staged = None
+        ev = self._accept([r], logits)
+        ev[0].cached_tokens = r.cached
+        return ev
 
     def _decode(self) -> list[TokenEvent]:
         rows = self.running

@@ -263,9 +263,11 @@ def test_weight_copies_bound_only_inside_step():
     assert after.logprobs != pytest.approx(before.logprobs, abs=1e-3)
 
 
-def test_random_schedules_match_reference():
+@pytest.mark.parametrize("engine_kw", [{}, {"prefill_chunk": 4, "prefix_cache_mb": 1}])
+def test_random_schedules_match_reference(engine_kw):
     """Random arrivals, cancellations, prompt lengths and slot counts: every surviving request gets exactly
-    the tokens a lone full-forward greedy decode gives (exercises slot compaction and cache growth)."""
+    the tokens a lone full-forward greedy decode gives (exercises slot compaction and cache growth; with
+    engine_kw also chunked prefill and the prefix cache)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
@@ -285,7 +287,7 @@ def test_random_schedules_match_reference():
     @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(req, min_size=1, max_size=5), st.integers(1, 3))
     def check(reqs, slots):
-        eng = Engine(model, tok, max_batch_size=slots)
+        eng = Engine(model, tok, max_batch_size=slots, **engine_kw)
         got, rid_of, step = {}, {}, 0
         todo = sorted(enumerate(reqs), key=lambda x: x[1][2])      # by arrival step
         while todo or eng.has_unfinished():
@@ -331,3 +333,49 @@ def test_identical_prompts_prefilled_once(family):
         assert c.token_ids == alone.token_ids
         assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
     assert out[0].token_ids != out[2].token_ids or out[2].token_ids != out[3].token_ids   # seeds differ
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_matches_and_keeps_others_decoding(family):
+    """prefill_chunk: a long prompt is prefilled a chunk per step while a running row gets a token every step;
+    its tokens and log-probabilities equal a whole prefill's."""
+    tok = small_tokenizer()
+    model = nano_model(family, tok.vocab_size, seed=9)
+    eng = Engine(model, tok, prefill_chunk=4)
+    short = tok.encode("To be")
+    long = tok.encode("What is 12 plus 30? The answer is 42. The quick brown fox")
+    assert len(short) <= 4 < 4 * 3 < len(long)
+    sp = SamplingParams(max_new_tokens=30, logprobs=True, **GREEDY)
+    r_short = eng.add_request(short, sp)
+    eng.step()                                   # the short one is running
+    r_long = eng.add_request(long, SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY))
+    got = {r_short: [], r_long: []}
+    lps = {r_short: [], r_long: []}
+    steps_until_long = 0
+    while eng.has_unfinished():
+        evs = eng.step()
+        ids = {ev.request_id for ev in evs}
+        if not got[r_long]:
+            steps_until_long += 1
+            assert r_short in ids or not eng.running   # never stalled by the long prefill
+        for ev in evs:
+            got[ev.request_id].append(ev.token_id)
+            lps[ev.request_id].append(ev.logprob)
+    assert steps_until_long == -(-len(long) // 4)           # one chunk per step
+    assert got[r_long] == reference_greedy(model, long, 6)
+    assert lps[r_long] == pytest.approx(reference_logprobs(model, long, got[r_long]), abs=1e-4)
+    assert got[r_short] == reference_greedy(model, short, 30)[1:]
+
+
+def test_chunked_prefill_cancel_and_invalid():
+    tok = small_tokenizer()
+    model = nano_model("nano", tok.vocab_size, seed=10)
+    eng = Engine(model, tok, prefill_chunk=3)
+    rid = eng.add_request(tok.encode("The quick brown fox jumps"), SamplingParams(max_new_tokens=4, **GREEDY))
+    eng.step()
+    assert eng.prefilling and eng.has_unfinished()
+    assert eng.cancel(rid) and not eng.prefilling and not eng.has_unfinished()
+    p = tok.encode("The lazy dog")
+    assert eng.generate([p], SamplingParams(max_new_tokens=4, **GREEDY))[0].token_ids == reference_greedy(model, p, 4)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(model, tok, prefill_chunk=-1)

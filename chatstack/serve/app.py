@@ -60,6 +60,7 @@ class ServerConfig:
     device: Optional[str] = None
     quantize: Optional[str] = None          # "int8": decode with int8 weights (CPU; chatstack.quantize)
     prefix_cache_mb: float = 256            # finished requests' keys/values kept for reuse (chatstack.prefix_cache)
+    prefill_chunk: int = 256                # longer prompts prefill a chunk per step; running streams go on
 
 
 class ServerState:
@@ -104,7 +105,7 @@ class ServerState:
 
 
 def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quantize: Optional[str] = None,
-                prefix_cache_mb: float = 0):
+                prefix_cache_mb: float = 0, prefill_chunk: int = 0):
     from chatstack.checkpoint import load_checkpoint
     from chatstack.engine import Engine
 
@@ -113,7 +114,7 @@ def load_engine(ckpt_path: str, device: Optional[str], max_batch_size: int, quan
         raise ValueError(f"{ckpt_path}: the checkpoint has no tokenizer.json")
     ckpt.model.eval()
     engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, device=device, quantize=quantize,
-                    prefix_cache_mb=prefix_cache_mb)
+                    prefix_cache_mb=prefix_cache_mb, prefill_chunk=prefill_chunk)
     engine.prepare_weights()     # before /health says ready: the first request doesn't pay for them
     return engine, ckpt.name
 
@@ -258,7 +259,8 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     def _load():
         try:
-            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size, cfg.quantize, cfg.prefix_cache_mb)
+            engine, name = load_engine(str(source), cfg.device, cfg.max_batch_size, cfg.quantize, cfg.prefix_cache_mb,
+                                       cfg.prefill_chunk)
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info("serving %s (%s)", st.model_id, source)
         except Exception as e:   # reported by /health and 503s, not a crash with a stack trace
@@ -791,6 +793,9 @@ def register(sub) -> None:
     p.add_argument("--prefix-cache-mb", type=float, default=256, metavar="MB",
                    help="keep finished requests' keys/values up to this many MB, so a request resending the same "
                         "history (multi-turn chat) prefills only what is new; 0 = off (default 256)")
+    p.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+                   help="prefill longer prompts this many tokens per engine step, so running streams keep going "
+                        "while a long prompt is read; 0 = whole prompts at once (default 256)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -822,7 +827,8 @@ def _cmd_serve(args) -> int:
                          rank_prompts=args.rank_prompts, max_queue=args.max_queue,
                          max_batch_size=args.max_batch_size, max_body_bytes=args.max_body_bytes,
                          any_model=args.any_model, device=args.device, stream_interval_s=args.stream_interval,
-                         quantize=args.quantize, prefix_cache_mb=args.prefix_cache_mb)
+                         quantize=args.quantize, prefix_cache_mb=args.prefix_cache_mb,
+                         prefill_chunk=args.prefill_chunk)
     except ValueError as e:
         raise CLIError(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
