@@ -9,6 +9,9 @@ How it works
     of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
     row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
     of the cache and no gather is needed) and a waiting request joins at the next `step()`.
+  * Chunked prefill (optional, `prefill_chunk`): a prompt longer than the chunk is prefilled a chunk per
+    step, in a staging cache of its own, between the running rows' decode steps; when done it takes a slot.
+    Identical prompts admitted together (n > 1 choices) are prefilled once and their keys/values copied.
   * Prefix caching (optional, `prefix_cache_mb`): finished rows' keys/values are kept, and a new request
     that starts with the same tokens copies them into its slot and prefills only the rest
     (chatstack.prefix_cache).
