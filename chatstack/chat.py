@@ -40,7 +40,7 @@ class SamplingArgs:
                                                                 "many MB, so the next turn (or sample) prefills only "
                                                                 "what is new; 0 = off"})
     quantize: str = field(default="", metadata={"help": "int8: decode with int8 weights (CPU; faster where decoding "
-                                                        "is bound by weight bytes, e.g. 1.3x on GPT-2 small; see "
+                                                        "is bound by weight bytes: 1.25-1.65x on GPT-2 small; see "
                                                         "chatstack/quantize.py for the measured quality cost)"})
 
 
