@@ -450,14 +450,20 @@ class Engine:
             if was_training:
                 self.model.train()
 
-    def _prefill(self, rows: list[_Row]) -> list[TokenEvent]:
+    def _cached_prefixes(self, rows: list[_Row]) -> dict:
+        """{rid: (n, kv)} for the rows whose prompt starts with n tokens the prefix cache holds."""
+        if self.prefix_cache is None:
+            return {}
+        self.prefix_cache.check_weights(self._weights_signature())
         hits = {}
-        if self.prefix_cache is not None:
-            self.prefix_cache.check_weights(self._weights_signature())
-            for r in rows:
-                n, kv = self.prefix_cache.lookup(r.prompt)
-                if n:
-                    hits[r.rid] = (n, kv)
+        for r in rows:
+            n, kv = self.prefix_cache.lookup(r.prompt)
+            if n:
+                hits[r.rid] = (n, kv)
+        return hits
+
+    def _prefill(self, rows: list[_Row]) -> list[TokenEvent]:
+        hits = self._cached_prefixes(rows)
         # Slot order: rows prefilled from scratch (one batched forward over contiguous slots), then copies of
         # them (a prompt admitted several times at once: n > 1 choices, self-consistency paths; prefilled once,
         # its keys/values copied), then rows that continue a cached prefix, one at a time (each has its own past)
@@ -521,12 +527,9 @@ class Engine:
         if r.staged is None:
             r.staged = SlotCache(self.cfg, self.device, self.cache.dtype, 1)
             r.staged.reserve(1, len(r.prompt))
-            if self.prefix_cache is not None:
-                self.prefix_cache.check_weights(self._weights_signature())
-                n, kv = self.prefix_cache.lookup(r.prompt)
-                if n:
-                    r.staged.write(0, kv, n)
-                    r.staged_len = r.cached = n
+            for n, kv in self._cached_prefixes([r]).values():
+                r.staged.write(0, kv, n)
+                r.staged_len = r.cached = n
         start = r.staged_len
         end = min(len(r.prompt), start + self.prefill_chunk)
         r.staged.prefill(0, 1, start=start)

@@ -109,3 +109,26 @@ def test_chat_session_reuses_history():
     fresh = ChatSession(Engine(model, tok), SamplingParams(max_new_tokens=6, **GREEDY), system="You answer briefly.")
     fresh.turns = chat.turns[:2]
     assert fresh.reply("To be, or not to be?") == chat.turns[-1]["content"]
+
+
+def test_chunked_prefill_starts_from_a_cached_prefix():
+    """A long prompt (chunked) that continues a cached one: the cached part is copied in, only the rest is run
+    chunk by chunk, and the first event reports how many prompt tokens came from the cache."""
+    tok = small_tokenizer()
+    model = nano_model("nano-llama", tok.vocab_size, seed=6)
+    eng = Engine(model, tok, prefix_cache_mb=16, prefill_chunk=4)
+    p1 = _turns(tok)
+    out1 = eng.generate([p1], SamplingParams(max_new_tokens=5, **GREEDY))[0]
+    p2 = p1 + out1.token_ids + tok.encode(" The lazy dog sleeps.")
+    n_cached = len(p1) + len(out1.token_ids) - 1
+    rid = eng.add_request(p2, SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY))
+    events, steps = [], 0
+    while eng.has_unfinished():
+        evs = eng.step()
+        steps += not events
+        events += evs
+    assert steps == -(-(len(p2) - n_cached) // 4)            # chunks of the uncached rest only
+    assert events[0].cached_tokens == n_cached and all(ev.request_id == rid for ev in events)
+    assert [ev.token_id for ev in events] == reference_greedy(model, p2, 6)
+    assert [ev.logprob for ev in events] == pytest.approx(
+        reference_logprobs(model, p2, [ev.token_id for ev in events]), abs=1e-4)
