@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatstack.kernels import gelu_tanh
 
 @dataclass
 class GPTConfig:
@@ -315,7 +316,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = gelu_tanh(h)            # aten's, or a fused kernel in CPU training steps (chatstack.kernels)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
