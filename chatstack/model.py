@@ -203,7 +203,11 @@ class _BF16Linear(torch.autograd.Function):
         g16 = g.to(torch.bfloat16)
         dx = torch.mm(g16, w16).to(ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = torch.mm(g16.t(), x16).float() if ctx.needs_input_grad[1] else None
-        db = g.sum(0, dtype=torch.float32) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        db = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # a bf16 gradient (the MLP's, the projections'): aten's bf16 sum (fp32 accumulation, one rounding) is
+            # 4x faster than sum(dtype=float32) here (0.21 vs 0.87 ms at 4096 x 512), and dw is bf16-rounded anyway
+            db = g.sum(0).float() if g.dtype == torch.bfloat16 else g.sum(0, dtype=torch.float32)
         return dx, dw, db, None
 
 
