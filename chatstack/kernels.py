@@ -10,8 +10,9 @@ GELU was ~8% of a training step (12% in bf16 mode). The same function written wi
     0.5 * x * (1 + tanh(z)) = x * sigmoid(2z),   z = sqrt(2/pi) * (x + 0.044715 x^3)
 
 (an identity, not another approximation) and fused by torch.compile (Inductor's C++ backend) into one pass
-runs in 1.1-1.8 ms forward and 1.3-1.7 ms backward, fp32 or bf16 in/out with fp32 math inside (measured:
-`python -m chatstack.kernels`). The tanh form compiled is no faster (3.9 ms): the sigmoid's exp is the cheap part.
+runs in 1.1-1.8 ms forward and 1.3-2.2 ms backward, fp32 or bf16 in/out with fp32 math inside. The tanh form
+compiled is no faster (3.9 ms): the sigmoid's exp is the cheap part. `python -m chatstack.kernels` measures
+the kernel against aten, then a whole training step with and without it.
 
 Where it is used: chatstack.model's MLP, only while autograd records a CPU tensor of >= 65,536 elements (a
 training step), because the first such call compiles (3-9 s, cached on disk by Inductor afterwards). Decode
@@ -100,8 +101,14 @@ def gelu_tanh(x: torch.Tensor, force: bool = False) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _bench(reps: int = 50) -> None:
+def _bench(reps: int = 50, rounds: int = 10) -> None:
+    """The kernel alone against aten, then a whole tiny-preset training step (B=16, T=256, AdamW) with and
+    without it, interleaved rounds of 3 steps, in fp32 and (with AMX) in bf16-matmul mode."""
+    import statistics
     import time
+
+    # the model calls the imported module's functions: under `python -m` this file is __main__, another copy
+    from chatstack import kernels as K
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     x = torch.randn(4096, 512)
@@ -125,6 +132,41 @@ def _bench(reps: int = 50) -> None:
               f"{t(lambda: F.gelu(xd, approximate='tanh')):.2f} ms, fused {t(lambda: _run('gelu_fwd', _gelu_fwd, None, xd)):.2f} ms"
               f" | backward: aten {t(lambda: _aten_gelu_bwd(gd, xd)):.2f} ms, fused "
               f"{t(lambda: _run('gelu_bwd', _gelu_bwd, None, gd, xd)):.2f} ms  (4096 x 512, median of {reps})")
+
+    from chatstack.model import cpu_bf16_matmuls
+    from chatstack.presets import get_preset
+    from chatstack.train.optim import build_adamw
+    from chatstack.train.pretrain import PretrainGPT
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    model = PretrainGPT(cfg)
+    opt = build_adamw(model, 1e-3, 0.1, (0.9, 0.95))
+    idx = torch.randint(0, cfg.vocab_size, (16, cfg.block_size + 1))
+    x_, y_ = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    modes = [("fp32", False)] + ([("bf16 matmuls", True)] if torch.cpu._is_amx_tile_supported() else [])
+    for label, bf16 in modes:
+        def step():
+            with cpu_bf16_matmuls(bf16):
+                _, loss = model(x_, y_)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times = {True: [], False: []}
+        for on in (True, False):
+            K._enabled = on
+            step()
+        for r in range(rounds):
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                K._enabled = on
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    step()
+                times[on].append((time.perf_counter() - t0) / 3 * 1e3)
+        K._enabled = True
+        ratio = statistics.median(a / b for a, b in zip(times[False], times[True]))
+        print(f"training step, tiny preset, {label}: aten GELU {statistics.median(times[False]):.0f} ms, fused "
+              f"{statistics.median(times[True]):.0f} ms; median of per-round ratios {ratio:.3f}x ({rounds} rounds)")
 
 
 if __name__ == "__main__":
