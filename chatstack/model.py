@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from chatstack.kernels import gelu_tanh
 
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
