@@ -5,6 +5,8 @@ same config, batch, thread count and process, measured in interleaved rounds (so
     python benchmarks/train_throughput.py --dtype fp32          # fp32 only, on both sides
     python benchmarks/train_throughput.py --malloc both         # also: default glibc malloc vs tuned (2 runs)
     python benchmarks/train_throughput.py --n-layer 6 --n-embd 256 --threads 2 --rounds 5
+    python benchmarks/train_throughput.py --runs 3               # three whole measurements, then each ratio's
+                                                                 # median, range and how many runs met 1.3x
 
 Precision: chatstack runs its step as `chatstack pretrain` would (--dtype auto: on a CPU with AMX, bf16 matmuls
 with everything else fp32; see chatstack.train.loop.resolve_dtype). When that is bf16, the same-precision
@@ -162,6 +164,9 @@ def main() -> None:
                          "CPU with AMX, else fp32); with bf16, HF is also measured under autocast bf16")
     ap.add_argument("--malloc", default="tuned", choices=["tuned", "default", "both"],
                     help="glibc malloc: chatstack's tuning (as the training loop applies it), the default, or both")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement (new models, new rounds); with more than one, end with each "
+                         "ratio's median, range and how many runs met the goal (single runs swing with machine load)")
     ap.add_argument("--json", action="store_true", help="print one JSON line (used by --malloc both)")
     args = ap.parse_args()
 
@@ -189,11 +194,22 @@ def main() -> None:
         from chatstack.train.distributed import tune_malloc
 
         args._tuned = tune_malloc()
-    res = measure(args)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        report(res)
+    results = []
+    for r in range(args.runs):
+        if args.runs > 1 and not args.json:
+            print(f"=== run {r + 1} of {args.runs}")
+        results.append(measure(args))
+        if args.json:
+            print(json.dumps(results[-1]))
+        else:
+            report(results[-1])
+    if args.runs > 1 and not args.json:
+        print(f"over {args.runs} runs: median (range) of each ratio, runs meeting 1.3x; [median of per-round ratios]")
+        for label in results[0]["ratios"]:
+            vals = sorted(res["ratios"][label]["ratio"] for res in results)
+            rounds = sorted(res["ratios"][label]["round_median"] for res in results)
+            print(f"  {label}: {statistics.median(vals):.2f}x ({vals[0]:.2f}-{vals[-1]:.2f}x), "
+                  f"{sum(v >= 1.3 for v in vals)}/{len(vals)}  [{statistics.median(rounds):.2f}x]")
 
 
 if __name__ == "__main__":
