@@ -15,7 +15,8 @@ compiled is no faster (3.9 ms): the sigmoid's exp is the cheap part. `python -m 
 the kernel against aten, then a whole training step with and without it.
 
 Where it is used: chatstack.model's MLP, only while autograd records a CPU tensor of >= 65,536 elements (a
-training step), because the first such call compiles (3-9 s, cached on disk by Inductor afterwards). Decode
+training step), because the first such call compiles (3-9 s, cached on disk by Inductor afterwards; one line on
+stderr says so). Decode
 steps, evals, tiny test models and GPUs keep aten's GELU. If compilation fails (no C++ compiler, an Inductor
 error) a warning is printed once and aten is used from then on. CHATSTACK_FUSED_KERNELS=0 turns it off.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -62,6 +64,10 @@ def _run(name: str, fn, fallback, *args):
     if _enabled:
         try:
             if name not in _compiled:
+                if not _compiled and os.environ.get("RANK", "0") == "0":
+                    # the first training step stalls for this: say why (once per process, rank 0)
+                    print("chatstack: compiling fused GELU kernels for CPU training (a few seconds, once; "
+                          "CHATSTACK_FUSED_KERNELS=0 skips)", file=sys.stderr, flush=True)
                 _compiled[name] = torch.compile(fn, dynamic=True)
             return _compiled[name](*args)
         except Exception as e:   # no compiler, or Inductor failed: aten from now on

@@ -97,3 +97,14 @@ def test_model_training_step_same_with_and_without_kernel(monkeypatch):
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not K.fused_available(), reason="fused kernels disabled (CHATSTACK_FUSED_KERNELS=0)")
+def test_first_compile_says_why_the_step_stalls(monkeypatch, capsys):
+    monkeypatch.setattr(K, "_compiled", {})
+    monkeypatch.delenv("RANK", raising=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    K.gelu_tanh(x, force=True).sum().backward()
+    K.gelu_tanh(x, force=True).sum().backward()
+    err = capsys.readouterr().err
+    assert err.count("compiling fused GELU kernels") == 1        # once, not per kernel or per call
