@@ -15,10 +15,10 @@ compiled is no faster (3.9 ms): the sigmoid's exp is the cheap part. `python -m 
 the kernel against aten, then a whole training step with and without it.
 
 Where it is used: chatstack.model's MLP, only while autograd records a CPU tensor of >= 65,536 elements (a
-training step), because the first such call compiles (3-9 s, cached on disk by Inductor afterwards; one line
-on stderr says so). Decode steps, evals, tiny test models and GPUs keep aten's GELU. If compilation fails (no
-C++ compiler, an Inductor error) a warning is printed once and aten is used from then on.
-CHATSTACK_FUSED_KERNELS=0 turns it off.
+training step), because the first such call in a process compiles: 5-9 s here, mostly importing and starting
+torch.compile (Inductor's disk cache saves only the code generation); one line on stderr says so. Decode
+steps, evals, tiny test models and GPUs keep aten's GELU. If compilation fails (no C++ compiler, an Inductor
+error) a warning is printed once and aten is used from then on. CHATSTACK_FUSED_KERNELS=0 turns it off.
 """
 from __future__ import annotations
 
