@@ -85,7 +85,7 @@ class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)        # the pre-activation, as aten's GELU keeps it
-        return _run("gelu_fwd", _gelu_fwd, lambda t: F.gelu(t, approximate="tanh"), x)
+        return _run("gelu_fwd", _gelu_fwd, _aten_gelu, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -94,17 +94,19 @@ class _GeluTanh(torch.autograd.Function):
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    return (_enabled and x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled()
+    # requires_grad first: it is False in every decode step, which then pays one attribute read
+    return (x.requires_grad and _enabled and torch.is_grad_enabled() and x.device.type == "cpu"
             and x.numel() >= MIN_NUMEL and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.compiler.is_compiling())
 
 
-def gelu_tanh(x: torch.Tensor, force: bool = False) -> torch.Tensor:
-    """GELU with the tanh approximation (GPT-2's); the fused kernel where it pays (see the module doc).
-    force=True uses the kernel whenever it is available (tests)."""
-    if (force and _enabled and x.device.type == "cpu") or use_fused(x):
-        return _GeluTanh.apply(x)
+def _aten_gelu(x):
     return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (GPT-2's); the fused kernel where it pays (see the module doc)."""
+    return _GeluTanh.apply(x) if use_fused(x) else _aten_gelu(x)
 
 
 def _bench(reps: int = 50, rounds: int = 10) -> None:
@@ -113,7 +115,7 @@ def _bench(reps: int = 50, rounds: int = 10) -> None:
     import statistics
     import time
 
-    # the model calls the imported module's functions: under `python -m` this file is __main__, another copy
+    # the model calls the imported module: under `python -m` this file is __main__, a second copy; use the first
     from chatstack import kernels as K
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -130,14 +132,20 @@ def _bench(reps: int = 50, rounds: int = 10) -> None:
             ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2] * 1e3
 
+    def fwd(xd):
+        return K._run("gelu_fwd", K._gelu_fwd, K._aten_gelu, xd)
+
+    def bwd(gd, xd):
+        return K._run("gelu_bwd", K._gelu_bwd, K._aten_gelu_bwd, gd, xd)
+
     for dtype in (torch.float32, torch.bfloat16):
         xd, gd = x.to(dtype), g.to(dtype)
         t0 = time.perf_counter()
-        _run("gelu_fwd", _gelu_fwd, None, xd), _run("gelu_bwd", _gelu_bwd, None, gd, xd)
+        fwd(xd), bwd(gd, xd)
         print(f"{str(dtype):15s} compile {time.perf_counter() - t0:.1f} s | forward: aten "
-              f"{t(lambda: F.gelu(xd, approximate='tanh')):.2f} ms, fused {t(lambda: _run('gelu_fwd', _gelu_fwd, None, xd)):.2f} ms"
-              f" | backward: aten {t(lambda: _aten_gelu_bwd(gd, xd)):.2f} ms, fused "
-              f"{t(lambda: _run('gelu_bwd', _gelu_bwd, None, gd, xd)):.2f} ms  (4096 x 512, median of {reps})")
+              f"{t(lambda: K._aten_gelu(xd)):.2f} ms, fused {t(lambda: fwd(xd)):.2f} ms"
+              f" | backward: aten {t(lambda: K._aten_gelu_bwd(gd, xd)):.2f} ms, fused "
+              f"{t(lambda: bwd(gd, xd)):.2f} ms  (4096 x 512, median of {reps})")
 
     from chatstack.model import cpu_bf16_matmuls
     from chatstack.presets import get_preset

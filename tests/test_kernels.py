@@ -22,7 +22,7 @@ def test_fused_gelu_matches_aten_fp32():
     torch.manual_seed(0)
     x = (torch.randn(64, 1024) * 3).requires_grad_()   # covers the tails, where tanh saturates
     g = torch.randn(64, 1024)
-    y = K.gelu_tanh(x, force=True)
+    y = K.gelu_tanh(x)
     assert y.grad_fn is not None and "GeluTanh" in type(y.grad_fn).__name__   # the kernel ran, not aten
     y.backward(g)
     y_ref, dx_ref = _ref(x, g)
@@ -31,12 +31,13 @@ def test_fused_gelu_matches_aten_fp32():
 
 
 @pytest.mark.skipif(not K.fused_available(), reason="fused kernels disabled (CHATSTACK_FUSED_KERNELS=0)")
-def test_fused_gelu_bf16_in_bf16_out():
+def test_fused_gelu_bf16_in_bf16_out(monkeypatch):
+    monkeypatch.setattr(K, "MIN_NUMEL", 0)          # a small tensor takes the kernel too
     torch.manual_seed(1)
     x32 = torch.randn(32, 512) * 2
     x = x32.bfloat16().requires_grad_()
     g = torch.randn(32, 512).bfloat16()
-    y = K.gelu_tanh(x, force=True)
+    y = K.gelu_tanh(x)
     assert y.dtype == torch.bfloat16
     y.backward(g)
     assert x.grad.dtype == torch.bfloat16
@@ -61,12 +62,13 @@ def test_compile_failure_falls_back_to_aten(monkeypatch):
 
     monkeypatch.setattr(K, "_compiled", {})
     monkeypatch.setattr(K, "_enabled", True)
+    monkeypatch.setattr(K, "MIN_NUMEL", 0)
     monkeypatch.setattr(K.torch, "compile", broken)
     x = torch.randn(16, 64, requires_grad=True)
     g = torch.randn(16, 64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = K.gelu_tanh(x, force=True)
+        y = K.gelu_tanh(x)
         y.backward(g)
     assert any("no C++ compiler" in str(w.message) for w in caught)
     assert not K.fused_available()           # aten from now on (monkeypatch restores the flag after the test)
@@ -102,9 +104,10 @@ def test_model_training_step_same_with_and_without_kernel(monkeypatch):
 @pytest.mark.skipif(not K.fused_available(), reason="fused kernels disabled (CHATSTACK_FUSED_KERNELS=0)")
 def test_first_compile_says_why_the_step_stalls(monkeypatch, capsys):
     monkeypatch.setattr(K, "_compiled", {})
+    monkeypatch.setattr(K, "MIN_NUMEL", 0)
     monkeypatch.delenv("RANK", raising=False)
     x = torch.randn(8, 64, requires_grad=True)
-    K.gelu_tanh(x, force=True).sum().backward()
-    K.gelu_tanh(x, force=True).sum().backward()
+    K.gelu_tanh(x).sum().backward()
+    K.gelu_tanh(x).sum().backward()
     err = capsys.readouterr().err
     assert err.count("compiling fused GELU kernels") == 1        # once, not per kernel or per call
