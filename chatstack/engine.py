@@ -53,6 +53,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from chatstack import hugepages
 from chatstack.model import Linear
 from chatstack.prefix_cache import PrefixCache
 from chatstack.quantize import Int8Weight, check_quantize, int8_supported
@@ -404,7 +405,9 @@ class Engine:
                 fast = entry[2]
             elif self.transposed:
                 if entry[1] is None:
-                    entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
+                    wt_ = w.detach().t()
+                    # (out, in) view of an (in, out) copy; on CPU on huge pages (chatstack.hugepages: streamed faster)
+                    entry[1] = (hugepages.copy(wt_) if wt_.device.type == "cpu" else wt_.contiguous()).t()
                 fast = entry[1]
             else:
                 continue

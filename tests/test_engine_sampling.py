@@ -94,3 +94,9 @@ def test_greedy_is_first_argmax(B, V):
     assert torch.equal(greedy(x), x.max(dim=-1).indices)
     x = torch.full((B, V), float("-inf"))
     assert (greedy(x) == 0).all()
+    # the maximum in the last, possibly short, block (V not a multiple of 64: GPT-2's 50,257)
+    x = torch.randn(B, V, generator=g)
+    x[:, V - 1] = 50.0
+    assert (greedy(x) == V - 1).all()
+    x[:, V - 2] = 50.0
+    assert (greedy(x) == V - 2).all()
