@@ -24,22 +24,24 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     CPU's max(dim)/argmax kernels walk a row one element at a time (16 x 4096: 88 / 161 us), while amax
     is vectorised (8 us). So for a batch, the row is cut into blocks of 64 (the last one may be shorter): the
     vectorised amax of each block, the first block holding the row's maximum, then the first maximum inside
-    that one block (16 x 4096: 48 us; 1 x 50,304: 47 vs 99 us; 1 x 50,257, GPT-2's vocabulary with its short last block:
-    43-45 vs 59-62 us). Same answer, ties included: the first block with
-    the maximum holds its first occurrence. A single row of a small vocabulary stays on max(dim) (1 x 4096:
-    16 vs 33 us: the extra small ops cost more than the scan)."""
+    that one block (16 x 4096: 48 us; 1 x 50,304: 47 vs 99 us; 1 x 50,257, GPT-2's vocabulary, whose last
+    block is short: 43-48 vs 59-70 us). Same answer, ties included: the first block with the maximum holds its
+    first occurrence. A single row of a small vocabulary stays on max(dim) (1 x 4096: 16 vs 33 us: the extra
+    small ops cost more than the scan)."""
     B, V = logits.shape
     blk = 64
     if B * V < 16384 or logits.stride(-1) != 1:
         return logits.max(dim=-1).indices
     nb = V // blk
     v = logits.as_strided((B, nb, blk), (logits.stride(0), blk, 1))               # (B, nb, blk); a sliced vocab too
-    block_max = v.amax(dim=-1)                                                    # (B, nb)
-    if V % blk:                                                                   # the short last block
-        block_max = torch.cat([block_max, logits[:, nb * blk:].amax(dim=-1, keepdim=True)], dim=1)
-    best_blk = block_max.argmax(dim=-1)                                           # (B,)
-    # the chosen block's columns; past the end of the vocabulary they repeat its last column, which can only
-    # tie with an earlier copy of itself, so the first maximum is still a real position
+    if V % blk == 0:
+        best_blk = v.amax(dim=-1).argmax(dim=-1)                                 # (B,)
+        inner = v.gather(1, best_blk.view(B, 1, 1).expand(B, 1, blk)).view(B, blk)   # (B, blk)
+        return best_blk * blk + inner.argmax(dim=-1)
+    # a short last block: its maximum joins the others'; the chosen block's columns are gathered from the row,
+    # and past its end they repeat the row's last column, which can only tie with an earlier copy of itself
+    block_max = torch.cat([v.amax(dim=-1), logits[:, nb * blk:].amax(dim=-1, keepdim=True)], dim=1)  # (B, nb + 1)
+    best_blk = block_max.argmax(dim=-1)
     cols = (best_blk[:, None] * blk + torch.arange(blk, device=logits.device)).clamp_(max=V - 1)   # (B, blk)
     return best_blk * blk + logits.gather(1, cols).argmax(dim=-1)
 
