@@ -4,10 +4,12 @@
     w_t = hugepages.empty((768, 3072), torch.float32).copy_(w.t())   # same values, 2 MiB pages where possible
 
 Why: a batch-1 decode step reads every weight once (GPT-2 small: ~500 MB of fp32 per token), so it runs at the
-speed memory streams into the cores. With ordinary 4 KiB pages that stream crosses a page every 4 KiB. `python -m
-chatstack.hugepages` streams GPT-2 small's 49 decode matrix-vector products (the engine's (in, out) copies) from
-each kind of page in alternating rounds; on the 2-vCPU Xeon this project is measured on it ran at 28.4-29.2 GB/s
-from 4 KiB pages and 30.6-30.9 GB/s from huge pages.
+speed memory streams into the cores, and with ordinary pages that stream needs a new address translation
+every 4 KiB. `python -m chatstack.hugepages` runs GPT-2 small's 49 decode matrix-vector products (the engine's
+(in, out) copies) from each kind of page in alternating rounds. On the 2-vCPU Xeon this project is measured on,
+huge pages were faster in all 5 runs, by a median of 1.01-1.06x (best rates e.g. 33.2 vs 30.6 GB/s). The price
+is paid once per copy: GPT-2 small's Engine.prepare_weights() takes 0.61-0.85 s instead of 0.45 s, since the
+kernel clears and assembles 2 MiB pages at first touch.
 
 How: Linux backs an anonymous region with huge pages when the kernel's THP mode is `always`, or `madvise` and the
 region was marked with madvise(MADV_HUGEPAGE) before it is first written. torch's CPU allocator does neither, so
