@@ -9,10 +9,8 @@ What it prints (each as a ratio, goals from issue #4):
   2. the same for the GPT-2 small config (124M, random weights):                   engine / HF  (goal >= 1.0x)
   3. GPT-2 small engine tokens/s against the memory-bandwidth bound, where the bound is measured copy
      bandwidth (STREAM convention: 2 x bytes / time for a 512 MB copy) / fp32 bytes of weights read per
-     token (goal >= 85%); a read-only bandwidth (a 512 MB sum) and, where Linux gives them, the same copy
-     between huge-page buffers (chatstack.hugepages, where the engine keeps its weight copies) are printed
-     alongside for reference. All are timed in the same rounds as the decodes (interleaved), like every
-     other ratio here
+     token (goal >= 85%); a read-only bandwidth (a 512 MB sum) is printed alongside for reference. Both
+     are timed in the same rounds as the decodes (interleaved), like every other ratio here
   4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x)
   5. (no goal) GPT-2 small with int8 weights for decoding (Engine(quantize="int8"), chatstack.quantize),
      timed in the same rounds: tokens/s against the fp32 engine and HF. Its quality cost on trained models
@@ -31,7 +29,6 @@ import time
 
 import torch
 
-from chatstack import hugepages
 from chatstack.engine import Engine, SamplingParams
 from chatstack.model import GPT
 from chatstack.presets import get_preset
@@ -101,14 +98,7 @@ def bandwidth_fns(mb: int = 512):
     n = mb * 2**20 // 4
     src = torch.randn(n)
     dst = torch.empty_like(src)
-    fns, nbytes = [lambda: dst.copy_(src), lambda: src.sum()], [2 * n * 4, n * 4]
-    if hugepages.enabled():
-        # the same copy between buffers on huge pages, where the engine keeps its weight copies: printed for
-        # reference (the goal's bound stays the plain copy above, as defined since the benchmark was written)
-        hsrc, hdst = hugepages.copy(src), hugepages.empty((n,))
-        fns.append(lambda: hdst.copy_(hsrc))
-        nbytes.append(2 * n * 4)
-    return fns, nbytes
+    return [lambda: dst.copy_(src), lambda: src.sum()], [2 * n * 4, n * 4]
 
 
 def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: int = 8, extra=(), int8=False):
@@ -209,15 +199,12 @@ def measure(args) -> list[float]:
     _, _, _, g_ours, g_hf, same_g, more_times = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
                                                             extra=bw_fns, int8=True)
     bw_times = more_times[1:]
-    bw, read_bw, *huge_bw = (b / t for b, t in zip(bw_bytes, bw_times))
+    bw, read_bw = (b / t for b, t in zip(bw_bytes, bw_times))
     cfg = get_preset("gpt2")
     weight_bytes = _weights_read_per_token(cfg)
     bound = bw / weight_bytes
     print(f"  copy bandwidth {bw / 1e9:.1f} GB/s (read-only {read_bw / 1e9:.1f} GB/s); weights read per token "
           f"{weight_bytes / 1e6:.0f} MB -> bound {bound:.1f} tok/s (read-only bound {read_bw / weight_bytes:.1f})")
-    if huge_bw:
-        print(f"  copy bandwidth on huge pages {huge_bw[0] / 1e9:.1f} GB/s -> bound {huge_bw[0] / weight_bytes:.1f} tok/s; "
-              f"the engine reaches {g_ours[0] / (huge_bw[0] / weight_bytes):.0%} of it")
 
     print("\nratios (goal)                            wall clock   per CPU second")
     print(f"  tiny batch-1 engine / HF generate      {tiny_ours[0] / tiny_hf[0]:5.2f}x      {tiny_ours[1] / tiny_hf[1]:5.2f}x"

@@ -53,7 +53,6 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from chatstack import hugepages
 from chatstack.model import Linear
 from chatstack.prefix_cache import PrefixCache
 from chatstack.quantize import Int8Weight, check_quantize, int8_supported
@@ -270,10 +269,9 @@ class Engine:
         when a weight's version counter or storage moves (in-place updates, load_state_dict) and after
         any torch.optim optimizer step in this process (fused optimizers update weights without bumping
         the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
-        those. Making them is a full transposing copy (GPT-2 small: 0.6-0.85 s, onto huge pages: see
-        chatstack.hugepages), so it is done only then, not on every generate() call. Default: on for CPU when
-        the model's weights take at most 1 GiB (so a larger model loaded for CPU chat never needs twice its
-        memory), off elsewhere."""
+        those. Making them is a full transposing copy (GPT-2 small: ~0.45 s), so it is done only then, not
+        on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
+        larger model loaded for CPU chat never needs twice its memory), off elsewhere."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config
@@ -375,7 +373,7 @@ class Engine:
 
     def prepare_weights(self) -> None:
         """Make the derived weight copies (transposed, int8) now rather than in the first request's steps
-        (GPT-2 small: 0.6-0.85 s), so a server's or chat's first reply doesn't wait for them."""
+        (GPT-2 small: ~0.45 s), so a server's or chat's first reply doesn't wait for them."""
         self._unbind_weights(self._bind_weights())
         self._unbind_weights(self._bind_weights(quantized=True))
 
@@ -406,9 +404,7 @@ class Engine:
                 fast = entry[2]
             elif self.transposed:
                 if entry[1] is None:
-                    w_in_out = w.detach().t()
-                    # (out, in) view of an (in, out) copy; on CPU on huge pages (chatstack.hugepages: streamed faster)
-                    entry[1] = (hugepages.copy(w_in_out) if w.device.type == "cpu" else w_in_out.contiguous()).t()
+                    entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
                 fast = entry[1]
             else:
                 continue

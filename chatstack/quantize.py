@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from chatstack import hugepages
-
 # the kernel's input width must be a multiple of this (see the docstring)
 INT8_IN_MULTIPLE = 16
 QUANTIZE_KINDS = ("int8",)
@@ -58,8 +56,7 @@ class Int8Weight:
     __slots__ = ("q", "scale")
 
     def __init__(self, weight: torch.Tensor):
-        q, self.scale = quantize_int8(weight)
-        self.q = hugepages.copy(q)          # streamed by every decode step: 2 MiB pages (chatstack.hugepages)
+        self.q, self.scale = quantize_int8(weight)
 
     def linear(self, x: torch.Tensor, bias) -> torch.Tensor:
         shape = x.shape
