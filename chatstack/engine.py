@@ -53,6 +53,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from chatstack.decode_step import DecodeStep
 from chatstack.model import Linear
 from chatstack.prefix_cache import PrefixCache
 from chatstack.quantize import Int8Weight, check_quantize, int8_supported
@@ -168,7 +169,9 @@ class SlotCache:
         self.pos = start
 
     def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
-        """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,))."""
+        """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,)).
+        Returns where the keys/values go: the int, or each (k|v, row, head)'s flat row index in a layer's kv
+        viewed as (-1, head_dim) (what chatstack.decode_step takes)."""
         if not isinstance(write_pos, int):
             # flat row index of (k|v, slot b, head h, position p) in a layer viewed as (2*slots*Hkv*length, hd):
             # one index_copy_ per layer writes every row's new key and value at its own position
@@ -180,6 +183,7 @@ class SlotCache:
             write_pos = (self._base + write_pos[:, None]).view(-1)                                  # (2*B*Hkv,)
         self._mode = ("decode", B, write_pos, S)
         self.pos = S - 1
+        return write_pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         mode = self._mode
@@ -297,6 +301,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefilling: list[_Row] = []   # long prompts being prefilled chunk by chunk, oldest first
         self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
+        # decode steps of a chatstack GPT skip the nn.Module calls (chatstack.decode_step); None: hidden_states
+        self._decode_step = DecodeStep.for_model(model)
         self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
         # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
         self._wt: dict = {}
@@ -364,6 +370,7 @@ class Engine:
         re-makes them."""
         self._wt = {}
         self._linears = None
+        self._decode_step = DecodeStep.for_model(self.model)   # modules may have been replaced too
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -564,7 +571,7 @@ class Engine:
             # every row at the same length (always so at batch 1): no mask, all S keys are valid
             positions = torch.full((1, 1), S - 1, device=self.device, dtype=torch.long)
             mask = None
-            self.cache.decode(B, S - 1, S)
+            write = self.cache.decode(B, S - 1, S)
         else:
             wp = torch.tensor(pos, device=self.device)
             positions = wp.view(B, 1)
@@ -573,11 +580,14 @@ class Engine:
             hide = self._key_pos[:S] > positions                                               # (B, S)
             mask = torch.zeros(B, self._mask_heads, 1, S, device=self.device, dtype=self.cache.dtype).masked_fill_(
                 hide.view(B, 1, 1, S), float("-inf"))                                          # (B, Hm, 1, S)
-            self.cache.decode(B, wp, S)
+            write = self.cache.decode(B, wp, S)
         bound = self._bind_weights(quantized=True)
         try:
-            h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)   # (B, 1, h)
-            logits = self._logits(h[:, -1])
+            if self._decode_step is not None:     # a chatstack GPT: the module-free decode forward
+                logits = self._decode_step(idx.view(B), positions, self.cache.kv, write, S, mask)   # (B, V)
+            else:
+                h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)  # (B, 1, h)
+                logits = self._logits(h[:, -1])
         finally:
             self._unbind_weights(bound)
         return self._accept(rows, logits)

@@ -76,7 +76,9 @@ def test_greedy_rows_take_argmax():
     assert out[0] == am[0] and out[2] == am[2]
 
 
-@pytest.mark.parametrize("B,V", [(1, 320), (16, 4096), (1, 50257), (3, 30011), (1, 50304), (5, 8192), (400, 50)])
+# the first four take max(dim); the rest (B * V >= 2**19) the block path, with a short last block or without
+@pytest.mark.parametrize("B,V", [(1, 320), (16, 4096), (1, 50257), (3, 30011), (16, 50257), (11, 50304),
+                                 (2000, 300), (9000, 64)])
 def test_greedy_is_first_argmax(B, V):
     """greedy() takes a vectorised path for large inputs: it must still give max(dim)'s first index on
     ties, follow a NaN as max(dim) does, and accept a sliced (padded-vocab) view."""
