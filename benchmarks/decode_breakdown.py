@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from chatstack import decode_step
 from chatstack.engine import Engine, SamplingParams
 from chatstack.model import GPT, Linear
 from chatstack.presets import get_preset
@@ -40,13 +41,24 @@ def step_split(preset: str, tokens: int, repeats: int) -> None:
     weight_bytes = _weights_read_per_token(cfg)
 
     inside = [0.0]
-    plain_forward = Linear.forward
+    plain_forward = Linear.forward          # prefill (GPT.hidden_states) calls the Linear modules
+    plain_linear = decode_step._linear       # decode steps (chatstack.decode_step) call this per Linear
 
     def timed_forward(self, x):
         t0 = time.perf_counter()
         y = plain_forward(self, x)
         inside[0] += time.perf_counter() - t0
         return y
+
+    def timed_linear(m, x):
+        t0 = time.perf_counter()
+        y = plain_linear(m, x)
+        inside[0] += time.perf_counter() - t0
+        return y
+
+    def timing(on: bool):
+        Linear.forward = timed_forward if on else plain_forward
+        decode_step._linear = timed_linear if on else plain_linear
 
     best = {"step": float("inf"), "timed step": float("inf"), "linears": float("inf"), "copy": float("inf")}
     engine.generate([prompt], sp)                              # warm-up
@@ -56,19 +68,19 @@ def step_split(preset: str, tokens: int, repeats: int) -> None:
             t0 = time.perf_counter()
             engine.generate([prompt], sp)
             best["step"] = min(best["step"], time.perf_counter() - t0)
-            Linear.forward = timed_forward
+            timing(True)
             inside[0] = 0.0
             t0 = time.perf_counter()
             engine.generate([prompt], sp)
             total = time.perf_counter() - t0
-            Linear.forward = plain_forward
+            timing(False)
             if total < best["timed step"]:
                 best["timed step"], best["linears"] = total, inside[0]
             t0 = time.perf_counter()
             copy_fn()
             best["copy"] = min(best["copy"], time.perf_counter() - t0)
     finally:
-        Linear.forward = plain_forward
+        timing(False)
     forwards = tokens + 1          # the prompt's prefill reads every weight once more
     per = {k: v / forwards * 1e3 for k, v in best.items() if k != "copy"}
     bw = copy_bytes / best["copy"]
