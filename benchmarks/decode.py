@@ -11,7 +11,8 @@ What it prints (each as a ratio, goals from issue #4):
      bandwidth (STREAM convention: 2 x bytes / time for a 512 MB copy) / fp32 bytes of weights read per
      token (goal >= 85%); a read-only bandwidth (a 512 MB sum) is printed alongside for reference. Both
      are timed in the same rounds as the decodes (interleaved), like every other ratio here
-  4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x)
+  4. batched throughput at 16 rows / batch-1 tokens/s on the tiny preset                     (goal >= 8x);
+     alongside (no goal), the same 16 prompts through HF generate() as one left-padded batch
   5. (no goal) GPT-2 small with int8 weights for decoding (Engine(quantize="int8"), chatstack.quantize),
      timed in the same rounds: tokens/s against the fp32 engine and HF. Its quality cost on trained models
      is measured by benchmarks/quantize_quality.py
@@ -141,7 +142,7 @@ def bench_model(name: str, preset: str, tokens: int, repeats: int, prompt_len: i
         print(f"  engine, int8 weights {tokens / t8:8.1f} tok/s: {t_ours / t8:.2f}x the fp32 engine, "
               f"{t_hf / t8:.2f}x HF (greedy tokens equal to fp32: {agree}/{tokens}; random weights, so the "
               f"quality cost is measured elsewhere)")
-    return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same, wall[2:]
+    return model, engine, prompt, (tokens / t_ours, tokens / c_ours), (tokens / t_hf, tokens / c_hf), same, wall[2:], hf
 
 
 GOALS = [("tiny batch-1 engine / HF", 1.5, "x"), ("gpt2 small batch-1 engine / HF", 1.0, "x"),
@@ -178,7 +179,7 @@ def main():
 
 def measure(args) -> list[float]:
     """One full measurement; prints it and returns the four goal ratios (wall clock), in GOALS' order."""
-    model, engine, prompt, tiny_ours, tiny_hf, same_tiny, _ = bench_model("tiny", "tiny", args.tokens, args.repeats)
+    model, engine, prompt, tiny_ours, tiny_hf, same_tiny, _, hf = bench_model("tiny", "tiny", args.tokens, args.repeats)
     # batched: B different prompts (different lengths), all greedy, same number of new tokens
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(2)
@@ -187,17 +188,20 @@ def measure(args) -> list[float]:
     sp1 = SamplingParams(max_new_tokens=args.tokens, temperature=0, stop_token_ids=[])
     # the same batch with equal prompt lengths: what the per-row positions + key mask of mixed lengths cost
     even = [torch.randint(0, V, (8,), generator=g).tolist() for _ in range(args.batch)]
-    (t_1, t_b, t_even), (c_1, c_b, _), _ = best_times([lambda: engine.generate(prompts[:1], sp1),
-                                        lambda: engine.generate(prompts, sp),
-                                        lambda: engine.generate(even, sp)], args.repeats)
+    (t_1, t_b, t_even, t_hfb), (c_1, c_b, _, _), outs = best_times(
+        [lambda: engine.generate(prompts[:1], sp1), lambda: engine.generate(prompts, sp),
+         lambda: engine.generate(even, sp), lambda: hf_batched(hf, prompts, args.tokens)], args.repeats)
     batched, single = args.batch * args.tokens / t_b, args.tokens / t_1
     batched_cpu, single_cpu = args.batch * args.tokens / c_b, args.tokens / c_1
+    same_b = [c.token_ids for c in outs[1]] == outs[3]
     print(f"  engine batched x{args.batch}: {batched:8.1f} tok/s, prompts of 4-11 tokens "
           f"(equal 8-token prompts: {args.batch * args.tokens / t_even:.1f}; batch-1 alongside: {single:.1f})")
+    print(f"  HF generate, the same {args.batch} prompts left-padded: {args.batch * args.tokens / t_hfb:8.1f} tok/s "
+          f"-> engine {t_hfb / t_b:.2f}x (no goal; identical greedy tokens: {same_b})")
 
     bw_fns, bw_bytes = bandwidth_fns()
-    _, _, _, g_ours, g_hf, same_g, more_times = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
-                                                            extra=bw_fns, int8=True)
+    _, _, _, g_ours, g_hf, same_g, more_times, _ = bench_model("gpt2 small", "gpt2", args.tokens, args.repeats,
+                                                               extra=bw_fns, int8=True)
     bw_times = more_times[1:]
     bw, read_bw = (b / t for b, t in zip(bw_bytes, bw_times))
     cfg = get_preset("gpt2")
@@ -217,6 +221,21 @@ def measure(args) -> list[float]:
     if not (same_tiny and same_g):
         print("  WARNING: engine and HF produced different greedy tokens")
     return [tiny_ours[0] / tiny_hf[0], g_ours[0] / g_hf[0], g_ours[0] / bound, batched / single]
+
+
+def hf_batched(hf, prompts: list, tokens: int) -> list:
+    """HF generate() over all prompts at once, left-padded (GPT-2 then takes positions from the attention mask):
+    the peer for the engine's batched throughput. Returns each row's new tokens."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                          use_cache=True, eos_token_id=None, pad_token_id=0)
+    return out[:, T:].tolist()
 
 
 def _weights_read_per_token(cfg) -> int:
