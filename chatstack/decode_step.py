@@ -34,7 +34,7 @@ from chatstack.model import GPT, apply_rope
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
     """What chatstack.model.Linear.forward computes, without the Module call: the bound fast_weight (an (in, out)
-    copy's transposed view, or an Int8Weight) when the engine bound one, else the Linear's own forward."""
+    copy's transposed view, an Int8Weight or a CPUWeight) when the engine bound one, else the Linear's own forward."""
     w = m.__dict__.get("fast_weight")
     if w is None:
         return m.forward(x)

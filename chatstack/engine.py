@@ -4,7 +4,8 @@ How it works
   * Prefill: a new request's whole prompt goes through the model once, filling its KV-cache slot; the
     logits at its last prompt token give the first new token.
   * Decode: every step feeds each running row its latest token (one position per row) and attends over
-    that row's cached keys/values only, so each step costs one small forward for the whole batch.
+    that row's cached keys/values only, so each step costs one small forward for the whole batch. For a
+    chatstack GPT that forward is chatstack.decode_step (the model's ops without nn.Module calls, same logits).
   * Continuous batching: rows live in slots 0..n-1 of a `SlotCache`; each row keeps its own length. Rows
     of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
     row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
@@ -53,6 +54,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from chatstack.cpu_matmul import CPUWeight, cpu_matmul_backend
 from chatstack.decode_step import DecodeStep
 from chatstack.model import Linear
 from chatstack.prefix_cache import PrefixCache
@@ -247,12 +249,17 @@ class _Row:
 
 
 TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weight copies (see Engine)
+STREAMING_BYTES = 64 << 20         # a model with more weight bytes than this streams them from memory every step
+
+
+def weight_bytes_of(model) -> int:
+    return sum(q.numel() * q.element_size() for q in model.parameters())
 
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
                  transposed_weights: Optional[bool] = None, quantize: Optional[str] = None,
-                 prefix_cache_mb: float = 0, prefill_chunk: int = 0):
+                 prefix_cache_mb: float = 0, prefill_chunk: int = 0, cpu_matmul: Optional[str] = None):
         """prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
         while the running rows go on decoding (a long prompt would otherwise stall every stream for its whole
         prefill). 0 = off: a prompt is prefilled in one forward.
@@ -275,7 +282,12 @@ class Engine:
         the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
         those. Making them is a full transposing copy (GPT-2 small: ~0.45 s), so it is done only then, not
         on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
-        larger model loaded for CPU chat never needs twice its memory), off elsewhere."""
+        larger model loaded for CPU chat never needs twice its memory), off elsewhere.
+
+        cpu_matmul: which kernels those copies are made for (chatstack.cpu_matmul): "mkl" (the (in, out) copies
+        above), "onednn" (a oneDNN-packed copy per weight, and a one-row product split over the threads when the
+        weights stream from memory: 1.5-4x faster products where MKL is slow, i.e. on x86 CPUs that are not
+        Intel's), or "auto"; None = the CHATSTACK_CPU_MATMUL environment variable, else auto."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config
@@ -291,9 +303,13 @@ class Engine:
         self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
                                                     getattr(tokenizer, "im_end_id", None)) if i is not None})
         if transposed_weights is None:
-            weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-            transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
+            transposed_weights = self.device.type == "cpu" and weight_bytes_of(model) <= TRANSPOSED_MAX_BYTES
         self.transposed = transposed_weights
+        # which kernels the copies are for (chatstack.cpu_matmul): MKL from (in, out) copies, or, on CPUs MKL is
+        # slow on (x86 that isn't Intel's), oneDNN-packed copies and a one-row product split over the threads
+        self.cpu_matmul = cpu_matmul_backend(cpu_matmul) if self.device.type == "cpu" else None
+        # weights that can't stay in the caches between steps: a one-row product is bound by memory bandwidth
+        self._streaming = weight_bytes_of(model) > STREAMING_BYTES
         self.quantize = check_quantize(quantize, self.device)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         if prefill_chunk < 0:
@@ -411,7 +427,10 @@ class Engine:
                 fast = entry[2]
             elif self.transposed:
                 if entry[1] is None:
-                    entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
+                    if self.cpu_matmul == "onednn" and w.dtype == torch.float32:   # (what was measured)
+                        entry[1] = CPUWeight(w, streaming=self._streaming)
+                    else:
+                        entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
                 fast = entry[1]
             else:
                 continue

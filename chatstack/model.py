@@ -221,10 +221,10 @@ class Linear(nn.Linear):
     GPT-2's 768->3072 at one row streams its weight at 16 instead of 11.7 GB/s). The engine
     (chatstack.engine) sets it for the duration of one step and removes it after, so everywhere else
     (training, evals, checkpoints) this is plain nn.Linear, except inside `cpu_bf16_matmuls()` (above).
-    For an int8-quantised decode step the engine binds a chatstack.quantize.Int8Weight instead, which
-    computes the product itself.
+    For an int8-quantised decode step the engine binds a chatstack.quantize.Int8Weight instead, and on CPUs
+    where MKL is slow a chatstack.cpu_matmul.CPUWeight (oneDNN-packed); both compute the product themselves.
     """
-    fast_weight = None   # None = use weight; a Tensor (see above); or an Int8Weight
+    fast_weight = None   # None = use weight; a Tensor (see above); or an object with linear(x, bias)
     # under cpu_bf16_matmuls: return the product in bf16 (set where the consumer takes bf16 as well: the MLP's
     # activation, or a residual add, which promotes to fp32 inside its own kernel) instead of casting it to fp32
     bf16_out: bool = False
