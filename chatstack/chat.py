@@ -91,7 +91,7 @@ def _engine(ck, args) -> Engine:
     except ValueError as e:
         raise CLIError(str(e)) from None
     engine.prepare_weights()     # now, so --stats times the first reply like the others
-    if getattr(args, "stats", False) and engine.cpu_matmul:
+    if args.stats and engine.cpu_matmul:
         print(f"(CPU products: {engine.cpu_matmul}; CHATSTACK_CPU_MATMUL=auto|mkl|onednn chooses, "
               f"see chatstack/cpu_matmul.py)", file=sys.stderr)
     return engine

@@ -45,6 +45,7 @@ SMALL_MAX_ROWS = 32        # ... up to this many rows; from here oneDNN is faste
 PACK_ROWS = 16             # the row count oneDNN packs for (measured: as fast as packing per row count, 1-256)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or "" where it can't be read."""
     try:

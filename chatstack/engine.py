@@ -252,10 +252,6 @@ TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weig
 STREAMING_BYTES = 64 << 20         # a model with more weight bytes than this streams them from memory every step
 
 
-def weight_bytes_of(model) -> int:
-    return sum(q.numel() * q.element_size() for q in model.parameters())
-
-
 class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
                  transposed_weights: Optional[bool] = None, quantize: Optional[str] = None,
@@ -302,14 +298,15 @@ class Engine:
         self.n_vocab = min(tv, self.cfg.vocab_size)
         self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
                                                     getattr(tokenizer, "im_end_id", None)) if i is not None})
+        weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
         if transposed_weights is None:
-            transposed_weights = self.device.type == "cpu" and weight_bytes_of(model) <= TRANSPOSED_MAX_BYTES
+            transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
         self.transposed = transposed_weights
         # which kernels the copies are for (chatstack.cpu_matmul): MKL from (in, out) copies, or, on CPUs MKL is
         # slow on (x86 that isn't Intel's), oneDNN-packed copies and a one-row product split over the threads
         self.cpu_matmul = cpu_matmul_backend(cpu_matmul) if self.device.type == "cpu" else None
         # weights that can't stay in the caches between steps: a one-row product is bound by memory bandwidth
-        self._streaming = weight_bytes_of(model) > STREAMING_BYTES
+        self._streaming = weight_bytes > STREAMING_BYTES
         self.quantize = check_quantize(quantize, self.device)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         if prefill_chunk < 0:

@@ -263,7 +263,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                                        cfg.prefill_chunk)
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info("serving %s (%s%s)", st.model_id, source,
-                     f"; CPU products: {engine.cpu_matmul}" if getattr(engine, "cpu_matmul", None) else "")
+                     f"; CPU products: {engine.cpu_matmul}" if engine.cpu_matmul else "")
         except Exception as e:   # reported by /health and 503s, not a crash with a stack trace
             st.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot load %s: %s", source, st.load_error)
