@@ -1,4 +1,4 @@
-"""The engine with each CPU matmul backend (chatstack.cpu_matmul), same model, same prompts, interleaved rounds.
+"""The engine with each CPU matmul backend (chatstack.infer.cpu), same model, same prompts, interleaved rounds.
 
     python benchmarks/cpu_matmul.py                 # tiny preset and GPT-2 small (random weights), ~2 minutes
     python benchmarks/cpu_matmul.py --presets gpt2 --rounds 5
@@ -10,6 +10,7 @@ then hits both alike). It prints the best tokens/s of each, the median and range
 onednn / mkl, whether both gave the same tokens, and each backend's 16-row / batch-1 ratio (benchmarks/decode.py's
 goal 4). Which backend the engine takes by default on this CPU is printed first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,12 @@ import statistics
 import time
 
 import torch
+from decode import _IdTokenizer
 
-from chatstack.cpu_matmul import cpu_matmul_backend, cpu_vendor, onednn_linear_works
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.cpu import cpu_matmul_backend, cpu_vendor, onednn_linear_works
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPT
 from chatstack.presets import get_preset
-from decode import _IdTokenizer
 
 BACKENDS = ("mkl", "onednn")
 
@@ -38,11 +39,15 @@ def bench(preset: str, tokens: int, rounds: int, prompt_len: int) -> None:
     long_prompt = torch.randint(0, V, (prompt_len,), generator=g).tolist()
     sp = SamplingParams(max_new_tokens=tokens, temperature=0, stop_token_ids=[])
     sp1 = SamplingParams(max_new_tokens=1, temperature=0, stop_token_ids=[])
-    cases = [("1 row", prompts[:1], sp), ("4 rows", prompts[:4], sp), ("16 rows", prompts, sp),
-             (f"first token of {prompt_len}", [long_prompt], sp1)]
+    cases = [
+        ("1 row", prompts[:1], sp),
+        ("4 rows", prompts[:4], sp),
+        ("16 rows", prompts, sp),
+        (f"first token of {prompt_len}", [long_prompt], sp1),
+    ]
     times = {(b, c): [] for b in BACKENDS for c, _, _ in cases}
     outs = {}
-    for b, e in engines.items():                       # warm-up: weight copies, caches; and the outputs
+    for b, e in engines.items():  # warm-up: weight copies, caches; and the outputs
         for c, p, s in cases:
             outs[(b, c)] = [x.token_ids for x in e.generate(p, s)]
     for _ in range(rounds):
@@ -58,8 +63,10 @@ def bench(preset: str, tokens: int, rounds: int, prompt_len: int) -> None:
         ratios = [m / o for m, o in zip(times[("mkl", c)], times[("onednn", c)])]
         unit = "tok/s" if s.max_new_tokens > 1 else "per s"
         same = outs[("mkl", c)] == outs[("onednn", c)]
-        print(f"  {c:18s} mkl {rate['mkl']:9.1f} {unit}  onednn {rate['onednn']:9.1f} {unit}   "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})   same tokens: {same}")
+        print(
+            f"  {c:18s} mkl {rate['mkl']:9.1f} {unit}  onednn {rate['onednn']:9.1f} {unit}   "
+            f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})   same tokens: {same}"
+        )
     for b in BACKENDS:
         r = 16 * min(times[(b, "1 row")]) / min(times[(b, "16 rows")])
         print(f"  {b:6s} 16 rows / 1 row: {r:.2f}x")
@@ -76,8 +83,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU vendor {cpu_vendor() or '(unknown)'}; "
-          f"the engine's default here: {cpu_matmul_backend()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU vendor {cpu_vendor() or '(unknown)'}; "
+        f"the engine's default here: {cpu_matmul_backend()}"
+    )
     if not onednn_linear_works():
         print("this torch has no working oneDNN linear: nothing to compare")
         return

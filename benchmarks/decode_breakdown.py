@@ -14,6 +14,7 @@ What it prints:
 The best of --repeats rounds is kept for each number (other load on a shared machine only slows a run down).
 Timing each Linear adds two clock reads per call (~49 per token); the untimed step is printed as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from decode import _IdTokenizer, _weights_read_per_token, bandwidth_fns
 
 from chatstack import decode_step
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPT, Linear
 from chatstack.presets import get_preset
-from decode import _IdTokenizer, _weights_read_per_token, bandwidth_fns
 
 
 def step_split(preset: str, tokens: int, repeats: int) -> None:
@@ -41,8 +42,8 @@ def step_split(preset: str, tokens: int, repeats: int) -> None:
     weight_bytes = _weights_read_per_token(cfg)
 
     inside = [0.0]
-    plain_forward = Linear.forward          # prefill (GPT.hidden_states) calls the Linear modules
-    plain_linear = decode_step._linear       # decode steps (chatstack.decode_step) call this per Linear
+    plain_forward = Linear.forward  # prefill (GPT.hidden_states) calls the Linear modules
+    plain_linear = decode_step._linear  # decode steps (chatstack.infer.decode_step) call this per Linear
 
     def timed_forward(self, x):
         t0 = time.perf_counter()
@@ -61,7 +62,7 @@ def step_split(preset: str, tokens: int, repeats: int) -> None:
         decode_step._linear = timed_linear if on else plain_linear
 
     best = {"step": float("inf"), "timed step": float("inf"), "linears": float("inf"), "copy": float("inf")}
-    engine.generate([prompt], sp)                              # warm-up
+    engine.generate([prompt], sp)  # warm-up
     copy_fn()
     try:
         for _ in range(repeats):
@@ -81,22 +82,28 @@ def step_split(preset: str, tokens: int, repeats: int) -> None:
             best["copy"] = min(best["copy"], time.perf_counter() - t0)
     finally:
         timing(False)
-    forwards = tokens + 1          # the prompt's prefill reads every weight once more
+    forwards = tokens + 1  # the prompt's prefill reads every weight once more
     per = {k: v / forwards * 1e3 for k, v in best.items() if k != "copy"}
     bw = copy_bytes / best["copy"]
     bound_ms = weight_bytes / bw * 1e3
-    print(f"{preset}: {weight_bytes / 1e6:.0f} MB of weights per token; copy bandwidth {bw / 1e9:.1f} GB/s "
-          f"-> bound {bound_ms:.2f} ms/token")
-    print(f"  engine step {per['step']:.2f} ms/token ({bound_ms / per['step']:.0%} of the bound); "
-          f"with each Linear timed: {per['timed step']:.2f} ms, of which")
+    print(
+        f"{preset}: {weight_bytes / 1e6:.0f} MB of weights per token; copy bandwidth {bw / 1e9:.1f} GB/s "
+        f"-> bound {bound_ms:.2f} ms/token"
+    )
+    print(
+        f"  engine step {per['step']:.2f} ms/token ({bound_ms / per['step']:.0%} of the bound); "
+        f"with each Linear timed: {per['timed step']:.2f} ms, of which"
+    )
     print(f"    Linears   {per['linears']:6.2f} ms  ({weight_bytes / (per['linears'] / 1e3) / 1e9:.1f} GB/s)")
-    print(f"    the rest  {per['timed step'] - per['linears']:6.2f} ms  "
-          f"({(per['timed step'] - per['linears']) / per['timed step']:.0%} of the step)")
+    print(
+        f"    the rest  {per['timed step'] - per['linears']:6.2f} ms  "
+        f"({(per['timed step'] - per['linears']) / per['timed step']:.0%} of the step)"
+    )
 
 
 def cold_ops(repeats: int, n: int = 200) -> None:
     S, C, H, hd = 40, 768, 12, 64
-    weights = [torch.randn(C, 3 * C).t() for _ in range(24)]      # (out, in) views, 7 MB each, cycled
+    weights = [torch.randn(C, 3 * C).t() for _ in range(24)]  # (out, in) views, 7 MB each, cycled
     cache = torch.zeros(12, 2, 1, H, 1024, hd)
     x = torch.randn(1, 1, C)
     h = torch.randn(1, 1, 4 * C)

@@ -9,6 +9,7 @@ Prints:
   2. chunked prefill: one row is decoding when a --prompt-tokens prompt arrives: that row's longest wait for
      a token, and the long prompt's time to its first token, for each --chunks size (0 = whole prompt at once).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,17 +21,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatstack.engine import Engine, SamplingParams  # noqa: E402
+from chatstack.infer.engine import Engine, SamplingParams  # noqa: E402
 
 
 def load(args):
     if args.checkpoint:
         from chatstack.checkpoint import load_checkpoint
+
         ck = load_checkpoint(args.checkpoint)
         return ck.model.eval(), ck.tokenizer
+    from decode import _IdTokenizer
+
     from chatstack.model import GPT
     from chatstack.presets import get_preset
-    from decode import _IdTokenizer
+
     torch.manual_seed(0)
     model = GPT(get_preset("gpt2")).eval()
     return model, _IdTokenizer(model.config.vocab_size)
@@ -75,9 +79,11 @@ def main():
         for turn in range(args.turns):
             t, out = ttft(eng, history, sp)
             times.append(t)
-            history = history + out + ids_of(16, V, 10 + turn)    # the reply and the next message
-        print(f"   prefix cache {'on ' if mb else 'off'}: " + "  ".join(f"turn {i + 1} {t * 1e3:7.0f} ms"
-                                                                  for i, t in enumerate(times)))
+            history = history + out + ids_of(16, V, 10 + turn)  # the reply and the next message
+        print(
+            f"   prefix cache {'on ' if mb else 'off'}: "
+            + "  ".join(f"turn {i + 1} {t * 1e3:7.0f} ms" for i, t in enumerate(times))
+        )
 
     print(f"2. chunked prefill: a {n}-token prompt arrives while one row decodes")
     for chunk in args.chunks:
@@ -99,8 +105,10 @@ def main():
                 first_b = now - t0
         eng.cancel(a)
         eng.cancel(b)
-        print(f"   prefill_chunk {chunk:4d}: decoding row's longest wait {max(gaps) * 1e3:6.0f} ms "
-              f"({len(gaps)} tokens meanwhile); the long prompt's first token after {first_b * 1e3:6.0f} ms")
+        print(
+            f"   prefill_chunk {chunk:4d}: decoding row's longest wait {max(gaps) * 1e3:6.0f} ms "
+            f"({len(gaps)} tokens meanwhile); the long prompt's first token after {first_b * 1e3:6.0f} ms"
+        )
 
 
 if __name__ == "__main__":

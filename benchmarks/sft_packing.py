@@ -9,6 +9,7 @@ Three ways to batch the same built-in conversations through the tiny model (forw
 Runs are interleaved (A B C A B C ...) so load from other processes hits all three alike. Prints tokens/s
 of real tokens and of trained (assistant) tokens, and the ratios against `unpacked`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,11 @@ def main():
     convs = [c["messages"] for c in builtin_mix("train")]
     enc, summ = encode_conversations(tok, convs, L)
     rows = {"unpacked": pack(enc, L, tok.eot_id, packed=False), "packed": pack(enc, L, tok.eot_id)}
-    print(f"{summ.conversations:,} conversations, {summ.tokens:,} tokens: unpacked {len(rows['unpacked']):,} rows "
-          f"({rows['unpacked'].fill():.1%} of a full row used), packed {len(rows['packed']):,} rows "
-          f"({rows['packed'].fill():.1%})")
+    print(
+        f"{summ.conversations:,} conversations, {summ.tokens:,} tokens: unpacked {len(rows['unpacked']):,} rows "
+        f"({rows['unpacked'].fill():.1%} of a full row used), packed {len(rows['packed']):,} rows "
+        f"({rows['packed'].fill():.1%})"
+    )
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -56,9 +59,9 @@ def main():
         return int(b["n_tokens"]), int((b["targets"] >= 0).sum())
 
     variants = ["unpacked", "packed", "packed-cross"]
-    stats = {v: [0.0, 0, 0] for v in variants}     # seconds, real tokens, trained tokens
+    stats = {v: [0.0, 0, 0] for v in variants}  # seconds, real tokens, trained tokens
     for v in variants:
-        step(v)                                       # warm-up
+        step(v)  # warm-up
     for _ in range(a.rounds):
         for v in variants:
             t = time.perf_counter()

@@ -15,6 +15,7 @@ in fp32. Prints tokens/s of each, the ratios (goal >= 1.3x), the measured peak m
 in fp32 (and bf16), and each run's MFU against the peak of its precision (FLOPs per token from
 chatstack.estimate: 6N + 12*L*h*T).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,29 +32,46 @@ def build(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from chatstack.model import GPTConfig
+    from chatstack.stages.pretrain import PretrainGPT  # the model `chatstack pretrain` trains
     from chatstack.train.optim import build_adamw
-    from chatstack.train.pretrain import PretrainGPT   # the model `chatstack pretrain` trains
 
-    cfg = GPTConfig(vocab_size=args.vocab, block_size=args.T, n_layer=args.n_layer, n_head=args.n_head,
-                    n_embd=args.n_embd, dropout=0.0)
+    cfg = GPTConfig(
+        vocab_size=args.vocab,
+        block_size=args.T,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     ours = PretrainGPT(cfg)
     ours_opt = build_adamw(ours, 1e-3, 0.1, (0.9, 0.95), impl=args.optimizer)
-    hf_cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.T, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=args.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        activation_function="gelu_new", tie_word_embeddings=True,
-                        bos_token_id=0, eos_token_id=0)
+    hf_cfg = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.T,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_new",
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     hf = GPT2LMHeadModel(hf_cfg)
     try:
-        hf.config._attn_implementation = "sdpa"   # HF's fastest attention on CPU
+        hf.config._attn_implementation = "sdpa"  # HF's fastest attention on CPU
     except Exception:
         pass
     hf.train()
     # torch AdamW as a user would write it: same decay split, library default implementation (foreach)
     decay = [p for p in hf.parameters() if p.dim() >= 2]
     no_decay = [p for p in hf.parameters() if p.dim() < 2]
-    hf_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                               lr=1e-3, betas=(0.9, 0.95))
+    hf_opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95)
+    )
     return cfg, ours, ours_opt, hf, hf_opt
 
 
@@ -97,7 +115,7 @@ def measure(args) -> dict:
     import torch
 
     from chatstack.estimate import flops_per_token
-    from chatstack.report import measure_peak_flops
+    from chatstack.stages.report import measure_peak_flops
 
     torch.set_num_threads(args.threads)
     cfg, ours, ours_opt, hf, hf_opt = build(args)
@@ -110,7 +128,7 @@ def measure(args) -> dict:
     order = list(steps.items())
     for rnd in range(args.rounds):
         # alternate the order: on this 2-core box the later slots of a round measured a few % faster
-        for name, fn in (order if rnd % 2 == 0 else order[::-1]):
+        for name, fn in order if rnd % 2 == 0 else order[::-1]:
             t = time.perf_counter()
             for _ in range(args.steps):
                 fn()
@@ -118,32 +136,51 @@ def measure(args) -> dict:
     peak = measure_peak_flops(dtype=torch.float32)
     peak16 = measure_peak_flops(dtype=torch.bfloat16) if "chatstack bf16" in rates else None
     fpt = flops_per_token(cfg)
-    res = {"threads": args.threads, "malloc_tuned": args._tuned, "peak_flops": peak, "peak_flops_bf16": peak16,
-           "flops_per_token": fpt, "dtype": str(args._dtype).replace("torch.", ""), "runs": {}, "ratios": {}}
+    res = {
+        "threads": args.threads,
+        "malloc_tuned": args._tuned,
+        "peak_flops": peak,
+        "peak_flops_bf16": peak16,
+        "flops_per_token": fpt,
+        "dtype": str(args._dtype).replace("torch.", ""),
+        "runs": {},
+        "ratios": {},
+    }
     for name, r in rates.items():
         med = statistics.median(r)
-        res["runs"][name] = {"tokens_per_s": med, "rounds": [round(v) for v in r],
-                             "mfu": med * fpt / (peak16 if name.endswith("bf16") else peak)}
+        res["runs"][name] = {
+            "tokens_per_s": med,
+            "rounds": [round(v) for v in r],
+            "mfu": med * fpt / (peak16 if name.endswith("bf16") else peak),
+        }
     pairs = [("fp32 vs fp32", "chatstack fp32", "hf fp32")]
     if "chatstack bf16" in rates:
-        pairs += [("bf16 vs bf16 (HF autocast)", "chatstack bf16", "hf bf16"),
-                  ("as shipped: chatstack auto (bf16) vs HF default (fp32)", "chatstack bf16", "hf fp32")]
+        pairs += [
+            ("bf16 vs bf16 (HF autocast)", "chatstack bf16", "hf bf16"),
+            ("as shipped: chatstack auto (bf16) vs HF default (fp32)", "chatstack bf16", "hf fp32"),
+        ]
     for label, a, b in pairs:
         # the median of tokens/s, and the median of the same-round ratios (each pair ran back to back)
-        res["ratios"][label] = {"ratio": res["runs"][a]["tokens_per_s"] / res["runs"][b]["tokens_per_s"],
-                                "round_median": statistics.median(x / y for x, y in zip(rates[a], rates[b]))}
+        res["ratios"][label] = {
+            "ratio": res["runs"][a]["tokens_per_s"] / res["runs"][b]["tokens_per_s"],
+            "round_median": statistics.median(x / y for x, y in zip(rates[a], rates[b])),
+        }
     return res
 
 
 def report(res: dict) -> None:
     bf16 = f", bf16 {res['peak_flops_bf16'] / 1e9:.0f}" if res.get("peak_flops_bf16") else ""
-    print(f"threads {res['threads']}, malloc tuned: {res['malloc_tuned']}, chatstack --dtype auto = {res['dtype']}, "
-          f"peak matmul fp32 {res['peak_flops'] / 1e9:.0f}{bf16} GFLOP/s (MFU denominators), "
-          f"{res['flops_per_token'] / 1e6:.2f} MFLOP/token")
+    print(
+        f"threads {res['threads']}, malloc tuned: {res['malloc_tuned']}, chatstack --dtype auto = {res['dtype']}, "
+        f"peak matmul fp32 {res['peak_flops'] / 1e9:.0f}{bf16} GFLOP/s (MFU denominators), "
+        f"{res['flops_per_token'] / 1e6:.2f} MFLOP/token"
+    )
     for name, r in res["runs"].items():
         print(f"  {name:15s} {r['tokens_per_s']:>10,.0f} tokens/s  MFU {r['mfu']:.1%}  rounds {r['rounds']}")
     for label, r in res["ratios"].items():
-        print(f"  ratio {label}: {r['ratio']:.2f}x  (median of per-round ratios {r['round_median']:.2f}x; goal >= 1.3x)")
+        print(
+            f"  ratio {label}: {r['ratio']:.2f}x  (median of per-round ratios {r['round_median']:.2f}x; goal >= 1.3x)"
+        )
 
 
 def main() -> None:
@@ -159,29 +196,52 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--optimizer", default="auto", help="chatstack's AdamW kernel: auto | fused | foreach")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="chatstack's precision, resolved as `chatstack pretrain --dtype` does (auto: bf16 matmuls on a "
-                         "CPU with AMX, else fp32); with bf16, HF is also measured under autocast bf16")
-    ap.add_argument("--malloc", default="tuned", choices=["tuned", "default", "both"],
-                    help="glibc malloc: chatstack's tuning (as the training loop applies it), the default, or both")
-    ap.add_argument("--runs", type=int, default=1,
-                    help="repeat the whole measurement (new models, new rounds); with more than one, end with each "
-                         "ratio's median, range and how many runs met the goal (single runs swing with machine load)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="chatstack's precision, resolved as `chatstack pretrain --dtype` does (auto: bf16 matmuls on a "
+        "CPU with AMX, else fp32); with bf16, HF is also measured under autocast bf16",
+    )
+    ap.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=["tuned", "default", "both"],
+        help="glibc malloc: chatstack's tuning (as the training loop applies it), the default, or both",
+    )
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the whole measurement (new models, new rounds); with more than one, end with each "
+        "ratio's median, range and how many runs met the goal (single runs swing with machine load)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON line (used by --malloc both)")
     args = ap.parse_args()
 
     if args.malloc == "both":
         results = []
         for mode in ("default", "tuned"):
-            cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a not in ("both", "--malloc")],
-                   "--malloc", mode, "--json"]
+            cmd = [
+                sys.executable,
+                __file__,
+                *[a for a in sys.argv[1:] if a not in ("both", "--malloc")],
+                "--malloc",
+                mode,
+                "--json",
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
         for r in results:
             report(r)
         d, t = results
-        print("malloc tuning: " + ", ".join(f"{name} x{t['runs'][name]['tokens_per_s'] / d['runs'][name]['tokens_per_s']:.2f}"
-                                            for name in t["runs"]) + " tokens/s")
+        print(
+            "malloc tuning: "
+            + ", ".join(
+                f"{name} x{t['runs'][name]['tokens_per_s'] / d['runs'][name]['tokens_per_s']:.2f}" for name in t["runs"]
+            )
+            + " tokens/s"
+        )
         return
 
     import torch
@@ -191,7 +251,7 @@ def main() -> None:
     args._dtype = resolve_dtype(args.dtype, torch.device("cpu"), args.n_embd)
     args._tuned = False
     if args.malloc == "tuned":
-        from chatstack.train.distributed import tune_malloc
+        from chatstack.infer.cpu import tune_malloc
 
         args._tuned = tune_malloc()
     results = []
@@ -208,8 +268,10 @@ def main() -> None:
         for label in results[0]["ratios"]:
             vals = sorted(res["ratios"][label]["ratio"] for res in results)
             rounds = sorted(res["ratios"][label]["round_median"] for res in results)
-            print(f"  {label}: {statistics.median(vals):.2f}x ({vals[0]:.2f}-{vals[-1]:.2f}x), "
-                  f"{sum(v >= 1.3 for v in vals)}/{len(vals)}  [{statistics.median(rounds):.2f}x]")
+            print(
+                f"  {label}: {statistics.median(vals):.2f}x ({vals[0]:.2f}-{vals[-1]:.2f}x), "
+                f"{sum(v >= 1.3 for v in vals)}/{len(vals)}  [{statistics.median(rounds):.2f}x]"
+            )
 
 
 if __name__ == "__main__":

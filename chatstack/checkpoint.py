@@ -12,8 +12,9 @@ A save writes everything into a sibling temporary directory, then swaps it into 
 so a crash never leaves half a checkpoint. Files the stage keeps in the directory between saves
 (metrics.jsonl, samples, plots) are carried over into the new copy.
 
-    python -m chatstack.checkpoint runs/speedrun/base     # prints a checkpoint's config
+    chatstack estimate --checkpoint runs/speedrun/base   # a checkpoint's model, read from its config.json
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from chatstack.model import GPT, GPTConfig
+from chatstack.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 MANAGED = {"config.json", "model.safetensors", "tokenizer.json", "state"}
@@ -61,14 +66,14 @@ def recover(path: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, config: dict, tokenizer=None,
-                    state: Optional[dict] = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, config: dict, tokenizer=None, state: Optional[dict] = None
+) -> Path:
     """Write `model` (any nn.Module), `config` (JSON-able) and optional tokenizer/state atomically to `path`.
 
     state: {name: object}; objects made of tensors/lists/dicts/numbers are saved as state/<name>.pt
     (torch.save, loadable with weights_only=True); dicts marked JSON-able may also be plain JSON.
     """
-    from safetensors.torch import save_model
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +130,6 @@ def read_config(path: str | os.PathLike) -> dict:
 
 def load_weights(path: str | os.PathLike, module: nn.Module, strict: bool = True) -> None:
     """Load model.safetensors of checkpoint `path` into `module` (any architecture)."""
-    from safetensors.torch import load_model
 
     wpath = Path(path) / "model.safetensors"
     if not wpath.exists():
@@ -150,8 +154,6 @@ def load_state(path: str | os.PathLike) -> dict:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from chatstack.tokenizer import Tokenizer
-
     tpath = Path(path) / "tokenizer.json"
     if not tpath.exists():
         raise CheckpointError(f"{tpath}: missing")
@@ -161,10 +163,10 @@ def load_tokenizer(path: str | os.PathLike):
         raise CheckpointError(f"{tpath}: cannot load ({type(e).__name__}: {e})") from e
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", with_state: bool = False,
-                    with_tokenizer: bool = True) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", with_state: bool = False, with_tokenizer: bool = True
+) -> Checkpoint:
     """Load a language-model checkpoint (kind "lm"): GPT weights, tokenizer, config, optional state."""
-    from chatstack.model import GPT, GPTConfig
 
     path = Path(path)
     cfg = read_config(path)
@@ -178,9 +180,3 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     tok = load_tokenizer(path) if with_tokenizer and (path / "tokenizer.json").exists() else None
     state = load_state(path) if with_state else {}
     return Checkpoint(path=path, config=cfg, model=model, tokenizer=tok, state=state)
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(read_config(sys.argv[1]), indent=2))

@@ -1,10 +1,6 @@
 """Arithmetic of scale: parameters, memory, FLOPs and wall-clock for any model config.
 
-    chatstack estimate --preset gpt2
-    chatstack estimate --preset gpt3-175b --tokens 300e9 --gpus 1024 --gpu-tflops 312 --mfu 0.462 --json
-    chatstack estimate --preset gpt3-175b --tokens 300e9 --gpus 1024 --recompute --achieved-tflops 140
-    chatstack estimate --preset llama-65b --tokens 1.4e12 --gpus 2048 --tokens-per-gpu-s 380
-    chatstack estimate --checkpoint runs/speedrun/base --batch 16 --seq 256
+    chatstack estimate --preset gpt2        (the command: chatstack/stages/estimate.py)
 
 The formulas (the source's, for the GPT family; every term generalises to Llama-style configs):
 
@@ -29,25 +25,26 @@ prints the headline `l(12h^2+13h)+Vh` beside it; `--params` overrides N (e.g. GP
 Every function here is pure (a config in, numbers out) so the training loop's MFU and the report card
 reuse them: `flops_per_token(cfg, seq_len)` is the per-token training cost the loop divides by.
 """
+
 from __future__ import annotations
 
-import argparse
-import json
-import math
 from dataclasses import dataclass
 from typing import Optional
 
-from chatstack.model import GPTConfig
+import torch
+
+from chatstack.model import GPT, GPTConfig
 
 # Mixed-precision training with AdamW, bytes per parameter:
 #   fp32 master weights 4 + fp32 gradients 4 + Adam first and second moments 4 + 4 + 16-bit weights 2
 #   + 16-bit gradients 2 = 20 (the source's figure).
 TRAIN_BYTES_PER_PARAM = 20
-INFER_BYTES_PER_PARAM = 2   # 16-bit weights
+INFER_BYTES_PER_PARAM = 2  # 16-bit weights
 A100_BF16_TFLOPS = 312.0
 
 
 # ---------------------------------------------------------------------------------------------- parameters
+
 
 def attention_params(cfg: GPTConfig) -> int:
     """Masked self-attention of one block: 4h^2 + 4h for multi-head attention with biases."""
@@ -120,14 +117,11 @@ def gpt_block_formula(h: int) -> int:
 
 def twelve_l_h2(cfg: GPTConfig) -> int:
     """The LLaMA table's approximate count 12*l*h^2 (blocks without the linear terms)."""
-    return 12 * cfg.n_layer * cfg.n_embd ** 2
+    return 12 * cfg.n_layer * cfg.n_embd**2
 
 
 def count_params_meta(cfg: GPTConfig) -> int:
     """Instantiate the real model on the meta device (no memory) and count: 175B in a second or two."""
-    import torch
-
-    from chatstack.model import GPT
 
     with torch.device("meta"):
         model = GPT(cfg)
@@ -136,8 +130,14 @@ def count_params_meta(cfg: GPTConfig) -> int:
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
-def flops_per_token(cfg: GPTConfig, seq_len: Optional[int] = None, attention: bool = True,
-                    recompute: bool = False, n_params: Optional[int] = None) -> float:
+
+def flops_per_token(
+    cfg: GPTConfig,
+    seq_len: Optional[int] = None,
+    attention: bool = True,
+    recompute: bool = False,
+    n_params: Optional[int] = None,
+) -> float:
     """Training FLOPs per token: 6N (+ 12*l*h_attn*T for attention scores), 8N/16lhT with recomputation.
 
     N is the compute parameter count (matmul weights + biases; lookup tables excluded). The attention term
@@ -164,8 +164,8 @@ def inference_flops_per_token(cfg: GPTConfig, context: int = 0, n_params: Option
 
 # ---------------------------------------------------------------------------------------------- memory
 
-def activation_bytes(cfg: GPTConfig, batch: int, seq: int, recompute: bool = False,
-                     flash: bool = False) -> int:
+
+def activation_bytes(cfg: GPTConfig, batch: int, seq: int, recompute: bool = False, flash: bool = False) -> int:
     """Activations kept for the backward pass in 16-bit training (Korthikanti et al. 2022, section 4.1).
 
     Per layer, GPT family: s*b*h*(34 + 5*a*s/h) bytes = attention 11sbh + 5as^2b, MLP 19sbh, norms 4sbh.
@@ -191,16 +191,23 @@ def kv_cache_bytes(cfg: GPTConfig, batch: int, seq: int, bytes_per_value: int = 
     return 2 * cfg.n_layer * batch * seq * cfg.n_kv_head * cfg.head_dim * bytes_per_value
 
 
-def train_memory(n_params: float, cfg: Optional[GPTConfig] = None, batch: int = 0, seq: int = 0,
-                 recompute: bool = False, flash: bool = False) -> dict[str, float]:
+def train_memory(
+    n_params: float,
+    cfg: Optional[GPTConfig] = None,
+    batch: int = 0,
+    seq: int = 0,
+    recompute: bool = False,
+    flash: bool = False,
+) -> dict[str, float]:
     """{"weights_optimizer": 20N, "activations": ..., "total": ...} in bytes."""
     states = TRAIN_BYTES_PER_PARAM * n_params
     acts = activation_bytes(cfg, batch, seq, recompute, flash) if (cfg is not None and batch and seq) else 0
     return {"weights_optimizer": states, "activations": acts, "total": states + acts}
 
 
-def inference_memory(n_params: float, cfg: Optional[GPTConfig] = None, batch: int = 0,
-                     seq: int = 0) -> dict[str, float]:
+def inference_memory(
+    n_params: float, cfg: Optional[GPTConfig] = None, batch: int = 0, seq: int = 0
+) -> dict[str, float]:
     """{"weights": 2N, "kv_cache": ..., "total": ...} in bytes."""
     weights = INFER_BYTES_PER_PARAM * n_params
     kv = kv_cache_bytes(cfg, batch, seq) if (cfg is not None and batch and seq) else 0
@@ -209,9 +216,16 @@ def inference_memory(n_params: float, cfg: Optional[GPTConfig] = None, batch: in
 
 # ---------------------------------------------------------------------------------------------- time
 
-def time_to_train(flops: float = 0.0, gpus: int = 1, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float = 0.4,
-                  achieved_tflops: Optional[float] = None, tokens: Optional[float] = None,
-                  tokens_per_gpu_s: Optional[float] = None) -> dict[str, float]:
+
+def time_to_train(
+    flops: float = 0.0,
+    gpus: int = 1,
+    gpu_tflops: float = A100_BF16_TFLOPS,
+    mfu: float = 0.4,
+    achieved_tflops: Optional[float] = None,
+    tokens: Optional[float] = None,
+    tokens_per_gpu_s: Optional[float] = None,
+) -> dict[str, float]:
     """Wall-clock for a training run: {"seconds", "gpu_hours", "gpu_days", "days", "achieved_tflops"}.
 
     Throughput per GPU is, in order of preference: measured tokens/s per GPU (needs `tokens`), an achieved
@@ -230,11 +244,17 @@ def time_to_train(flops: float = 0.0, gpus: int = 1, gpu_tflops: float = A100_BF
             raise ValueError(f"throughput must be positive, got {achieved} TFLOP/s")
         seconds = flops / (gpus * achieved * 1e12)
     gpu_hours = seconds * gpus / 3600
-    return {"seconds": seconds, "gpu_hours": gpu_hours, "gpu_days": gpu_hours / 24, "days": seconds / 86400,
-            "achieved_tflops": achieved}
+    return {
+        "seconds": seconds,
+        "gpu_hours": gpu_hours,
+        "gpu_days": gpu_hours / 24,
+        "days": seconds / 86400,
+        "achieved_tflops": achieved,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the report
+
 
 @dataclass
 class EstimateArgs:
@@ -249,7 +269,7 @@ class EstimateArgs:
     tokens_per_gpu_s: Optional[float] = None
     recompute: bool = False
     attention: bool = False
-    batch: int = 0                  # 0: no activation / KV-cache estimate (20N and 2N alone)
+    batch: int = 0  # 0: no activation / KV-cache estimate (20N and 2N alone)
     seq: Optional[int] = None
     flash: bool = False
 
@@ -259,13 +279,13 @@ def estimate(a: EstimateArgs) -> dict:
     cfg = a.cfg
     br = param_breakdown(cfg)
     seq = a.seq or cfg.block_size
-    batch = a.batch or (1 if a.seq else 0)   # --seq alone means one row
+    batch = a.batch or (1 if a.seq else 0)  # --seq alone means one row
     # N is the exact count (the source's full breakdown: blocks + Vh + Th + final norm; what Hugging Face
     # reports). The source's headline l(12h^2+13h)+Vh drops the two small terms (0.01% for GPT-3) and is
     # reported beside it. An explicit --params (e.g. GPT-3's nominal 175e9) overrides N everywhere.
     n = float(a.params) if a.params is not None else float(br["total"])
     n_mem = n
-    tokens = float(a.tokens) if a.tokens is not None else 20.0 * n   # Chinchilla: ~20 tokens per parameter
+    tokens = float(a.tokens) if a.tokens is not None else 20.0 * n  # Chinchilla: ~20 tokens per parameter
     flops = train_flops(n, tokens, a.recompute)
     if a.attention:
         attn_per_token = flops_per_token(cfg, seq, attention=True, recompute=a.recompute, n_params=0)
@@ -286,8 +306,10 @@ def estimate(a: EstimateArgs) -> dict:
         "params_exact": br["total"],
         "params_headline": br["headline"],
         "params_12lh2": twelve_l_h2(cfg),
-        "breakdown": {k: br[k] for k in ("attention", "mlp", "norms", "block", "blocks", "embedding",
-                                          "positions", "final_norm", "lm_head")},
+        "breakdown": {
+            k: br[k]
+            for k in ("attention", "mlp", "norms", "block", "blocks", "embedding", "positions", "final_norm", "lm_head")
+        },
         "tokens": tokens,
         "tokens_default": a.tokens is None,
         "recompute": a.recompute,
@@ -326,10 +348,17 @@ def format_table(r: dict) -> str:
     rows = [
         ("model", r["model"]),
         ("", ""),
-        ("parameters (N)", f"{r['params']:,}  ({_si(r['params'])})"
-                           + ("" if r["params"] == r["params_exact"] else f"  (--params; exact {r['params_exact']:,})")),
-        ("  l(12h^2+13h)+Vh" if r["breakdown"]["block"] == 12 * h * h + 13 * h else
-         ("  l*block + Vh" if not b["lm_head"] else "  l*block + 2Vh"), f"{r['params_headline']:,}"),
+        (
+            "parameters (N)",
+            f"{r['params']:,}  ({_si(r['params'])})"
+            + ("" if r["params"] == r["params_exact"] else f"  (--params; exact {r['params_exact']:,})"),
+        ),
+        (
+            "  l(12h^2+13h)+Vh"
+            if r["breakdown"]["block"] == 12 * h * h + 13 * h
+            else ("  l*block + Vh" if not b["lm_head"] else "  l*block + 2Vh"),
+            f"{r['params_headline']:,}",
+        ),
         ("  12 l h^2", f"{r['params_12lh2']:,}"),
         ("  per block", f"{b['block']:,}  = attention {b['attention']:,} + mlp {b['mlp']:,} + norms {b['norms']:,}"),
         ("  embedding", f"{b['embedding']:,}" + ("  (shared with the output)" if not b["lm_head"] else "")),
@@ -337,14 +366,26 @@ def format_table(r: dict) -> str:
         ("  positions", f"{b['positions']:,}"),
         ("  final norm", f"{b['final_norm']:,}"),
         ("", ""),
-        ("training memory", f"{_si(r['train_memory_bytes'], 'B')}  = 20 B/param {_si(r['train_state_bytes'], 'B')}"
-                            + (f" + activations {_si(r['activation_bytes'], 'B')} (batch {r['batch']} x {r['seq']})"
-                               if r["batch"] else "  (--batch/--seq add activations)")),
-        ("inference memory", f"{_si(r['inference_memory_bytes'], 'B')}  = 2 B/param "
-                             f"{_si(r['inference_weight_bytes'], 'B')}"
-                             + (f" + KV cache {_si(r['kv_cache_bytes'], 'B')}" if r["batch"] else "  (--batch/--seq add the KV cache)")),
+        (
+            "training memory",
+            f"{_si(r['train_memory_bytes'], 'B')}  = 20 B/param {_si(r['train_state_bytes'], 'B')}"
+            + (
+                f" + activations {_si(r['activation_bytes'], 'B')} (batch {r['batch']} x {r['seq']})"
+                if r["batch"]
+                else "  (--batch/--seq add activations)"
+            ),
+        ),
+        (
+            "inference memory",
+            f"{_si(r['inference_memory_bytes'], 'B')}  = 2 B/param "
+            f"{_si(r['inference_weight_bytes'], 'B')}"
+            + (f" + KV cache {_si(r['kv_cache_bytes'], 'B')}" if r["batch"] else "  (--batch/--seq add the KV cache)"),
+        ),
         ("", ""),
-        ("training tokens (D)", f"{r['tokens']:.3g}" + ("  (default: 20 per parameter)" if r["tokens_default"] else "")),
+        (
+            "training tokens (D)",
+            f"{r['tokens']:.3g}" + ("  (default: 20 per parameter)" if r["tokens_default"] else ""),
+        ),
         ("training FLOPs", f"{r['train_flops']:.3g}  ({'8ND, recomputation' if r['recompute'] else '6ND'})"),
         ("inference FLOPs/token", f"{r['inference_flops_per_token']:.3g}  (2N)"),
         ("throughput", f"{r['throughput']}  ({r['achieved_tflops']:.4g} TFLOP/s per GPU)"),
@@ -353,96 +394,3 @@ def format_table(r: dict) -> str:
     ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" if k else "" for k, v in rows)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def _number(s: str) -> float:
-    """Floats also as 300e9; argparse shows a failure as a usage error (exit 2)."""
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "estimate", help="parameters, memory, FLOPs and training time of a model",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model (one of)")
-    src.add_argument("--preset", help="a preset name (see chatstack.presets); default gpt2")
-    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (reads config.json 'model')")
-    src.add_argument("--params", type=_number, help="override N, e.g. the nominal 175e9 of GPT-3")
-    run = p.add_argument_group("training run")
-    run.add_argument("--tokens", type=_number, help="training tokens D (default: 20 per parameter)")
-    run.add_argument("--recompute", action="store_true", help="activation recomputation: 8ND instead of 6ND")
-    run.add_argument("--attention", action="store_true",
-                     help="add the attention-score FLOPs 12*l*h*T per token (PaLM's formula)")
-    run.add_argument("--batch", type=_number, help="batch size for the activation / KV-cache estimates "
-                                                    "(default: none, or 1 with --seq)")
-    run.add_argument("--seq", type=_number, help="sequence length (default: the model's context length)")
-    run.add_argument("--flash", action="store_true", help="fused attention: no s^2 score activations")
-    hw = p.add_argument_group("hardware (throughput: --tokens-per-gpu-s, else --achieved-tflops, else peak x MFU)")
-    hw.add_argument("--gpus", type=_number, default=1, help="number of GPUs (default 1)")
-    hw.add_argument("--gpu-tflops", type=_number, default=A100_BF16_TFLOPS,
-                    help=f"peak TFLOP/s per GPU (default {A100_BF16_TFLOPS:g}, A100 bf16)")
-    hw.add_argument("--mfu", type=_number, default=0.4, help="model FLOPs utilisation, 0-1 (default 0.4)")
-    hw.add_argument("--achieved-tflops", type=_number, help="achieved TFLOP/s per GPU (instead of peak x MFU)")
-    hw.add_argument("--tokens-per-gpu-s", type=_number, help="measured training tokens/s per GPU")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=run_cli)
-
-
-def _args_to_estimate(args) -> EstimateArgs:
-    from chatstack.cli import CLIError
-    from chatstack.presets import get_preset
-
-    if args.preset and args.checkpoint:
-        raise CLIError("give --preset or --checkpoint, not both")
-    for flag in ("params", "tokens", "batch", "seq", "gpus", "gpu_tflops", "mfu", "achieved_tflops",
-                 "tokens_per_gpu_s"):
-        v = getattr(args, flag)
-        if v is not None and (not math.isfinite(v) or v <= 0):
-            raise CLIError(f"--{flag.replace('_', '-')} must be a positive number, got {v:g}")
-    for flag in ("batch", "seq", "gpus"):
-        v = getattr(args, flag)
-        if v is not None and not float(v).is_integer():
-            raise CLIError(f"--{flag} must be a whole number, got {v:g}")
-    if args.mfu > 1:
-        raise CLIError(f"--mfu is a fraction between 0 and 1, got {args.mfu:g}")
-    if args.checkpoint:
-        from chatstack.checkpoint import CheckpointError, read_config
-
-        try:
-            mcfg = read_config(args.checkpoint)["model"]
-            cfg = GPTConfig.from_dict(mcfg)
-        except CheckpointError as e:
-            raise CLIError(str(e))
-        except (TypeError, ValueError) as e:
-            raise CLIError(f"{args.checkpoint}/config.json: bad 'model' field ({e})")
-        name = str(args.checkpoint)
-    else:
-        name = args.preset or "gpt2"
-        try:
-            cfg = get_preset(name)
-        except ValueError as e:
-            raise CLIError(str(e))
-    return EstimateArgs(
-        cfg=cfg, name=name, tokens=args.tokens, params=args.params, gpus=int(args.gpus),
-        gpu_tflops=args.gpu_tflops, mfu=args.mfu, achieved_tflops=args.achieved_tflops,
-        tokens_per_gpu_s=args.tokens_per_gpu_s, recompute=args.recompute, attention=args.attention,
-        batch=int(args.batch or 0), seq=int(args.seq) if args.seq else None, flash=args.flash)
-
-
-def run_cli(args) -> int:
-    r = estimate(_args_to_estimate(args))
-    print(json.dumps(r, indent=2) if args.json else format_table(r))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from chatstack.cli import main
-
-    sys.exit(main(["estimate", *sys.argv[1:]]))

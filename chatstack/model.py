@@ -9,14 +9,15 @@ Per GPT block the parameters are exactly `12h^2 + 13h`:
     MLP        8h^2 + 5h   (h -> 4h: 4h^2 + 4h; 4h -> h: 4h^2 + h)
     2 norms    4h          (weight + bias each)
 
-Inference uses a KV cache: `forward(idx, cache=cache)` appends this call's keys/values to the cache and
-attends over everything cached so far. Prefill + one-token steps give the same logits as a full pass.
+Inference passes a KV cache (chatstack.infer.kv_cache): each attention layer calls `cache.update(layer, k, v)`
+and attends over the keys/values it returns. Prefill + one-token steps give the same logits as a full pass.
 
 CPU mixed precision: inside `with cpu_bf16_matmuls():` every Linear multiplies in bf16 (AMX) and all else
 stays fp32; the training loop uses it for --dtype bf16 on CPU.
 
-    python -m chatstack.model      # prints the parameter breakdown of the tiny preset
+    chatstack estimate --preset tiny   # the parameter breakdown of a preset
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,17 +36,17 @@ from chatstack.kernels import gelu_tanh
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
-    block_size: int = 1024          # context length T
+    block_size: int = 1024  # context length T
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: Optional[int] = None  # grouped-query attention; None = n_head (plain multi-head)
     n_embd: int = 768
     ffn_hidden: Optional[int] = None  # None = 4h (gelu) / 8h/3 rounded to 64 (swiglu)
-    pos: str = "learned"            # "learned" | "rope"
+    pos: str = "learned"  # "learned" | "rope"
     rope_base: float = 10000.0
-    norm: str = "layernorm"         # "layernorm" | "rmsnorm"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"               # "gelu" (tanh approximation, as GPT-2) | "swiglu"
+    mlp: str = "gelu"  # "gelu" (tanh approximation, as GPT-2) | "swiglu"
     bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -85,7 +86,7 @@ class GPTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -99,44 +100,11 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, max_len, head_dim).
-
-    All rows share one write position `pos`; rows with shorter prompts are left-padded and masked
-    by the caller (`attn_mask`/`positions`). The engine may bring its own cache object: the model only
-    calls `update(layer, k, v)` and reads/advances `pos`.
-    """
-
-    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.size(2)
-        end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, T: int):
-        self.pos += T
-
-    def reorder(self, index: torch.Tensor):
-        """Keep only rows `index` (e.g. drop finished rows from a batch)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
-
-
 def rope_tables(head_dim: int, max_pos: int, base: float):
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     t = torch.arange(max_pos, dtype=torch.float64)
-    freqs = torch.outer(t, inv_freq)                 # (T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)          # (T, hd), the "rotate_half" layout of HF Llama
+    freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd), the "rotate_half" layout of HF Llama
     return emb.cos().float(), emb.sin().float()
 
 
@@ -185,22 +153,22 @@ class _BF16Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, out_bf16: bool):
-        x16 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)     # (N, in)
-        w16 = weight.to(torch.bfloat16)                         # (out, in)
+        x16 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (N, in)
+        w16 = weight.to(torch.bfloat16)  # (out, in)
         if out_bf16:
             y = torch.mm(x16, w16.t()) if bias is None else torch.addmm(bias.to(torch.bfloat16), x16, w16.t())
         else:
-            y = torch.mm(x16, w16.t()).float()                  # (N, out)
+            y = torch.mm(x16, w16.t()).float()  # (N, out)
             if bias is not None:
                 y += bias
-        ctx.save_for_backward(x16, w16)                          # bf16: half the activation memory
+        ctx.save_for_backward(x16, w16)  # bf16: half the activation memory
         ctx.x_dtype, ctx.x_shape, ctx.has_bias = x.dtype, x.shape, bias is not None
         return y.view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
     def backward(ctx, grad_y):
         x16, w16 = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.size(-1))                  # (N, out)
+        g = grad_y.reshape(-1, grad_y.size(-1))  # (N, out)
         g16 = g.to(torch.bfloat16)
         dx = torch.mm(g16, w16).to(ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = torch.mm(g16.t(), x16).float() if ctx.needs_input_grad[1] else None
@@ -219,12 +187,13 @@ class Linear(nn.Linear):
     contiguous copy, so F.linear hands the BLAS an untransposed right-hand matrix: on CPU that runs 1.3-3x
     faster at the 1-16 rows of a decode step (measured, one thread: 512->128 at 16 rows 43 -> 17 us;
     GPT-2's 768->3072 at one row streams its weight at 16 instead of 11.7 GB/s). The engine
-    (chatstack.engine) sets it for the duration of one step and removes it after, so everywhere else
+    (chatstack.infer.engine) sets it for the duration of one step and removes it after, so everywhere else
     (training, evals, checkpoints) this is plain nn.Linear, except inside `cpu_bf16_matmuls()` (above).
-    For an int8-quantised decode step the engine binds a chatstack.quantize.Int8Weight instead, and on CPUs
-    where MKL is slow a chatstack.cpu_matmul.CPUWeight (oneDNN-packed); both compute the product themselves.
+    For an int8-quantised decode step the engine binds a chatstack.infer.quantize.Int8Weight instead, and on CPUs
+    where MKL is slow a chatstack.infer.cpu.CPUWeight (oneDNN-packed); both compute the product themselves.
     """
-    fast_weight = None   # None = use weight; a Tensor (see above); or an object with linear(x, bias)
+
+    fast_weight = None  # None = use weight; a Tensor (see above); or an object with linear(x, bias)
     # under cpu_bf16_matmuls: return the product in bf16 (set where the consumer takes bf16 as well: the MLP's
     # activation, or a residual add, which promotes to fp32 inside its own kernel) instead of casting it to fp32
     bf16_out: bool = False
@@ -249,15 +218,15 @@ class Attention(nn.Module):
         # one fused projection for q, k, v: a single matmul is faster than three on every device
         self.qkv = Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.proj.bf16_out = True      # feeds the residual add
+        self.proj.bf16_out = True  # feeds the residual add
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)      # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)   # (B, Hkv, T, hd)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
@@ -265,33 +234,46 @@ class Attention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.pos
-            k, v = cache.update(self.layer_idx, k, v)           # (B, Hkv, past+T, hd)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
         drop = self.dropout if self.training else 0.0
-        if (self.n_kv_head != self.n_head and T == 1 and cache is not None
-                and (attn_mask is None or attn_mask.dim() <= 2 or (attn_mask.dim() == 4 and attn_mask.size(1) == 1))):
+        if (
+            self.n_kv_head != self.n_head
+            and T == 1
+            and cache is not None
+            and (attn_mask is None or attn_mask.dim() <= 2 or (attn_mask.dim() == 4 and attn_mask.size(1) == 1))
+        ):
             # GQA decode (one new token): fold each group's query heads into the query axis, so attention
             # reads the cached keys/values once per kv head instead of copying them n_head/n_kv_head times
             # per step (the copy grows with the context: ~20x slower at 2k tokens, measured)
             rep = self.n_head // self.n_kv_head
-            qg = q.reshape(B, self.n_kv_head, rep, hd)          # (B, Hkv, rep, hd): head g*rep+r -> group g
+            qg = q.reshape(B, self.n_kv_head, rep, hd)  # (B, Hkv, rep, hd): head g*rep+r -> group g
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_mask, dropout_p=drop)
-            return self.proj(y.reshape(B, self.n_head * hd))[:, None]   # (B, 1, h)
+            return self.proj(y.reshape(B, self.n_head * hd))[:, None]  # (B, 1, h)
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             S = k.size(2)
             k = k[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
-        if attn_mask is not None and T == 1 and cache is not None and drop == 0.0 \
-                and attn_mask.dtype == q.dtype and attn_mask.dim() == 4:
+        if (
+            attn_mask is not None
+            and T == 1
+            and cache is not None
+            and drop == 0.0
+            and attn_mask.dtype == q.dtype
+            and attn_mask.dim() == 4
+        ):
             # batched decode, rows of different lengths (an additive key mask, (B, 1|H, 1, S); the engine makes it
             # (B, H, 1, S) so the reshape below is a view): one batched GEMV per (row, head) for q.K^T and for
             # p.V; measured 67 vs 82 us per call for SDPA's CPU kernel at 16 rows x 4 heads x 75 keys (its
             # per-call setup dominates at one query per row)
             S = k.size(2)
-            s = torch.baddbmm(attn_mask.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),
-                              q.reshape(B * self.n_head, 1, hd), k.reshape(B * self.n_head, S, hd).transpose(1, 2),
-                              alpha=hd ** -0.5)                                    # (B*H, 1, S)
-            y = torch.bmm(s.softmax(-1), v.reshape(B * self.n_head, S, hd))      # (B*H, 1, hd)
+            s = torch.baddbmm(
+                attn_mask.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),
+                q.reshape(B * self.n_head, 1, hd),
+                k.reshape(B * self.n_head, S, hd).transpose(1, 2),
+                alpha=hd**-0.5,
+            )  # (B*H, 1, S)
+            y = torch.bmm(s.softmax(-1), v.reshape(B * self.n_head, S, hd))  # (B*H, 1, hd)
             return self.proj(y.view(B, 1, self.n_head * hd))
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
@@ -304,7 +286,7 @@ class Attention(nn.Module):
             S = k.size(2)
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)   # (B, T, H*hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)  # (B, T, H*hd)
         return self.proj(y)
 
 
@@ -316,12 +298,12 @@ class MLP(nn.Module):
         # swiglu: gate and up fused in one matmul, split after
         self.fc = Linear(cfg.n_embd, f if cfg.mlp == "gelu" else 2 * f, bias=cfg.bias)
         self.proj = Linear(f, cfg.n_embd, bias=cfg.bias)
-        self.fc.bf16_out = self.proj.bf16_out = True   # activation, then the residual add
+        self.fc.bf16_out = self.proj.bf16_out = True  # activation, then the residual add
 
     def forward(self, x):
         h = self.fc(x)
         if self.kind == "gelu":
-            h = gelu_tanh(h)            # aten's, or a fused kernel in CPU training steps (chatstack.kernels)
+            h = gelu_tanh(h)  # aten's, or a fused kernel in CPU training steps (chatstack.kernels)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -338,7 +320,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, attn_mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))   # Add & Norm (pre-norm)
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))  # Add & Norm (pre-norm)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
 
@@ -374,7 +356,7 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def num_params(self, exclude_positions: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())   # parameters() counts a tied weight once
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
         if exclude_positions and self.pos_emb is not None:
             n -= self.pos_emb.weight.numel()
         return n
@@ -387,8 +369,8 @@ class GPT(nn.Module):
         if positions is None:
             if past + T > cfg.block_size:
                 raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
-            positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)   # (1, T)
-        x = self.tok_emb(idx)                                    # (B, T, h)
+            positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
+        x = self.tok_emb(idx)  # (B, T, h)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -401,8 +383,9 @@ class GPT(nn.Module):
             cache.advance(T)
         return self.norm_f(x)
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None,
-                last_only: bool = False):
+    def forward(
+        self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None, last_only: bool = False
+    ):
         """Logits (B, T, V) (or (B, 1, V) with last_only); with targets also the mean cross-entropy.
 
         targets: (B, T) next tokens, -1 = ignore. loss_mask: optional (B, T) weights (1 = count).
@@ -416,10 +399,6 @@ class GPT(nn.Module):
         loss = lm_loss(logits, targets, loss_mask)
         return logits, loss
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, dtype or p.dtype)
-
 
 def lm_loss(logits, targets, loss_mask=None):
     """Mean next-token cross-entropy over counted positions (targets == -1 never count)."""
@@ -429,15 +408,3 @@ def lm_loss(logits, targets, loss_mask=None):
     per_tok = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1).clamp_min(0), reduction="none")
     w = loss_mask.reshape(-1).float() * (targets.reshape(-1) >= 0).float()
     return (per_tok * w).sum() / w.sum().clamp_min(1.0)
-
-
-if __name__ == "__main__":
-    from chatstack.presets import get_preset
-
-    cfg = get_preset("tiny")
-    m = GPT(cfg)
-    print(cfg)
-    for name, mod in [("embedding", m.tok_emb), ("positions", m.pos_emb), ("block 0", m.blocks[0]), ("final norm", m.norm_f)]:
-        if mod is not None:
-            print(f"{name:12s} {sum(p.numel() for p in mod.parameters()):>12,}")
-    print(f"{'total':12s} {m.num_params():>12,}")

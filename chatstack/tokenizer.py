@@ -1,11 +1,9 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers` underneath) and the ChatML chat renderer.
 
-    chatstack tokenizer train --builtin shakespeare --vocab-size 4096 --out runs/tok
-    chatstack tokenizer train --input corpus.txt more.jsonl --vocab-size 8192 --out runs/tok
-    chatstack tokenizer encode --gpt2 "Write a story about number 1234567."
-    chatstack tokenizer decode --gpt2 "[16594, 257, 1621]"
-    chatstack tokenizer encode --tokenizer runs/tok "Hello there"
+    from chatstack.tokenizer import Tokenizer
+    tok = Tokenizer.gpt2(); tok.encode("Hello world")   # [15496, 995]
 
+The `chatstack tokenizer` command (train / encode / decode) is chatstack/stages/tokenize.py.
 Trained vocabularies split digits one per token (arithmetic sees every digit) and reserve three special
 tokens: <|endoftext|> between documents, <|im_start|> / <|im_end|> around ChatML turns:
 
@@ -15,12 +13,12 @@ tokens: <|endoftext|> between documents, <|im_start|> / <|im_end|> around ChatML
 what the assistant says, never on what the user says. GPT-2's own 50,257 ranks load offline from the
 `openai-whisper` package's asset (`Tokenizer.gpt2()`), converted once to a `tokenizers` file and cached.
 """
+
 from __future__ import annotations
 
-import argparse
-import json
+import base64
+import importlib.util
 import os
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -70,24 +68,31 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 4096, show_progress: bool = True) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 4096, show_progress: bool = True) -> Tokenizer:
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}"
+            )
         hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            min_frequency=2,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
         )
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf, name=f"bpe-{vocab_size}")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -97,7 +102,7 @@ class Tokenizer:
         return cls(hf, name=path.parent.name or "bpe")
 
     @classmethod
-    def gpt2(cls) -> "Tokenizer":
+    def gpt2(cls) -> Tokenizer:
         """GPT-2's 50,257-token vocabulary (offline), with <|im_start|>/<|im_end|> appended as 50257/50258."""
         return cls(HFTokenizer.from_str(_gpt2_tokenizer_json()), name="gpt2")
 
@@ -187,18 +192,24 @@ class Tokenizer:
         return ids + [self.im_start_id] + self.encode("assistant\n")
 
     def info(self) -> dict:
-        return {"name": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                "im_start_id": self.im_start_id, "im_end_id": self.im_end_id, "chat_format": "chatml"}
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "im_start_id": self.im_start_id,
+            "im_end_id": self.im_end_id,
+            "chat_format": "chatml",
+        }
 
 
 # ---- GPT-2's vocabulary, offline ----------------------------------------------------------------------
 def _gpt2_ranks_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("whisper")   # only locates the package; whisper itself is never imported
+    spec = importlib.util.find_spec("whisper")  # only locates the package; whisper itself is never imported
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("GPT-2's vocabulary needs `pip install --no-deps openai-whisper==20250625` "
-                                "(it ships whisper/assets/gpt2.tiktoken)")
+        raise FileNotFoundError(
+            "GPT-2's vocabulary needs `pip install --no-deps openai-whisper==20250625` "
+            "(it ships whisper/assets/gpt2.tiktoken)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "assets" / "gpt2.tiktoken"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing from the openai-whisper package")
@@ -209,7 +220,6 @@ def _gpt2_tokenizer_json() -> str:
     cache = Path(os.environ.get("CHATSTACK_CACHE", Path.home() / ".cache" / "chatstack")) / "gpt2-tokenizer.json"
     if cache.exists():
         return cache.read_text()
-    import base64
 
     ranks: dict[bytes, int] = {}
     with open(_gpt2_ranks_path(), "rb") as f:
@@ -230,122 +240,16 @@ def _gpt2_tokenizer_json() -> str:
             best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], 1 << 30))
             if ranks.get(parts[best] + parts[best + 1], 1 << 30) >= rank:
                 break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
         assert len(parts) == 2, tok
         merges.append((to_str(parts[0]), to_str(parts[1])))
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens(SPECIAL_TOKENS)   # <|endoftext|> is already 50256; the ChatML pair become 50257, 50258
+    hf.add_special_tokens(SPECIAL_TOKENS)  # <|endoftext|> is already 50256; the ChatML pair become 50257, 50258
     text = hf.to_str()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(cache)
     return text
-
-
-# ---- CLI ------------------------------------------------------------------------------------------------
-def _read_texts(paths: list[str]) -> Iterable[str]:
-    """Documents from text files, folders of them, and JSONL files with a "text" field."""
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for f in files:
-            try:
-                if f.suffix == ".jsonl":
-                    from chatstack.data.jsonl import iter_jsonl
-
-                    for ln, obj in iter_jsonl(f):
-                        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                            raise ValueError(f"{f}:{ln}: expected an object with a string 'text' field")
-                        yield obj["text"]
-                else:
-                    yield f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{f}: not valid UTF-8 text (byte {e.start})") from e
-
-
-def _get_tokenizer(args) -> Tokenizer:
-    if args.gpt2:
-        return Tokenizer.gpt2()
-    if not args.tokenizer:
-        raise ValueError("give --gpt2 or --tokenizer DIR")
-    return Tokenizer.load(args.tokenizer)
-
-
-def _cmd_train(args) -> int:
-    from chatstack.cli import CLIError
-
-    if not args.builtin and not args.input:
-        raise CLIError("give --builtin NAME or --input FILE/DIR ...")
-    try:
-        if args.builtin:
-            from chatstack.data.builtin import builtin_texts
-
-            texts = list(builtin_texts(args.builtin, split="train"))
-        else:
-            texts = list(_read_texts(args.input))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise CLIError(str(e)) from e
-    if not any(t.strip() for t in texts):
-        raise CLIError("the corpus is empty")
-    tok = Tokenizer.train(texts, vocab_size=args.vocab_size, show_progress=sys.stderr.isatty())
-    out = Path(args.out)
-    tok.save(out)
-    n_chars = sum(len(t) for t in texts[:50])
-    n_toks = sum(len(tok.encode(t)) for t in texts[:50])
-    print(f"saved {out / 'tokenizer.json'}: vocab {tok.vocab_size}, {n_chars / max(n_toks, 1):.2f} chars/token on a sample")
-    return 0
-
-
-def _cmd_encode(args) -> int:
-    from chatstack.cli import CLIError
-
-    try:
-        tok = _get_tokenizer(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
-    print(json.dumps(tok.encode(args.text)))
-    return 0
-
-
-def _cmd_decode(args) -> int:
-    from chatstack.cli import CLIError
-
-    try:
-        tok = _get_tokenizer(args)
-        ids = json.loads(args.ids)
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-            raise ValueError("ids must be a JSON list of integers, e.g. [15496, 995]")
-        bad = [i for i in ids if not 0 <= i < tok.vocab_size]
-        if bad:
-            raise ValueError(f"id(s) out of range for a vocabulary of {tok.vocab_size}: {bad[:5]}")
-    except json.JSONDecodeError as e:
-        raise CLIError(f"ids must be a JSON list of integers ({e.msg})") from e
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
-    sys.stdout.write(tok.decode(ids) + "\n")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE, encode and decode",
-                       description="Byte-level BPE tokenizer: train on a corpus, or use GPT-2's vocabulary (--gpt2).")
-    tsub = p.add_subparsers(dest="tok_command", metavar="ACTION", required=True)
-    t = tsub.add_parser("train", help="train a BPE vocabulary on text/JSONL files or a built-in corpus")
-    t.add_argument("--builtin", help="a built-in corpus, e.g. shakespeare")
-    t.add_argument("--input", nargs="*", default=[], help="text files, folders of them, or JSONL with a 'text' field")
-    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size including 256 bytes and 3 specials (default 4096)")
-    t.add_argument("--out", required=True, help="output directory (gets tokenizer.json)")
-    t.set_defaults(func=_cmd_train)
-    for name, fn, arg, helptext in (("encode", _cmd_encode, "text", "text to encode"),
-                                    ("decode", _cmd_decode, "ids", "JSON list of token ids")):
-        e = tsub.add_parser(name, help=f"{name} with --gpt2 or a trained --tokenizer")
-        e.add_argument(arg, help=helptext)
-        g = e.add_mutually_exclusive_group(required=True)
-        g.add_argument("--gpt2", action="store_true", help="GPT-2's 50,257-token vocabulary (offline)")
-        g.add_argument("--tokenizer", help="a directory with tokenizer.json (or the file itself)")
-        e.set_defaults(func=fn)

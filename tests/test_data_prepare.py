@@ -3,6 +3,7 @@ by weight, and every kind of bad input is a clear error that leaves nothing half
 
     python -m pytest tests/test_data_prepare.py -q
 """
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_p2_helpers import doc, make_dataset, tiny_tokenizer  # noqa: E402
+from helpers import doc, make_dataset, tiny_tokenizer  # noqa: E402
 
 from chatstack.data.mixture import Mixture, parse_spec
-from chatstack.data.prepare import iter_documents, prepare, split_documents
 from chatstack.data.shards import DataError, TokenDataset, tokenizer_fingerprint
+from chatstack.stages.prepare import iter_documents, prepare, split_documents
 
 
 def test_shards_hold_the_documents_separated_by_eot(tmp_path):
@@ -53,8 +54,10 @@ def test_several_shards_and_uint32_for_big_vocab(tmp_path):
 def test_jsonl_and_folder_inputs(tmp_path):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "a.txt").write_text("alpha\n")
-    (tmp_path / "f" / "b.jsonl").write_text(json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n")
-    (tmp_path / "f" / "img.png").write_bytes(b"\x89PNG")   # not a text suffix: skipped
+    (tmp_path / "f" / "b.jsonl").write_text(
+        json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n"
+    )
+    (tmp_path / "f" / "img.png").write_bytes(b"\x89PNG")  # not a text suffix: skipped
     docs = list(iter_documents([tmp_path / "f"]))
     assert [t for _, t in docs] == ["alpha\n", "beta", "gamma"]
 
@@ -77,13 +80,16 @@ def test_builtin_shakespeare_holds_out_whole_plays():
     assert len(train) + len(val) == 42 and len(val) >= 2 and not train & val
 
 
-@pytest.mark.parametrize("setup, match", [
-    (lambda p: None, "no such file"),
-    (lambda p: p.write_bytes(b"good line\nbad \xff\xfe byte\n"), r":2: undecodable"),
-    (lambda p: p.with_suffix(".jsonl").write_text('{"text": "ok"}\n{"text": 3}\n'), r"\.jsonl:2: field 'text'"),
-    (lambda p: p.with_suffix(".jsonl").write_text('{"text": "ok"}\n{broken\n'), r"\.jsonl:2: invalid JSON"),
-    (lambda p: p.with_suffix(".jsonl").write_text('{"body": "ok"}\n'), r"\.jsonl:1: no 'text' field"),
-])
+@pytest.mark.parametrize(
+    "setup, match",
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_bytes(b"good line\nbad \xff\xfe byte\n"), r":2: undecodable"),
+        (lambda p: p.with_suffix(".jsonl").write_text('{"text": "ok"}\n{"text": 3}\n'), r"\.jsonl:2: field 'text'"),
+        (lambda p: p.with_suffix(".jsonl").write_text('{"text": "ok"}\n{broken\n'), r"\.jsonl:2: invalid JSON"),
+        (lambda p: p.with_suffix(".jsonl").write_text('{"body": "ok"}\n'), r"\.jsonl:1: no 'text' field"),
+    ],
+)
 def test_bad_input_names_file_and_line(tmp_path, setup, match):
     p = tmp_path / "corpus.txt"
     setup(p)
@@ -99,14 +105,46 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     tok_dir = tmp_path / "tok"
     tiny_tokenizer().save(tok_dir)
     (tmp_path / "empty.txt").write_text("")
-    rc = main(["data", "prepare", "--input", str(tmp_path / "empty.txt"), "--val-fraction", "0",
-               "--tokenizer", str(tok_dir), "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(tmp_path / "empty.txt"),
+            "--val-fraction",
+            "0",
+            "--tokenizer",
+            str(tok_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2 and "empty corpus" in capsys.readouterr().err
-    rc = main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tok_dir),
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(tmp_path / "nope.txt"),
+            "--tokenizer",
+            str(tok_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2 and "nope.txt: no such file" in capsys.readouterr().err
-    rc = main(["data", "prepare", "--builtin", "shakespeare", "--tokenizer", str(tmp_path / "missing"),
-               "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "data",
+            "prepare",
+            "--builtin",
+            "shakespeare",
+            "--tokenizer",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2 and "tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -123,11 +161,11 @@ def test_cli_prepare_end_to_end(tmp_path, capsys):
     ds = TokenDataset(tmp_path / "out")
     assert ds.meta["splits"]["train"]["documents"] == 9 and ds.meta["splits"]["val"]["documents"] == 1
     assert (tmp_path / "out" / "tokenizer.json").exists()
-    ds.tokenizer()   # the saved tokenizer matches the shards
+    ds.tokenizer()  # the saved tokenizer matches the shards
 
 
 def test_failure_midway_leaves_no_partial_output(tmp_path, monkeypatch):
-    import chatstack.data.prepare as P
+    import chatstack.stages.prepare as P
 
     path = make_dataset(tmp_path)
     before = (path / "meta.json").read_text()
@@ -138,8 +176,8 @@ def test_failure_midway_leaves_no_partial_output(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "tokenize_split", boom)
     with pytest.raises(RuntimeError):
         prepare(path, tiny_tokenizer(), [("d", doc(0))], [], [{"name": "x"}])
-    assert (path / "meta.json").read_text() == before          # the old dataset is untouched
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # no temp dir left
+    assert (path / "meta.json").read_text() == before  # the old dataset is untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
 
 
 def test_truncated_shard_and_tokenizer_mismatch_are_caught(tmp_path):
@@ -156,14 +194,14 @@ def test_truncated_shard_and_tokenizer_mismatch_are_caught(tmp_path):
 
 def test_mixture_samples_by_weight_and_is_deterministic(tmp_path):
     a = make_dataset(tmp_path, "a")
-    b = make_dataset(tmp_path, "b", n_docs=8)   # smaller source: its weight, not its size, decides
+    b = make_dataset(tmp_path, "b", n_docs=8)  # smaller source: its weight, not its size, decides
     assert parse_spec(f"{a}:3,{b}:1") == [(str(a), 3.0), (str(b), 1.0)]
     mix = Mixture.from_spec(f"{a}:3,{b}:1")
     r1 = mix.sample_rows(seed=1, step=5, n_rows=8, block_size=16)
     assert r1.shape == (8, 17) and r1.dtype.is_floating_point is False
     assert (mix.sample_rows(1, 5, 8, 16) == r1).all() and not (mix.sample_rows(1, 6, 8, 16) == r1).all()
     src, _ = mix.draw(seed=0, step=0, n_rows=4000)
-    assert abs(float((src == 0).float().mean()) - 0.75) < 0.03   # 3:1 by weight
+    assert abs(float((src == 0).float().mean()) - 0.75) < 0.03  # 3:1 by weight
     # mixture files: JSON and "path weight" lines, relative to the file
     (tmp_path / "mix.json").write_text(json.dumps({"sources": [{"path": "a", "weight": 2}, {"path": "b"}]}))
     assert parse_spec(str(tmp_path / "mix.json")) == [(str(tmp_path / "a"), 2.0), (str(tmp_path / "b"), 1.0)]

@@ -1,4 +1,4 @@
-"""chatstack.decode_step: the engine's module-free decode forward computes what the model's own forward does.
+"""chatstack.infer.decode_step: the engine's module-free decode forward computes what the model's own forward does.
 
 Two engines over one model, one with the DecodeStep and one made to call GPT.hidden_states + lm_head for every
 decode step, must give the same tokens and exactly the same log-probabilities (the same kernels see the same values),
@@ -7,15 +7,21 @@ tests/test_engine.py checks the engine against independent full forward passes o
 
     python -m pytest tests/test_decode_step.py -q
 """
+
 import pytest
 import torch
+from helpers import ScriptedLM, nano_model, small_tokenizer
 
-from chatstack.decode_step import DecodeStep
-from chatstack.engine import Engine, SamplingParams
-from helpers_engine import ScriptedLM, nano_model, small_tokenizer
+from chatstack.infer.decode_step import DecodeStep
+from chatstack.infer.engine import Engine, SamplingParams
 
-CASES = [("nano", {}), ("nano", {"bias": False}), ("nano-llama", {}), ("nano-llama", {"n_kv_head": 4}),
-         ("nano-llama", {"n_kv_head": 1})]
+CASES = [
+    ("nano", {}),
+    ("nano", {"bias": False}),
+    ("nano-llama", {}),
+    ("nano-llama", {"n_kv_head": 4}),
+    ("nano-llama", {"n_kv_head": 1}),
+]
 
 
 def _run(engine, prompts, params, join_at=2):
@@ -36,20 +42,22 @@ def test_decode_step_equals_module_forward(family, over, quantize):
     tok = small_tokenizer()
     model = nano_model(family, tok.vocab_size, seed=4, **over)
     prompts = [tok.encode(t) for t in ("The quick brown fox", "To", "What is 12 plus 30?", "héllo")]
-    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=i, logprobs=True, top_logprobs=3, stop_token_ids=[])
-              for i, (n, t) in enumerate([(9, 0.0), (4, 0.9), (7, 0.0), (6, 1.2)])]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=t, seed=i, logprobs=True, top_logprobs=3, stop_token_ids=[])
+        for i, (n, t) in enumerate([(9, 0.0), (4, 0.9), (7, 0.0), (6, 1.2)])
+    ]
     fast = Engine(model, tok, quantize=quantize)
     slow = Engine(model, tok, quantize=quantize)
     assert isinstance(fast._decode_step, DecodeStep)
     calls = []
     step = fast._decode_step
     fast._decode_step = lambda *a: (calls.append(a[0].shape[0]), step(*a))[1]
-    slow._decode_step = None                     # every decode step through hidden_states + lm_head
+    slow._decode_step = None  # every decode step through hidden_states + lm_head
     a, b = _run(fast, prompts, params), _run(slow, prompts, params)
-    assert max(calls) == 4 and min(calls) < 4    # it ran, batched, while rows joined and left
+    assert max(calls) == 4 and min(calls) < 4  # it ran, batched, while rows joined and left
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
-        assert x.logprobs == y.logprobs          # exact: same kernels, same values
+        assert x.logprobs == y.logprobs  # exact: same kernels, same values
         assert x.top_logprobs == y.top_logprobs
 
 
@@ -59,7 +67,7 @@ def test_models_that_are_not_a_gpt_use_hidden_states():
     eng = Engine(lm, small_tokenizer())
     assert eng._decode_step is None
     out = eng.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[]))[0]
-    assert out.token_ids == [33, 72, 105, 33]    # script[p % 3] after positions 2 (the prompt's last), 3, 4, 5
+    assert out.token_ids == [33, 72, 105, 33]  # script[p % 3] after positions 2 (the prompt's last), 3, 4, 5
 
 
 def test_decode_step_sees_weight_updates_in_place():

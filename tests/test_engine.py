@@ -3,20 +3,24 @@ different prompt lengths, continuous batching, stops, seeds, logprobs, UTF-8-saf
 
     python -m pytest tests/test_engine.py -q
 """
+
 import pytest
 import torch
+from helpers import ByteTokenizer, ScriptedLM, nano_model, reference_greedy, reference_logprobs, small_tokenizer
 
-from chatstack.engine import Engine, SamplingParams
-from helpers_engine import (ByteTokenizer, ScriptedLM, nano_model, reference_greedy, reference_logprobs,
-                            small_tokenizer)
+from chatstack.infer.engine import Engine, SamplingParams
 
 FAMILIES = ["nano", "nano-llama"]
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 
 
 def _prompts(tok):
-    return [tok.encode("The quick brown fox"), tok.encode("To"), tok.encode("What is 12 plus 30? The answer is"),
-            tok.encode("héllo wörld")]
+    return [
+        tok.encode("The quick brown fox"),
+        tok.encode("To"),
+        tok.encode("What is 12 plus 30? The answer is"),
+        tok.encode("héllo wörld"),
+    ]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -24,7 +28,7 @@ def test_greedy_batched_equals_full_forward(family):
     tok = small_tokenizer()
     model = nano_model(family, tok.vocab_size)
     prompts = _prompts(tok)
-    assert len({len(p) for p in prompts}) > 2          # really different lengths: exercises padding + masks
+    assert len({len(p) for p in prompts}) > 2  # really different lengths: exercises padding + masks
     out = Engine(model, tok).generate(prompts, SamplingParams(max_new_tokens=12, **GREEDY))
     for p, c in zip(prompts, out):
         assert c.token_ids == reference_greedy(model, p, 12)
@@ -45,7 +49,7 @@ def test_continuous_batching_join_leave_and_small_slots(family):
     got = {}
     steps = 0
     while eng.has_unfinished() or len(rids) < 4:
-        if steps in (2, 3, 6) and len(rids) < 4:   # late joiners; slots are only 2
+        if steps in (2, 3, 6) and len(rids) < 4:  # late joiners; slots are only 2
             i = len(rids)
             rids.append(eng.add_request(prompts[i], SamplingParams(max_new_tokens=lens[i], **GREEDY)))
         for ev in eng.step():
@@ -73,7 +77,7 @@ def test_stop_token_included_in_ids_not_text():
     stop = ref[4]
     first = ref.index(stop)
     c = Engine(model, tok).generate([p], SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[stop]))[0]
-    assert c.token_ids == ref[:first + 1]
+    assert c.token_ids == ref[: first + 1]
     assert c.finish_reason == "stop"
     assert c.text == tok.decode(ref[:first])
 
@@ -86,21 +90,21 @@ def test_stop_strings_cut_text_and_stream_matches():
     full = eng.generate([p], SamplingParams(max_new_tokens=30, **GREEDY))[0].text
     stop = full[10:13]
     assert stop and stop in full
-    cut = full[:full.index(stop)]
+    cut = full[: full.index(stop)]
     params = SamplingParams(max_new_tokens=30, stop=[stop, "\x00never"], **GREEDY)
     c = eng.generate([p], params)[0]
     assert c.finish_reason == "stop" and c.text == cut
     pieces = [ev.text for ev in eng.stream(p, params)]
-    assert "".join(pieces) == cut                     # held-back prefixes of a stop string are never leaked
+    assert "".join(pieces) == cut  # held-back prefixes of a stop string are never leaked
 
 
 def test_utf8_streaming_never_splits_a_character():
     text = "aé世🙂b"
-    script = list(text.encode("utf-8"))                # tokens are single bytes: every character split
+    script = list(text.encode("utf-8"))  # tokens are single bytes: every character split
     tok = ByteTokenizer()
     model = ScriptedLM(script)
     eng = Engine(model, tok)
-    prompt = [script[-1]]                              # position 0 -> next is script[0]
+    prompt = [script[-1]]  # position 0 -> next is script[0]
     events = list(eng.stream(prompt, SamplingParams(max_new_tokens=len(script), temperature=0, stop_token_ids=[])))
     pieces = [e.text for e in events]
     assert "".join(pieces) == text
@@ -121,11 +125,11 @@ def test_sampling_seed_reproducible_and_batch_independent():
     b = eng.generate([p], sp)[0].token_ids
     assert a == b
     short = SamplingParams(max_new_tokens=6, temperature=1.0, seed=123, stop_token_ids=[])
-    assert eng.generate([p], short)[0].token_ids == a[:6]   # the draws don't depend on max_new_tokens
+    assert eng.generate([p], short)[0].token_ids == a[:6]  # the draws don't depend on max_new_tokens
     other = SamplingParams(max_new_tokens=15, temperature=1.0, seed=7, stop_token_ids=[])
     batch = eng.generate([tok.encode("To be or"), p, p], [other, sp, other])
-    assert batch[1].token_ids == a                      # same seed, different batch-mates, same output
-    assert batch[2].token_ids != a                      # a different seed samples differently
+    assert batch[1].token_ids == a  # same seed, different batch-mates, same output
+    assert batch[2].token_ids != a  # a different seed samples differently
     # per-row settings in one batch: greedy row is unaffected by a sampled neighbour
     mixed = eng.generate([p, p], [SamplingParams(max_new_tokens=8, **GREEDY), sp])
     assert mixed[0].token_ids == reference_greedy(model, p, 8)
@@ -147,8 +151,7 @@ def test_logprobs_match_full_forward(family):
     tok = small_tokenizer()
     model = nano_model(family, tok.vocab_size)
     prompts = [tok.encode("The quick brown fox"), tok.encode("To")]
-    sp = SamplingParams(max_new_tokens=8, temperature=0.9, seed=11, stop_token_ids=[], logprobs=True,
-                        top_logprobs=3)
+    sp = SamplingParams(max_new_tokens=8, temperature=0.9, seed=11, stop_token_ids=[], logprobs=True, top_logprobs=3)
     for p, c in zip(prompts, Engine(model, tok).generate(prompts, sp)):
         ref = reference_logprobs(model, p, c.token_ids)
         assert c.logprobs == pytest.approx(ref, abs=1e-4)
@@ -161,7 +164,7 @@ def test_logprobs_match_full_forward(family):
 
 def test_context_length_limits():
     tok = small_tokenizer()
-    model = nano_model("nano", tok.vocab_size)     # block_size 64
+    model = nano_model("nano", tok.vocab_size)  # block_size 64
     eng = Engine(model, tok)
     with pytest.raises(ValueError, match="context length 64"):
         eng.generate([[5] * 64], SamplingParams(max_new_tokens=1))
@@ -170,7 +173,7 @@ def test_context_length_limits():
     with pytest.raises(ValueError, match="empty prompt"):
         eng.add_request([], SamplingParams())
     c = eng.generate([[5] * 60], SamplingParams(max_new_tokens=50, **GREEDY))[0]
-    assert len(c.token_ids) == 4 and c.finish_reason == "length"   # stops at the context, never past it
+    assert len(c.token_ids) == 4 and c.finish_reason == "length"  # stops at the context, never past it
     assert c.token_ids == reference_greedy(model, [5] * 60, 4)
 
 
@@ -199,7 +202,7 @@ def test_chat_renders_chatml_and_invalid_params():
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be?"}]
     c = eng.chat(msgs, SamplingParams(max_new_tokens=5, temperature=0))
     assert c.prompt_ids == tok.render_prompt(msgs)
-    assert c.token_ids == reference_greedy(model, c.prompt_ids, len(c.token_ids))[:len(c.token_ids)]
+    assert c.token_ids == reference_greedy(model, c.prompt_ids, len(c.token_ids))[: len(c.token_ids)]
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0)):
         with pytest.raises(ValueError, match="invalid SamplingParams"):
             SamplingParams(**bad)
@@ -209,7 +212,7 @@ def test_training_mode_restored_and_no_dropout_while_generating():
     tok = small_tokenizer()
     model = nano_model("nano", tok.vocab_size, dropout=0.5)
     p = tok.encode("The quick")
-    ref = reference_greedy(model, p, 6)               # model is in eval mode here
+    ref = reference_greedy(model, p, 6)  # model is in eval mode here
     model.train()
     c = Engine(model, tok).generate([p], SamplingParams(max_new_tokens=6, **GREEDY))[0]
     assert model.training
@@ -228,10 +231,13 @@ def test_engine_follows_weight_updates(transposed, fused):
     before = eng.generate([p], sp)[0]
     assert before.token_ids == reference_greedy(model, p, 6)
     # fused AdamW updates weights without bumping their version counters: generate() must still see them
-    opt = (torch.optim.AdamW(model.parameters(), lr=0.05, fused=True) if fused
-           else torch.optim.SGD(model.parameters(), lr=5.0))
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        if fused
+        else torch.optim.SGD(model.parameters(), lr=5.0)
+    )
     logits = model(torch.tensor([p]))
-    logits[0, -1, 7].backward()                        # push token 7 up
+    logits[0, -1, 7].backward()  # push token 7 up
     opt.step()
     after = eng.generate([p], sp)[0]
     assert after.token_ids == reference_greedy(model, p, 6)
@@ -256,7 +262,7 @@ def test_weight_copies_bound_only_inside_step():
     assert len(linears) == 4 * model.config.n_layer + 1
     assert all("fast_weight" not in m.__dict__ and m.fast_weight is None for m in linears)
     with torch.no_grad():
-        model.load_state_dict(other.state_dict())     # in place: bumps version counters
+        model.load_state_dict(other.state_dict())  # in place: bumps version counters
     after = eng.generate([p], sp)[0]
     assert after.token_ids == reference_greedy(other, p, 6)
     assert after.logprobs == pytest.approx(reference_logprobs(other, p, after.token_ids), abs=1e-4)
@@ -281,15 +287,19 @@ def test_random_schedules_match_reference(engine_kw):
             cache_ref[key] = reference_greedy(model, p, n)
         return cache_ref[key]
 
-    req = st.tuples(st.lists(st.integers(0, tok.vocab_size - 1), min_size=1, max_size=12),
-                    st.integers(1, 6), st.integers(0, 5), st.booleans())
+    req = st.tuples(
+        st.lists(st.integers(0, tok.vocab_size - 1), min_size=1, max_size=12),
+        st.integers(1, 6),
+        st.integers(0, 5),
+        st.booleans(),
+    )
 
     @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(req, min_size=1, max_size=5), st.integers(1, 3))
     def check(reqs, slots):
         eng = Engine(model, tok, max_batch_size=slots, **engine_kw)
         got, rid_of, step = {}, {}, 0
-        todo = sorted(enumerate(reqs), key=lambda x: x[1][2])      # by arrival step
+        todo = sorted(enumerate(reqs), key=lambda x: x[1][2])  # by arrival step
         while todo or eng.has_unfinished():
             while todo and todo[0][1][2] <= step:
                 i, (p, n, _, _) = todo.pop(0)
@@ -297,7 +307,7 @@ def test_random_schedules_match_reference(engine_kw):
             for ev in eng.step():
                 got.setdefault(rid_of[ev.request_id], []).append(ev.token_id)
             for rid, i in list(rid_of.items()):
-                if reqs[i][3] and step == reqs[i][2] + 1:           # cancel some a step after arrival
+                if reqs[i][3] and step == reqs[i][2] + 1:  # cancel some a step after arrival
                     eng.cancel(rid)
                     got.pop(i, None)
                     del rid_of[rid]
@@ -316,8 +326,9 @@ def test_identical_prompts_prefilled_once(family):
     tok = small_tokenizer()
     model = nano_model(family, tok.vocab_size, seed=8)
     a, b = tok.encode("The quick brown fox"), tok.encode("To be")
-    params = [SamplingParams(max_new_tokens=7, temperature=0.9, seed=s, logprobs=True, stop_token_ids=[])
-              for s in range(5)]
+    params = [
+        SamplingParams(max_new_tokens=7, temperature=0.9, seed=s, logprobs=True, stop_token_ids=[]) for s in range(5)
+    ]
     prompts = [a, b, a, a, b]
     eng = Engine(model, tok)
     batch_rows = []
@@ -327,12 +338,12 @@ def test_identical_prompts_prefilled_once(family):
         out = eng.generate(prompts, params)
     finally:
         model.hidden_states = orig
-    assert batch_rows[0] == 2                       # the prefill: two distinct prompts, not five rows
+    assert batch_rows[0] == 2  # the prefill: two distinct prompts, not five rows
     for p, sp, c in zip(prompts, params, out):
         alone = Engine(model, tok).generate([p], sp)[0]
         assert c.token_ids == alone.token_ids
         assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
-    assert out[0].token_ids != out[2].token_ids or out[2].token_ids != out[3].token_ids   # seeds differ
+    assert out[0].token_ids != out[2].token_ids or out[2].token_ids != out[3].token_ids  # seeds differ
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -347,7 +358,7 @@ def test_chunked_prefill_matches_and_keeps_others_decoding(family):
     assert len(short) <= 4 < 4 * 3 < len(long)
     sp = SamplingParams(max_new_tokens=30, logprobs=True, **GREEDY)
     r_short = eng.add_request(short, sp)
-    eng.step()                                   # the short one is running
+    eng.step()  # the short one is running
     r_long = eng.add_request(long, SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY))
     got = {r_short: [], r_long: []}
     lps = {r_short: [], r_long: []}
@@ -357,11 +368,11 @@ def test_chunked_prefill_matches_and_keeps_others_decoding(family):
         ids = {ev.request_id for ev in evs}
         if not got[r_long]:
             steps_until_long += 1
-            assert r_short in ids or not eng.running   # never stalled by the long prefill
+            assert r_short in ids or not eng.running  # never stalled by the long prefill
         for ev in evs:
             got[ev.request_id].append(ev.token_id)
             lps[ev.request_id].append(ev.logprob)
-    assert steps_until_long == -(-len(long) // 4)           # one chunk per step
+    assert steps_until_long == -(-len(long) // 4)  # one chunk per step
     assert got[r_long] == reference_greedy(model, long, 6)
     assert lps[r_long] == pytest.approx(reference_logprobs(model, long, got[r_long]), abs=1e-4)
     assert got[r_short] == reference_greedy(model, short, 30)[1:]

@@ -3,14 +3,14 @@ draw against the distribution it should follow.
 
     python -m pytest tests/test_engine_sampling.py -q
 """
+
 import pytest
 import torch
 
-from chatstack.sampling import filtered_probs, sample
+from chatstack.infer.sampling import filtered_probs, sample
 
 transformers = pytest.importorskip("transformers")
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,  # noqa: E402
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper  # noqa: E402
 
 
 def _hf_probs(logits, temperature, top_k, top_p):
@@ -27,8 +27,9 @@ def _dense(probs, idx, V):
     return torch.zeros(probs.size(0), V).scatter(1, idx, probs)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.6),
-                                                     (1.0, 3, 0.95)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.8), (0.5, 20, 0.6), (1.0, 3, 0.95)]
+)
 def test_filters_match_hf_warpers(temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 100, generator=g) * 3
@@ -52,7 +53,7 @@ def test_per_row_settings_in_one_batch():
     probs, idx = filtered_probs(logits, t, k, p)
     ours = _dense(probs, idx, 50)
     for i, (tt, kk, pp) in enumerate(settings):
-        assert torch.allclose(ours[i], _hf_probs(logits[i:i + 1], tt, kk, pp)[0], atol=1e-6)
+        assert torch.allclose(ours[i], _hf_probs(logits[i : i + 1], tt, kk, pp)[0], atol=1e-6)
 
 
 def test_inverse_cdf_draw_follows_the_distribution():
@@ -65,7 +66,7 @@ def test_inverse_cdf_draw_follows_the_distribution():
     freq = torch.bincount(draws, minlength=6).float() / n
     want = _hf_probs(logits, 0.9, 4, 0.9)[0]
     assert torch.allclose(freq, want, atol=0.015)
-    assert freq[want == 0].sum() == 0                  # filtered tokens are never drawn
+    assert freq[want == 0].sum() == 0  # filtered tokens are never drawn
 
 
 def test_greedy_rows_take_argmax():
@@ -77,12 +78,13 @@ def test_greedy_rows_take_argmax():
 
 
 # the first four take max(dim); the rest (B * V >= 2**19) the block path, with a short last block or without
-@pytest.mark.parametrize("B,V", [(1, 320), (16, 4096), (1, 50257), (3, 30011), (16, 50257), (11, 50304),
-                                 (2000, 300), (9000, 64)])
+@pytest.mark.parametrize(
+    "B,V", [(1, 320), (16, 4096), (1, 50257), (3, 30011), (16, 50257), (11, 50304), (2000, 300), (9000, 64)]
+)
 def test_greedy_is_first_argmax(B, V):
     """greedy() takes a vectorised path for large inputs: it must still give max(dim)'s first index on
     ties, follow a NaN as max(dim) does, and accept a sliced (padded-vocab) view."""
-    from chatstack.sampling import greedy
+    from chatstack.infer.sampling import greedy
 
     g = torch.Generator().manual_seed(B * V)
     x = torch.randn(B, V + 3, generator=g)[:, :V]

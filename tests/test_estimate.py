@@ -1,7 +1,8 @@
 """The arithmetic of scale reproduces the source's worked examples; `chatstack estimate`'s contract.
 
-    python -m pytest tests/test_estimate.py -q
+python -m pytest tests/test_estimate.py -q
 """
+
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def run_json(*argv):
 
 # ---------------------------------------------------------------- GPT-3 175B
 
+
 def test_gpt3_params_formula_exact():
     cfg = get_preset("gpt3-175b")
     l, h, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
@@ -41,16 +43,17 @@ def test_gpt3_memory():
     r = run_json("--preset", "gpt3-175b")
     assert r["params_headline"] == 174_579_068_928
     assert r["params"] == r["params_exact"] == pytest.approx(174.6e9, rel=1e-3)
-    assert r["train_memory_bytes"] == pytest.approx(3.5e12, rel=0.01)       # 20 bytes/param ~ 3.5 TB
-    assert r["inference_memory_bytes"] == pytest.approx(350e9, rel=0.01)    # 2 bytes/param ~ 350 GB
+    assert r["train_memory_bytes"] == pytest.approx(3.5e12, rel=0.01)  # 20 bytes/param ~ 3.5 TB
+    assert r["inference_memory_bytes"] == pytest.approx(350e9, rel=0.01)  # 2 bytes/param ~ 350 GB
     assert E.TRAIN_BYTES_PER_PARAM == 20 and E.INFER_BYTES_PER_PARAM == 2
 
 
 def test_gpt3_training_time_mfu():
     # the contract command, verbatim
-    r = run_json("--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--gpu-tflops", "312",
-                 "--mfu", "0.462")
-    assert r["train_flops"] == pytest.approx(3.14e23, rel=0.005)            # 6ND
+    r = run_json(
+        "--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--gpu-tflops", "312", "--mfu", "0.462"
+    )
+    assert r["train_flops"] == pytest.approx(3.14e23, rel=0.005)  # 6ND
     assert r["train_flops"] == 6 * r["params"] * 300e9
     # the source rounds N to 175B: 607k A100-hours, 25.3k A100-days, 24.7 days on 1024 GPUs
     assert r["gpu_hours"] == pytest.approx(607e3, rel=0.005)
@@ -59,18 +62,31 @@ def test_gpt3_training_time_mfu():
     for key in ("params", "train_flops", "train_memory_bytes", "inference_memory_bytes", "gpu_hours", "days"):
         assert key in r
     # with the nominal N the numbers match the source's to its printed precision
-    r175 = run_json("--preset", "gpt3-175b", "--params", "175e9", "--tokens", "300e9", "--gpus", "1024",
-                    "--gpu-tflops", "312", "--mfu", "0.462")
+    r175 = run_json(
+        "--preset",
+        "gpt3-175b",
+        "--params",
+        "175e9",
+        "--tokens",
+        "300e9",
+        "--gpus",
+        "1024",
+        "--gpu-tflops",
+        "312",
+        "--mfu",
+        "0.462",
+    )
     assert round(r175["gpu_hours"] / 1e3) == 607
     assert round(r175["gpu_days"] / 1e2) / 10 == 25.3
     assert round(r175["days"], 1) == 24.7
 
 
 def test_gpt3_recompute_achieved_tflops():
-    r = run_json("--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--recompute",
-                 "--achieved-tflops", "140")
-    assert r["train_flops"] == 8 * r["params"] * 300e9                     # 8ND
-    assert r["days"] == pytest.approx(34, rel=0.01)                         # the published ~34 days
+    r = run_json(
+        "--preset", "gpt3-175b", "--tokens", "300e9", "--gpus", "1024", "--recompute", "--achieved-tflops", "140"
+    )
+    assert r["train_flops"] == 8 * r["params"] * 300e9  # 8ND
+    assert r["days"] == pytest.approx(34, rel=0.01)  # the published ~34 days
     assert r["achieved_tflops"] == 140
 
 
@@ -81,8 +97,12 @@ def test_llama65b_tokens_per_gpu_s():
 
 
 def test_llama_12lh2_column():
-    want = {"llama-7b": 6_442_450_944, "llama-13b": 12_582_912_000, "llama-33b": 31_897_681_920,
-            "llama-65b": 64_424_509_440}
+    want = {
+        "llama-7b": 6_442_450_944,
+        "llama-13b": 12_582_912_000,
+        "llama-33b": 31_897_681_920,
+        "llama-65b": 64_424_509_440,
+    }
     for name, n in want.items():
         assert E.twelve_l_h2(get_preset(name)) == n
     assert run_json("--preset", "llama-7b")["params_12lh2"] == 6_442_450_944
@@ -90,7 +110,7 @@ def test_llama_12lh2_column():
 
 def test_llama_exact_counts_match_release():
     # Meta's released sizes: 6.74B, 13.0B, 32.5B, 65.2B (untied output, SwiGLU, RMSNorm)
-    assert E.param_breakdown(get_preset("llama-7b"))["total"] == 6_738_415_616   # HF LlamaForCausalLM's count
+    assert E.param_breakdown(get_preset("llama-7b"))["total"] == 6_738_415_616  # HF LlamaForCausalLM's count
     for name, billions in [("llama-13b", 13.0), ("llama-33b", 32.5), ("llama-65b", 65.2)]:
         assert E.param_breakdown(get_preset(name))["total"] / 1e9 == pytest.approx(billions, rel=0.003)
 
@@ -100,10 +120,11 @@ def test_gpt2_small_hf_count():
     assert E.param_breakdown(cfg)["total"] == 124_439_808
     r = run_json("--preset", "gpt2")
     assert r["params"] == r["params_exact"] == 124_439_808
-    assert r["params_headline"] == 12 * (12 * 768 ** 2 + 13 * 768) + 50257 * 768
+    assert r["params_headline"] == 12 * (12 * 768**2 + 13 * 768) + 50257 * 768
 
 
 # ---------------------------------------------------------------- formulas
+
 
 def test_time_to_train_three_ways_agree():
     flops = 6 * 1e9 * 1e10
@@ -119,7 +140,7 @@ def test_time_to_train_three_ways_agree():
 def test_flops_per_token_palm_and_recompute():
     cfg = get_preset("gpt2")
     n = E.param_breakdown(cfg)["compute"]
-    assert n == 124_439_808 - 1024 * 768        # positions are a lookup, not a matmul
+    assert n == 124_439_808 - 1024 * 768  # positions are a lookup, not a matmul
     assert E.flops_per_token(cfg, 1024, attention=False) == 6 * n
     assert E.flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
     assert E.flops_per_token(cfg, 1024, recompute=True) == pytest.approx(4 / 3 * E.flops_per_token(cfg, 1024))
@@ -141,7 +162,7 @@ def test_activation_formula_matches_korthikanti_for_gpt():
 
 
 def test_kv_cache_gqa():
-    cfg = get_preset("smollm2-135m")      # 30 layers, 3 kv heads of 64
+    cfg = get_preset("smollm2-135m")  # 30 layers, 3 kv heads of 64
     assert E.kv_cache_bytes(cfg, batch=2, seq=100) == 2 * 30 * 2 * 100 * 3 * 64 * 2
     r = run_json("--preset", "smollm2-135m", "--batch", "2", "--seq", "100")
     assert r["kv_cache_bytes"] == 2 * 30 * 2 * 100 * 3 * 64 * 2
@@ -151,6 +172,7 @@ def test_kv_cache_gqa():
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def test_checkpoint_config(tmp_path):
     from chatstack.checkpoint import save_checkpoint
@@ -169,14 +191,17 @@ def test_table_output(capsys):
     assert "124,439,808" in out and "GPU-hours" in out
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--preset", "gpt5"], "unknown preset"),
-    (["--preset", "gpt2", "--tokens", "-1"], "--tokens must be a positive number"),
-    (["--preset", "gpt2", "--gpus", "-8"], "--gpus must be a positive number"),
-    (["--preset", "gpt2", "--mfu", "1.5"], "--mfu"),
-    (["--preset", "gpt2", "--gpus", "2.5"], "whole number"),
-    (["--checkpoint", "/nonexistent/ck"], "no such checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--preset", "gpt5"], "unknown preset"),
+        (["--preset", "gpt2", "--tokens", "-1"], "--tokens must be a positive number"),
+        (["--preset", "gpt2", "--gpus", "-8"], "--gpus must be a positive number"),
+        (["--preset", "gpt2", "--mfu", "1.5"], "--mfu"),
+        (["--preset", "gpt2", "--gpus", "2.5"], "whole number"),
+        (["--checkpoint", "/nonexistent/ck"], "no such checkpoint"),
+    ],
+)
 def test_errors_exit_2_one_line(argv, msg, capsys):
     assert main(["estimate", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -184,15 +209,38 @@ def test_errors_exit_2_one_line(argv, msg, capsys):
 
 
 def test_console_command_subprocess():
-    p = subprocess.run([sys.executable, "-m", "chatstack.cli", "estimate", "--preset", "gpt3-175b", "--tokens",
-                        "300e9", "--gpus", "1024", "--gpu-tflops", "312", "--mfu", "0.462", "--json"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatstack.cli",
+            "estimate",
+            "--preset",
+            "gpt3-175b",
+            "--tokens",
+            "300e9",
+            "--gpus",
+            "1024",
+            "--gpu-tflops",
+            "312",
+            "--mfu",
+            "0.462",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["days"] == pytest.approx(24.7, rel=0.005)
 
 
-@pytest.mark.slow   # another interpreter start (~6-20 s here: the CLI imports every stage)
+@pytest.mark.slow  # another interpreter start (~6-20 s here: the CLI imports every stage)
 def test_console_error_subprocess():
-    p = subprocess.run([sys.executable, "-m", "chatstack.cli", "estimate", "--preset", "nope"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "chatstack.cli", "estimate", "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1

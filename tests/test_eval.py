@@ -1,4 +1,5 @@
 """Evaluation: few-shot prompts from train examples only, exact-match scoring, the `chatstack eval` JSON contract."""
+
 import json
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 from chatstack.checkpoint import save_checkpoint
 from chatstack.cli import main
 from chatstack.data.tasks import TASKS
-from chatstack.engine import Completion, Engine
 from chatstack.evals.fewshot import fewshot_prompt, shots_for
 from chatstack.evals.tasks_eval import default_mode, evaluate_tasks, mean_accuracy
+from chatstack.infer.engine import Completion, Engine
 from chatstack.model import GPT
 from chatstack.presets import get_preset
 from chatstack.tokenizer import Tokenizer
@@ -26,8 +27,10 @@ def setup(tmp_path_factory):
     for stage in ("base", "sft"):
         save_checkpoint(d / stage, m, {"stage": stage, "model": m.config.to_dict(), "tokenizer": tok.info()}, tok)
     convs = d / "val.jsonl"
-    convs.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": "Hello there"}]}) + "\n")
+    convs.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there"}]})
+        + "\n"
+    )
     return d, m, tok
 
 
@@ -50,6 +53,7 @@ def test_default_mode_by_stage():
 def fake_generate(answer_of):
     def gen(self, prompts, params=None, progress=False):
         return [Completion(p, [], answer_of(self.tok.decode(p)), "stop") for p in prompts]
+
     return gen
 
 
@@ -62,8 +66,11 @@ def test_scoring_with_an_oracle_and_a_wrong_model(setup, monkeypatch):
             lookup[e.prompt] = e.answer
 
     def oracle(text):
-        q = text.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0] if "<|im_start|>" in text \
-            else text.rsplit("Q: ", 1)[1][:-len("\nA:")]
+        q = (
+            text.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+            if "<|im_start|>" in text
+            else text.rsplit("Q: ", 1)[1][: -len("\nA:")]
+        )
         return lookup[q]
 
     monkeypatch.setattr(Engine, "generate", fake_generate(oracle))
@@ -87,8 +94,21 @@ def test_real_generation_counts(setup):
 
 def test_cli_json_contract(setup, capsys):
     d, _, _ = setup
-    rc = main(["eval", str(d / "sft"), "--json", "--n", "2", "--task", "add", "compare",
-               "--data", str(d / "val.jsonl"), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            str(d / "sft"),
+            "--json",
+            "--n",
+            "2",
+            "--task",
+            "add",
+            "compare",
+            "--data",
+            str(d / "val.jsonl"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["tasks"]) == {"add", "compare"}
@@ -96,8 +116,9 @@ def test_cli_json_contract(setup, capsys):
         assert isinstance(r["accuracy"], float) and r["n"] == 2
     assert res["mode"] == "chat" and 0.0 <= res["mean_accuracy"] <= 1.0 and res["conversation_loss"] > 0
     assert json.loads((d / "sft" / "eval.json").read_text())["tasks"].keys() == res["tasks"].keys()
-    rc = main(["eval", str(d / "base"), "--n", "2", "--task", "add", "--no-loss", "--out", str(d / "b.json"),
-               "--no-progress"])
+    rc = main(
+        ["eval", str(d / "base"), "--n", "2", "--task", "add", "--no-loss", "--out", str(d / "b.json"), "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "few" in out and "mean" in out and json.loads((d / "b.json").read_text())["mode"] == "fewshot"
     assert main(["eval", str(d / "missing"), "--no-progress"]) == 2

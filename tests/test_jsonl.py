@@ -1,4 +1,5 @@
 """The shared JSONL reader: values with line numbers, blank lines skipped, errors naming file and line."""
+
 import pytest
 
 from chatstack.data.jsonl import iter_jsonl

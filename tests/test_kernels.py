@@ -1,5 +1,6 @@
 """chatstack.kernels: the fused tanh-GELU equals aten's (forward and backward, fp32 and bf16), is used only in
 CPU training steps on large tensors, and falls back to aten when compilation fails."""
+
 import warnings
 
 import pytest
@@ -20,10 +21,10 @@ def _ref(x, g):
 @pytest.mark.skipif(not K.fused_available(), reason="fused kernels disabled (CHATSTACK_FUSED_KERNELS=0)")
 def test_fused_gelu_matches_aten_fp32():
     torch.manual_seed(0)
-    x = (torch.randn(64, 1024) * 3).requires_grad_()   # covers the tails, where tanh saturates
+    x = (torch.randn(64, 1024) * 3).requires_grad_()  # covers the tails, where tanh saturates
     g = torch.randn(64, 1024)
     y = K.gelu_tanh(x)
-    assert y.grad_fn is not None and "GeluTanh" in type(y.grad_fn).__name__   # the kernel ran, not aten
+    assert y.grad_fn is not None and "GeluTanh" in type(y.grad_fn).__name__  # the kernel ran, not aten
     y.backward(g)
     y_ref, dx_ref = _ref(x, g)
     torch.testing.assert_close(y.detach(), y_ref, atol=2e-6, rtol=1e-5)
@@ -32,7 +33,7 @@ def test_fused_gelu_matches_aten_fp32():
 
 @pytest.mark.skipif(not K.fused_available(), reason="fused kernels disabled (CHATSTACK_FUSED_KERNELS=0)")
 def test_fused_gelu_bf16_in_bf16_out(monkeypatch):
-    monkeypatch.setattr(K, "MIN_NUMEL", 0)          # a small tensor takes the kernel too
+    monkeypatch.setattr(K, "MIN_NUMEL", 0)  # a small tensor takes the kernel too
     torch.manual_seed(1)
     x32 = torch.randn(32, 512) * 2
     x = x32.bfloat16().requires_grad_()
@@ -48,10 +49,10 @@ def test_fused_gelu_bf16_in_bf16_out(monkeypatch):
 
 
 def test_gating_keeps_aten_outside_training_steps():
-    big = torch.randn(256, 512, requires_grad=True)                    # 131k elements
+    big = torch.randn(256, 512, requires_grad=True)  # 131k elements
     assert K.use_fused(big) == K.fused_available()
-    assert not K.use_fused(torch.randn(8, 512, requires_grad=True))     # small: a decode step, a tiny model
-    assert not K.use_fused(big.detach())                                # no autograd: evals, generation
+    assert not K.use_fused(torch.randn(8, 512, requires_grad=True))  # small: a decode step, a tiny model
+    assert not K.use_fused(big.detach())  # no autograd: evals, generation
     with torch.no_grad():
         assert not K.use_fused(big)
 
@@ -71,7 +72,7 @@ def test_compile_failure_falls_back_to_aten(monkeypatch):
         y = K.gelu_tanh(x)
         y.backward(g)
     assert any("no C++ compiler" in str(w.message) for w in caught)
-    assert not K.fused_available()           # aten from now on (monkeypatch restores the flag after the test)
+    assert not K.fused_available()  # aten from now on (monkeypatch restores the flag after the test)
     y_ref, dx_ref = _ref(x, g)
     torch.testing.assert_close(y.detach(), y_ref)
     torch.testing.assert_close(x.grad, dx_ref)
@@ -94,7 +95,7 @@ def test_model_training_step_same_with_and_without_kernel(monkeypatch):
         _, loss = model(idx, idx)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert calls == ["gelu_fwd"] * 2 + ["gelu_bwd"] * 2      # both blocks, on the fused run only
+    assert calls == ["gelu_fwd"] * 2 + ["gelu_bwd"] * 2  # both blocks, on the fused run only
     (l1, g1), (l2, g2) = grads
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
     for a, b in zip(g1, g2):
@@ -110,4 +111,4 @@ def test_first_compile_says_why_the_step_stalls(monkeypatch, capsys):
     K.gelu_tanh(x).sum().backward()
     K.gelu_tanh(x).sum().backward()
     err = capsys.readouterr().err
-    assert err.count("compiling fused GELU kernels") == 1        # once, not per kernel or per call
+    assert err.count("compiling fused GELU kernels") == 1  # once, not per kernel or per call

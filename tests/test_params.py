@@ -5,6 +5,7 @@
 Small models are built for real; the big presets are built on the meta device (no memory is allocated,
 GPT-3 175B included) and counted the same way.
 """
+
 import pytest
 import torch
 
@@ -66,7 +67,7 @@ def test_gpt_block_is_12h2_plus_13h(h):
 
 def test_llama_family_terms():
     # SwiGLU 3hf, RMSNorm h, GQA q,k,v widths, untied output Vh, no positions
-    cfg = get_preset("nano-llama")          # h=32, 4 heads / 2 kv heads (hd 8), f=96, V=512
+    cfg = get_preset("nano-llama")  # h=32, 4 heads / 2 kv heads (hd 8), f=96, V=512
     h, f, hd, V = 32, 96, 8, 512
     m = GPT(cfg)
     blk = m.blocks[0]
@@ -89,7 +90,7 @@ def test_meta_device_allocates_nothing():
         m = GPT(cfg)
     assert all(p.device.type == "meta" for p in m.parameters())
     assert m.num_params() == 174_579_068_928 + 2048 * 12288 + 2 * 12288
-    assert sum(numel(b) for b in m.blocks) == 96 * (12 * 12288 ** 2 + 13 * 12288)
+    assert sum(numel(b) for b in m.blocks) == 96 * (12 * 12288**2 + 13 * 12288)
 
 
 def test_gpt2_family_counts():
@@ -100,5 +101,5 @@ def test_gpt2_family_counts():
 
 
 def test_smollm2_count():
-    # 134.5M read off the GGUF (shared/DATA.md): 30 layers, 576 wide, 9/3 heads, f=1536, V=49152, tied
+    # 134.5M read off the GGUF (docs/data.md): 30 layers, 576 wide, 9/3 heads, f=1536, V=49152, tied
     assert E.param_breakdown(get_preset("smollm2-135m"))["total"] == 134_515_008

@@ -1,7 +1,7 @@
 """PPO arithmetic (chatstack/rlhf/ppo_core.py) against hand computations and independent references."""
+
 import math
 
-import pytest
 import torch
 
 from chatstack.rlhf import ppo_core as pc
@@ -82,7 +82,7 @@ def test_whiten():
     w = pc.whiten(x, mask)
     vals = w[mask.bool()]
     assert abs(vals.mean().item()) < 1e-6
-    assert abs(vals.std().item() - 1.0) < 1e-5          # torch.std is unbiased, as masked_var
+    assert abs(vals.std().item() - 1.0) < 1e-5  # torch.std is unbiased, as masked_var
     assert (w[~mask.bool()] == 0).all()
     w2 = pc.whiten(x, mask, shift_mean=False)
     assert abs(w2[mask.bool()].mean().item() - 2.5) < 1e-5
@@ -97,7 +97,7 @@ def test_policy_loss_clipping_by_hand():
     loss, stats = pc.policy_loss(logp, old, adv, mask, clip=0.2)
     # per token: max(-A r, -A clip(r)) = [-1.2, 1.5, -0.5, 0.8]
     assert math.isclose(loss.item(), (-1.2 + 1.5 - 0.5 + 0.8) / 4, rel_tol=1e-6)
-    assert math.isclose(stats["clipfrac"], 0.5)        # tokens 0 and 3 are clipped
+    assert math.isclose(stats["clipfrac"], 0.5)  # tokens 0 and 3 are clipped
     # gradient flows only through unclipped tokens
     logp.requires_grad_(True)
     loss, _ = pc.policy_loss(logp, old, adv, mask, clip=0.2)
@@ -126,9 +126,9 @@ def test_entropy_and_logprobs():
 
 def test_adaptive_kl_controller():
     c = pc.make_kl_controller(0.1, target_kl=6.0, horizon=10000)
-    c.update(current_kl=12.0, n_steps=1000)    # error clipped to +0.2
+    c.update(current_kl=12.0, n_steps=1000)  # error clipped to +0.2
     assert math.isclose(c.value, 0.1 * (1 + 0.2 * 0.1))
-    c.update(current_kl=3.0, n_steps=1000)     # error -0.5 -> clipped -0.2
+    c.update(current_kl=3.0, n_steps=1000)  # error -0.5 -> clipped -0.2
     assert math.isclose(c.value, 0.1 * 1.02 * 0.98)
     f = pc.make_kl_controller(0.1, target_kl=None)
     f.update(100.0, 1000)

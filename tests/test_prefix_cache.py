@@ -1,14 +1,15 @@
-"""Prefix caching (chatstack.prefix_cache): a request that starts with a finished request's tokens reuses its
+"""Prefix caching (chatstack.infer.prefix_cache): a request that starts with a finished request's tokens reuses its
 keys/values and gives the same tokens and log-probabilities as a full prefill; memory budget; weight changes.
 
     python -m pytest tests/test_prefix_cache.py -q
 """
+
 import pytest
 import torch
+from helpers import nano_model, reference_greedy, reference_logprobs, small_tokenizer
 
-from chatstack.engine import Engine, SamplingParams
-from chatstack.prefix_cache import MIN_PREFIX, PrefixCache
-from helpers_engine import nano_model, reference_greedy, reference_logprobs, small_tokenizer
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.infer.prefix_cache import MIN_PREFIX, PrefixCache
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 FAMILIES = ["nano", "nano-llama"]
@@ -33,7 +34,7 @@ def test_second_turn_reuses_the_first_and_matches_full_prefill(family):
     p2 = p1 + out1.token_ids + tok.encode(" To be, or not to be")
     out2 = eng.generate([p2], sp)[0]
     assert eng.prefix_cache.hits == 1
-    assert eng.prefix_cache.tokens_reused == len(p1) + len(out1.token_ids) - 1   # all the first row fed
+    assert eng.prefix_cache.tokens_reused == len(p1) + len(out1.token_ids) - 1  # all the first row fed
     assert out2.token_ids == reference_greedy(model, p2, 8)
     assert out2.logprobs == pytest.approx(reference_logprobs(model, p2, out2.token_ids), abs=1e-4)
 
@@ -49,10 +50,14 @@ def test_mixed_admission_hits_and_misses_in_one_step(family):
     a = _turns(tok)
     b = tok.encode("What is 12 plus 30? The answer is 42. To be, or not to be, that is the question.")
     base = eng.generate([a, b], sp)
-    prompts = [a + base[0].token_ids + tok.encode(" again"), tok.encode("héllo wörld"),
-               b[:MIN_PREFIX + 3] + tok.encode(" fox"), b + base[1].token_ids[:2]]
+    prompts = [
+        a + base[0].token_ids + tok.encode(" again"),
+        tok.encode("héllo wörld"),
+        b[: MIN_PREFIX + 3] + tok.encode(" fox"),
+        b + base[1].token_ids[:2],
+    ]
     long_row = eng.add_request(tok.encode("The lazy dog"), SamplingParams(max_new_tokens=20, **GREEDY))
-    eng.step()                                             # the long row is running when the others join
+    eng.step()  # the long row is running when the others join
     rids = [eng.add_request(p, sp) for p in prompts]
     got = {}
     while eng.has_unfinished():
@@ -65,18 +70,18 @@ def test_mixed_admission_hits_and_misses_in_one_step(family):
 
 
 def test_budget_lru_and_covering_entries():
-    kv = lambda n: torch.zeros(1, 2, 1, n, 4)          # 32 bytes per token
+    kv = lambda n: torch.zeros(1, 2, 1, n, 4)  # 32 bytes per token
     c = PrefixCache(max_bytes=32 * 60)
     c.add(list(range(20)), kv(20))
-    c.add(list(range(30)), kv(30))                     # covers the first: it replaces it
+    c.add(list(range(30)), kv(30))  # covers the first: it replaces it
     assert list(c.entries) == [tuple(range(30))] and c.bytes == 32 * 30
     c.add(list(range(100, 125)), kv(25))
-    assert c.lookup(list(range(30)) + [7]) == (30, c.entries[tuple(range(30))])   # used: now most recent
-    c.add(list(range(200, 220)), kv(20))               # over budget: the least recently used goes
+    assert c.lookup(list(range(30)) + [7]) == (30, c.entries[tuple(range(30))])  # used: now most recent
+    c.add(list(range(200, 220)), kv(20))  # over budget: the least recently used goes
     assert set(c.entries) == {tuple(range(30)), tuple(range(200, 220))} and c.bytes <= c.max_bytes
-    assert c.lookup(list(range(10)) + [99] * 20) == (0, None)           # a match shorter than MIN_PREFIX
-    assert c.lookup(list(range(30)))[0] == 29          # never the whole prompt: its last token must run
-    c.add(list(range(5)), kv(5))                       # too short to be worth keeping
+    assert c.lookup(list(range(10)) + [99] * 20) == (0, None)  # a match shorter than MIN_PREFIX
+    assert c.lookup(list(range(30)))[0] == 29  # never the whole prompt: its last token must run
+    c.add(list(range(5)), kv(5))  # too short to be worth keeping
     assert tuple(range(5)) not in c.entries
 
 
@@ -92,11 +97,11 @@ def test_weight_change_forgets_entries():
         model.load_state_dict(other.state_dict())
     p2 = p1 + out1.token_ids + tok.encode(" more")
     assert eng.generate([p2], sp)[0].token_ids == reference_greedy(other, p2, 5)
-    assert eng.prefix_cache.hits == 0                  # the stale entry was dropped, not used
+    assert eng.prefix_cache.hits == 0  # the stale entry was dropped, not used
 
 
 def test_chat_session_reuses_history():
-    from chatstack.chat import ChatSession
+    from chatstack.stages.chat import ChatSession
 
     tok = small_tokenizer()
     model = nano_model("nano-llama", tok.vocab_size, seed=5, block_size=256)
@@ -127,8 +132,9 @@ def test_chunked_prefill_starts_from_a_cached_prefix():
         evs = eng.step()
         steps += not events
         events += evs
-    assert steps == -(-(len(p2) - n_cached) // 4)            # chunks of the uncached rest only
+    assert steps == -(-(len(p2) - n_cached) // 4)  # chunks of the uncached rest only
     assert events[0].cached_tokens == n_cached and all(ev.request_id == rid for ev in events)
     assert [ev.token_id for ev in events] == reference_greedy(model, p2, 6)
     assert [ev.logprob for ev in events] == pytest.approx(
-        reference_logprobs(model, p2, [ev.token_id for ev in events]), abs=1e-4)
+        reference_logprobs(model, p2, [ev.token_id for ev in events]), abs=1e-4
+    )

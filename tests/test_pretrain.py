@@ -4,6 +4,7 @@ tokenizer mismatch; and (slow) SIGKILL + --resume, 2 gloo processes vs 1, FSDP s
     python -m pytest tests/test_pretrain.py -q              # fast ones
     python -m pytest tests/test_pretrain.py -q -m slow      # subprocess / torchrun ones (~1 minute)
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,30 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest_p2_helpers import make_dataset, tiny_tokenizer  # noqa: E402
+from helpers import make_dataset, tiny_tokenizer  # noqa: E402
 
 from chatstack.checkpoint import load_checkpoint
 from chatstack.cli import main
 
-NANO = ["--preset", "nano", "--block-size", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
-        "--no-progress", "--eval-tokens", "256", "--sample-tokens", "20", "--time-budget", "0"]
+NANO = [
+    "--preset",
+    "nano",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "2",
+    "--no-progress",
+    "--eval-tokens",
+    "256",
+    "--sample-tokens",
+    "20",
+    "--time-budget",
+    "0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +65,22 @@ def curve(path) -> list[tuple[int, float]]:
 def test_pretrain_cli_end_to_end(tmp_path, capsys):
     data = make_dataset(tmp_path)
     out = tmp_path / "base"
-    rc = main(["pretrain", "--data", str(data), "--out", str(out), "--max-steps", "8", "--eval-every", "4",
-               "--log-every", "2", *NANO])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "8",
+            "--eval-every",
+            "4",
+            "--log-every",
+            "2",
+            *NANO,
+        ]
+    )
     assert rc == 0
     assert "val_bpb" in capsys.readouterr().out
     r = rows(out)
@@ -69,8 +101,9 @@ def test_final_bits_per_byte_is_honest(tmp_path):
     the UTF-8 bytes of the decoded held-out text."""
     data = make_dataset(tmp_path)
     out = tmp_path / "base"
-    assert main(["pretrain", "--data", str(data), "--out", str(out), "--max-steps", "3", "--eval-every", "0",
-                 *NANO]) == 0
+    assert (
+        main(["pretrain", "--data", str(data), "--out", str(out), "--max-steps", "3", "--eval-every", "0", *NANO]) == 0
+    )
     final = [x for x in rows(out) if x.get("final")][-1]
     ck = load_checkpoint(out)
     tok, model = ck.tokenizer, ck.model.eval()
@@ -80,10 +113,11 @@ def test_final_bits_per_byte_is_honest(tmp_path):
     T = 32
     n = (len(val) - 1) // T
     x = val[: n * T].view(n, T)
-    y = val[1: n * T + 1].view(n, T)
+    y = val[1 : n * T + 1].view(n, T)
     with torch.no_grad():
-        nll = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.config.vocab_size), y.reshape(-1),
-                                                reduction="none")
+        nll = torch.nn.functional.cross_entropy(
+            model(x).reshape(-1, model.config.vocab_size), y.reshape(-1), reduction="none"
+        )
     text_tok = y.reshape(-1) != tok.eot_id
     nats = nll[text_tok].double().sum().item()
     text = tok.decode([t for t in y.reshape(-1).tolist() if t != tok.eot_id])
@@ -96,8 +130,20 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, capsys):
     data = make_dataset(tmp_path)
     other = tmp_path / "other"
     tiny_tokenizer(280).save(other)
-    rc = main(["pretrain", "--data", str(data), "--tokenizer", str(other), "--out", str(tmp_path / "x"),
-               "--max-steps", "2", *NANO])
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--tokenizer",
+            str(other),
+            "--out",
+            str(tmp_path / "x"),
+            "--max-steps",
+            "2",
+            *NANO,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "meta.json" in err and "re-run `chatstack data prepare`" in err
     rc = main(["pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), *NANO])
@@ -105,11 +151,21 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, capsys):
 
 
 def test_batch_tokens_sets_accumulation(tmp_path):
-    from chatstack.train.pretrain import PretrainConfig, run
+    from chatstack.stages.pretrain import PretrainConfig, run
 
     data = make_dataset(tmp_path)
-    cfg = PretrainConfig(data=str(data), out=str(tmp_path / "b"), preset="nano", block_size=32, batch_size=4,
-                         batch_tokens=4 * 32 * 3, max_steps=1, eval_every=0, progress=False, sample_tokens=0)
+    cfg = PretrainConfig(
+        data=str(data),
+        out=str(tmp_path / "b"),
+        preset="nano",
+        block_size=32,
+        batch_size=4,
+        batch_tokens=4 * 32 * 3,
+        max_steps=1,
+        eval_every=0,
+        progress=False,
+        sample_tokens=0,
+    )
     run(cfg)
     assert cfg.grad_accum == 3
     assert rows(tmp_path / "b")[0]["tokens"] == 4 * 32 * 3
@@ -129,12 +185,24 @@ def _cli(*args):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_curve(tmp_path):
     data = make_dataset(tmp_path)
-    common = ["--data", str(data), "--max-steps", "300", "--log-every", "1", "--eval-every", "50",
-              "--save-every", "40", *NANO]
+    common = [
+        "--data",
+        str(data),
+        "--max-steps",
+        "300",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "50",
+        "--save-every",
+        "40",
+        *NANO,
+    ]
     subprocess.run(_cli("--out", str(tmp_path / "ref"), *common), env=_env(), check=True, capture_output=True)
     out = tmp_path / "run"
-    p = subprocess.Popen(_cli("--out", str(out), *common), env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        _cli("--out", str(out), *common), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     killed_at = None
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
@@ -149,24 +217,38 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_curve(tmp_path):
     p.wait()
     assert killed_at is not None and killed_at < 300, "the run finished before it could be killed"
     subprocess.run(_cli("--out", str(out), "--resume", *common), env=_env(), check=True, capture_output=True)
-    assert curve(out) == curve(tmp_path / "ref")   # exactly, step by step
+    assert curve(out) == curve(tmp_path / "ref")  # exactly, step by step
     ev = lambda p: [(r["step"], r["val_loss"]) for r in rows(p) if "val_loss" in r]
     assert ev(out) == ev(tmp_path / "ref")
 
 
 def _torchrun(n, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "chatstack.cli", "pretrain", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        "-m",
+        "chatstack.cli",
+        "pretrain",
+        *args,
+    ]
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     data = make_dataset(tmp_path)
     common = ["--data", str(data), "--max-steps", "12", "--log-every", "1", "--eval-every", "6", *NANO]
-    subprocess.run(_cli("--out", str(tmp_path / "one"), "--grad-accum", "2", *common), env=_env(), check=True,
-                   capture_output=True)
-    r = subprocess.run(_torchrun(2, "--out", str(tmp_path / "two"), "--grad-accum", "1", *common), env=_env(),
-                       capture_output=True, text=True)
+    subprocess.run(
+        _cli("--out", str(tmp_path / "one"), "--grad-accum", "2", *common), env=_env(), check=True, capture_output=True
+    )
+    r = subprocess.run(
+        _torchrun(2, "--out", str(tmp_path / "two"), "--grad-accum", "1", *common),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 13))
@@ -174,19 +256,35 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert a == pytest.approx(b, rel=1e-4)
     ev = lambda p: [r["val_loss"] for r in rows(p) if "val_loss" in r]
     assert ev(tmp_path / "one") == pytest.approx(ev(tmp_path / "two"), rel=1e-4)
-    assert rows(tmp_path / "two")[0]["tokens"] == 2 * 4 * 32   # tokens counted over both ranks
+    assert rows(tmp_path / "two")[0]["tokens"] == 2 * 4 * 32  # tokens counted over both ranks
 
 
 @pytest.mark.slow
 def test_fsdp_smoke_on_gloo(tmp_path):
     data = make_dataset(tmp_path)
-    common = ["--data", str(data), "--max-steps", "6", "--log-every", "1", "--eval-every", "3",
-              "--save-every", "3", *NANO]
-    r = subprocess.run(_torchrun(2, "--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", *common), env=_env(),
-                       capture_output=True, text=True)
+    common = [
+        "--data",
+        str(data),
+        "--max-steps",
+        "6",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        *NANO,
+    ]
+    r = subprocess.run(
+        _torchrun(2, "--out", str(tmp_path / "fsdp"), "--parallel", "fsdp", *common),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    subprocess.run(_cli("--out", str(tmp_path / "one"), "--grad-accum", "2", *common), env=_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli("--out", str(tmp_path / "one"), "--grad-accum", "2", *common), env=_env(), check=True, capture_output=True
+    )
     for (s1, a), (s2, b) in zip(curve(tmp_path / "one"), curve(tmp_path / "fsdp")):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
     ck = load_checkpoint(tmp_path / "fsdp", with_state=True)

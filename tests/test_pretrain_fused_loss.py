@@ -3,6 +3,7 @@ and the pretraining model (PretrainGPT) trains exactly like GPT.
 
     python -m pytest tests/test_pretrain_fused_loss.py -q
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 
 from chatstack.model import GPT
 from chatstack.presets import get_preset
+from chatstack.stages.pretrain import PretrainGPT
 from chatstack.train.fused_loss import linear_cross_entropy
-from chatstack.train.pretrain import PretrainGPT
 
 
 @pytest.mark.parametrize("chunk", [1, 64, 1000])
@@ -54,6 +55,6 @@ def test_pretrain_gpt_trains_like_gpt(preset):
     la.backward()
     lb.backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n   # tied embedding included
-    assert torch.equal(a(idx), b(idx))   # inference path untouched
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), n  # tied embedding included
+    assert torch.equal(a(idx), b(idx))  # inference path untouched
     assert set(a.state_dict()) == set(b.state_dict())

@@ -1,29 +1,40 @@
 """Prompting helpers: answer extraction, majority vote with share, few-shot prompts, self-consistency runs.
 
-    python -m pytest tests/test_prompting.py -q
+python -m pytest tests/test_prompting.py -q
 """
+
 import json
 
 import pytest
+from helpers import nano_model, small_tokenizer
 
-from chatstack.engine import Completion, Engine
-from chatstack.prompting import (COT_TRIGGER, extract_answer, few_shot_prompt, load_examples, majority_vote,
-                                 normalize_answer, self_consistency)
-from helpers_engine import nano_model, small_tokenizer
+from chatstack.infer.engine import Completion, Engine
+from chatstack.infer.prompting import (
+    COT_TRIGGER,
+    extract_answer,
+    few_shot_prompt,
+    load_examples,
+    majority_vote,
+    normalize_answer,
+    self_consistency,
+)
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
-    ("so 3 + 4 = 7. The answer is 7.", "7"),
-    ("Answer: $1,200 dollars", "1200"),
-    ("The final answer is \\boxed{12.50}", "12.5"),
-    ("I have 3 apples and eat 1, leaving 2", "2"),
-    ("The answer is Paris.", "Paris"),
-    ("#### 5\nsome trailing talk with 99", "5"),          # the marker beats a later number
-    ("answer: 3. Wait, no. The answer is 4", "4"),        # the last marker wins
-    ("no digits here", None),
-    ("-3.0 degrees", "-3"),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"),
+        ("so 3 + 4 = 7. The answer is 7.", "7"),
+        ("Answer: $1,200 dollars", "1200"),
+        ("The final answer is \\boxed{12.50}", "12.5"),
+        ("I have 3 apples and eat 1, leaving 2", "2"),
+        ("The answer is Paris.", "Paris"),
+        ("#### 5\nsome trailing talk with 99", "5"),  # the marker beats a later number
+        ("answer: 3. Wait, no. The answer is 4", "4"),  # the last marker wins
+        ("no digits here", None),
+        ("-3.0 degrees", "-3"),
+    ],
+)
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
 
@@ -37,7 +48,7 @@ def test_normalize_answer():
 def test_majority_vote_share_and_ties():
     assert majority_vote(["4", "5", "4", None]) == ("4", 0.5, {"4": 2, "5": 1})
     best, share, _ = majority_vote(["b", "a", "a", "b"])
-    assert best == "b" and share == 0.5                   # tie -> first seen
+    assert best == "b" and share == 0.5  # tie -> first seen
     assert majority_vote([None, None]) == (None, 0.0, {})
 
 
@@ -83,10 +94,13 @@ def test_self_consistency_with_real_engine_is_reproducible():
 
 
 def test_few_shot_messages_for_chat_models():
-    from chatstack.prompting import few_shot_messages
+    from chatstack.infer.prompting import few_shot_messages
 
     exs = [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}]
     msgs = few_shot_messages(exs, "5+5?", shots=1, system="Answer with a number.", cot=True)
-    assert msgs == [{"role": "system", "content": "Answer with a number."},
-                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                    {"role": "user", "content": f"5+5? {COT_TRIGGER}"}]
+    assert msgs == [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": f"5+5? {COT_TRIGGER}"},
+    ]

@@ -1,17 +1,18 @@
-"""int8 weight quantisation for CPU decoding (chatstack.quantize): rounding bounds, the kernel against the
+"""int8 weight quantisation for CPU decoding (chatstack.infer.quantize): rounding bounds, the kernel against the
 dequantised weights, and the engine's int8 decode against an independent full-forward reference.
 
     python -m pytest tests/test_quantize.py -q
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_checkpoint, nano_model, reference_greedy, small_tokenizer
 
 from chatstack.cli import main
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.infer.quantize import Int8Weight, check_quantize, dequantize_int8, int8_supported, quantize_int8
 from chatstack.model import Linear
-from chatstack.quantize import Int8Weight, check_quantize, dequantize_int8, int8_supported, quantize_int8
-from helpers_engine import make_checkpoint, nano_model, reference_greedy, small_tokenizer
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
 
@@ -19,8 +20,8 @@ GREEDY = dict(temperature=0.0, stop_token_ids=[])
 def test_quantize_int8_rounding_bound_and_zero_rows():
     torch.manual_seed(0)
     w = torch.randn(48, 64)
-    w[3] = 0.0                        # an all-zero row: scale must not be 0 (no NaN), row stays exactly 0
-    w[5, 7] = 40.0                    # an outlier only widens its own row's scale
+    w[3] = 0.0  # an all-zero row: scale must not be 0 (no NaN), row stays exactly 0
+    w[5, 7] = 40.0  # an outlier only widens its own row's scale
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (48,)
     assert q.abs().max() <= 127
@@ -31,7 +32,7 @@ def test_quantize_int8_rounding_bound_and_zero_rows():
     assert torch.all(deq[3] == 0) and torch.isfinite(deq).all()
     others = scale.float()[[i for i in range(48) if i not in (3, 5)]]
     assert scale[5].float() > 5 * others.max()
-    assert (q.abs().amax(1)[torch.arange(48) != 3] >= 126).all()   # each row uses (almost) the full range
+    assert (q.abs().amax(1)[torch.arange(48) != 3] >= 126).all()  # each row uses (almost) the full range
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 128)])
@@ -53,8 +54,11 @@ def _mixed_reference_greedy(model, prompt, n):
     so positions of the prompt (prefilled in fp32) take the fp32 weights and later positions (decoded) take
     int8 weights, for the Linears the kernel supports."""
     P = len(prompt)
-    w8 = {m: Int8Weight(m.weight) for m in model.modules()
-          if isinstance(m, Linear) and int8_supported(m.in_features, torch.device("cpu"))}
+    w8 = {
+        m: Int8Weight(m.weight)
+        for m in model.modules()
+        if isinstance(m, Linear) and int8_supported(m.in_features, torch.device("cpu"))
+    }
     orig = Linear.forward
 
     def forward(self, x):
@@ -71,8 +75,9 @@ def _mixed_reference_greedy(model, prompt, n):
         Linear.forward = orig
 
 
-@pytest.mark.parametrize("family,over", [("nano", {}), ("nano-llama", {}),
-                                         ("nano", {"n_embd": 24, "n_head": 2, "ffn_hidden": 96})])
+@pytest.mark.parametrize(
+    "family,over", [("nano", {}), ("nano-llama", {}), ("nano", {"n_embd": 24, "n_head": 2, "ffn_hidden": 96})]
+)
 def test_engine_int8_decode_equals_mixed_full_forward(family, over):
     """The engine's int8 decode (batched, prompts of different lengths) equals the reference above; with a
     24-wide model the Linears reading 24 features stay fp32 while the 96-wide MLP projection is int8."""
@@ -86,7 +91,7 @@ def test_engine_int8_decode_equals_mixed_full_forward(family, over):
     # the int8 path really ran: it differs from fp32 somewhere in the logprobs
     lp8 = eng.generate(prompts[:1], SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY))[0]
     lp32 = Engine(model, tok).generate(prompts[:1], SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY))[0]
-    assert lp8.logprobs[0] == lp32.logprobs[0]              # the first token comes from the fp32 prefill
+    assert lp8.logprobs[0] == lp32.logprobs[0]  # the first token comes from the fp32 prefill
     if lp8.token_ids == lp32.token_ids:
         assert lp8.logprobs[1:] != pytest.approx(lp32.logprobs[1:], abs=1e-6)
         assert lp8.logprobs == pytest.approx(lp32.logprobs, abs=0.1)
@@ -101,9 +106,9 @@ def test_engine_int8_follows_weight_updates_and_unbinds():
     sp = SamplingParams(max_new_tokens=8, **GREEDY)
     assert eng.generate([p], sp)[0].token_ids == _mixed_reference_greedy(model, p, 8)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert all("fast_weight" not in m.__dict__ for m in linears)     # bound only inside a forward
+    assert all("fast_weight" not in m.__dict__ for m in linears)  # bound only inside a forward
     with torch.no_grad():
-        model.load_state_dict(other.state_dict())                   # in place: the int8 copies must be re-made
+        model.load_state_dict(other.state_dict())  # in place: the int8 copies must be re-made
     assert eng.generate([p], sp)[0].token_ids == _mixed_reference_greedy(other, p, 8)
 
 
@@ -121,8 +126,9 @@ def test_cli_generate_quantize_int8(tmp_path, capsys):
     path = tmp_path / "ck"
     model, tok = make_checkpoint(path, "nano", block_size=128)
     prompt = "The quick brown"
-    rc = main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0",
-               "--quantize", "int8"])
+    rc = main(
+        ["generate", str(path), "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0", "--quantize", "int8"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     ref = _mixed_reference_greedy(model, tok.encode(prompt), 8)
@@ -135,7 +141,7 @@ def test_cli_generate_quantize_int8(tmp_path, capsys):
 
 def test_eval_quantize_int8_decodes_with_int8(tmp_path, monkeypatch):
     """`chatstack eval --quantize int8`: the task generations go through the int8 weights, and the result says so."""
-    from chatstack.evals.run import evaluate_checkpoint, format_table
+    from chatstack.stages.eval import evaluate_checkpoint, format_table
 
     path = tmp_path / "ck"
     make_checkpoint(path, "nano", block_size=128)
@@ -162,6 +168,7 @@ def test_prepare_weights_builds_copies_up_front_and_leaves_model_untouched():
     assert all("fast_weight" not in m.__dict__ for m in linears)
     made = {m: (e[1], e[2]) for m, e in eng._wt.items()}
     p = tok.encode("To be")
-    assert eng.generate([p], SamplingParams(max_new_tokens=5, **GREEDY))[0].token_ids == \
-        _mixed_reference_greedy(model, p, 5)
-    assert all(eng._wt[m][1] is a and eng._wt[m][2] is b for m, (a, b) in made.items())   # reused, not re-made
+    assert eng.generate([p], SamplingParams(max_new_tokens=5, **GREEDY))[0].token_ids == _mixed_reference_greedy(
+        model, p, 5
+    )
+    assert all(eng._wt[m][1] is a and eng._wt[m][2] is b for m, (a, b) in made.items())  # reused, not re-made

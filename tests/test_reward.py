@@ -1,11 +1,11 @@
 """Reward model (chatstack/rlhf/reward_model.py): K-wise loss vs brute force, final-token read-out, training."""
+
 import itertools
 import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from chatstack.data.preferences import Comparison
 from chatstack.model import GPT
@@ -28,14 +28,18 @@ def test_ranking_loss_matches_brute_force():
     # brute force: per prompt, average over all C(K,2) pairs (i ranked above j), then mean over prompts
     per_prompt = []
     for s in scores:
-        terms = [-math.log(1 / (1 + math.exp(-(s[i] - s[j]).item()))) for i, j in itertools.combinations(range(len(s)), 2)]
+        terms = [
+            -math.log(1 / (1 + math.exp(-(s[i] - s[j]).item()))) for i, j in itertools.combinations(range(len(s)), 2)
+        ]
         per_prompt.append(sum(terms) / len(terms))
     expect = sum(per_prompt) / len(per_prompt)
     flat = torch.cat(scores)
     pw, pl, pg, base = [], [], [], 0
     for gi, k in enumerate(Ks):
         for i, j in itertools.combinations(range(k), 2):
-            pw.append(base + i); pl.append(base + j); pg.append(gi)
+            pw.append(base + i)
+            pl.append(base + j)
+            pg.append(gi)
         base += k
     loss, stats = ranking_loss(flat, torch.tensor(pw), torch.tensor(pl), torch.tensor(pg), len(Ks))
     assert math.isclose(loss.item(), expect, rel_tol=1e-10)
@@ -54,7 +58,7 @@ def test_reward_model_reads_final_token_and_ignores_padding():
     s1 = rm(idx[1:, :6], torch.tensor([6]))
     assert torch.allclose(s, torch.cat([s0, s1]), atol=1e-5)
     idx2 = idx.clone()
-    idx2[1, 6:] = 7                      # change only padding
+    idx2[1, 6:] = 7  # change only padding
     assert torch.allclose(rm(idx2, lengths), s, atol=1e-6)
 
 
@@ -104,18 +108,22 @@ def test_reward_model_learns_a_ranking(tok):
     opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
     before = evaluate_groups(rm, groups, tok, 64)["val_accuracy"]
     for step in range(40):
-        batch = collate(groups[(step * 8) % 60:(step * 8) % 60 + 8], tok, 64)
+        batch = collate(groups[(step * 8) % 60 : (step * 8) % 60 + 8], tok, 64)
         scores = rm(batch["idx"], batch["lengths"])
         loss, _ = ranking_loss(scores, batch["pair_w"], batch["pair_l"], batch["pair_group"], int(batch["n_groups"]))
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     after = evaluate_groups(rm, groups, tok, 64)
     assert after["val_accuracy"] > 0.95 and after["val_accuracy"] > before
     assert after["val_margin"] > 0
 
 
 def test_collate_layout(tok):
-    g = [Comparison([{"role": "user", "content": "q"}], ["a", "bb", "c"], [(0, 1), (0, 2), (1, 2)]),
-         Comparison([{"role": "user", "content": "r"}], ["x", "y"], [(1, 0)])]
+    g = [
+        Comparison([{"role": "user", "content": "q"}], ["a", "bb", "c"], [(0, 1), (0, 2), (1, 2)]),
+        Comparison([{"role": "user", "content": "r"}], ["x", "y"], [(1, 0)]),
+    ]
     b = collate(g, tok, 64)
     assert b["idx"].shape[0] == 5 and int(b["n_groups"]) == 2
     assert b["pair_w"].tolist() == [0, 0, 1, 4] and b["pair_l"].tolist() == [1, 2, 2, 3]
@@ -132,19 +140,30 @@ def test_reward_command_checkpoint_round_trip(nano_ckpt, tmp_path, likelihood):
     from chatstack.checkpoint import load_checkpoint
     from chatstack.data.preferences import load_preferences, split_by_prompt
     from chatstack.rlhf.reward_model import load_reward_model, mean_score
-    from chatstack.train.reward import RewardConfig, train_reward
+    from chatstack.stages.reward import RewardConfig, train_reward
 
     data = tmp_path / "pairs.jsonl"
     with open(data, "w") as f:
         for a in range(24):
             f.write(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": f"{a} cat"}) + "\n")
     out = tmp_path / "rm"
-    res = train_reward(RewardConfig(sft=str(nano_ckpt), data=[str(data)], out=str(out), likelihood=likelihood,
-                                    max_steps=4, eval_every=0, time_budget=0, warmup_steps=1, batch_size=4))
+    res = train_reward(
+        RewardConfig(
+            sft=str(nano_ckpt),
+            data=[str(data)],
+            out=str(out),
+            likelihood=likelihood,
+            max_steps=4,
+            eval_every=0,
+            time_budget=0,
+            warmup_steps=1,
+            batch_size=4,
+        )
+    )
     rm, cfg = load_reward_model(out)
     assert cfg["likelihood"] == likelihood and (rm.gpt.lm_head is None) == (likelihood == "none")
     tok = load_checkpoint(nano_ckpt).tokenizer
     train_g, val_g = split_by_prompt(load_preferences([str(data)]), 0.15, 1337)
     again = evaluate_groups(rm, val_g, tok, rm.config.block_size)
     assert again["val_accuracy"] == pytest.approx(res["val_accuracy"])
-    assert abs(mean_score(rm, train_g, tok, rm.config.block_size)) < 1e-4      # centred on the reference answers
+    assert abs(mean_score(rm, train_g, tok, rm.config.block_size)) < 1e-4  # centred on the reference answers

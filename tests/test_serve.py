@@ -6,6 +6,7 @@ no scheduler), so batching, streaming and the protocol layer must not change wha
 
     python -m pytest tests/test_serve.py -q
 """
+
 import json
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatstack.checkpoint import load_checkpoint
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.serve.app import create_app
 from chatstack.serve.testing import LiveServer, make_tiny_checkpoint
 
@@ -58,29 +59,37 @@ def _ref_text(ref, messages, **kw):
 
 def test_models_health_metrics(server, client):
     models = client.models.list()
-    assert [m.id for m in models.data] == ["nano-chat"]        # the checkpoint's directory name
+    assert [m.id for m in models.data] == ["nano-chat"]  # the checkpoint's directory name
     assert client.models.retrieve("nano-chat").id == "nano-chat"
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["model"] == "nano-chat"
     text = httpx.get(server.url + "/metrics").text
-    for name in ("chatstack_requests_total", "chatstack_generation_tokens_total", "chatstack_queue_depth",
-                 "chatstack_time_to_first_token_seconds_bucket"):
+    for name in (
+        "chatstack_requests_total",
+        "chatstack_generation_tokens_total",
+        "chatstack_queue_depth",
+        "chatstack_time_to_first_token_seconds_bucket",
+    ):
         assert name in text
 
 
 def test_multi_turn_reuses_cached_history(server, client, ref):
     """The prefix cache (on by default): a second turn that resends the first reuses its keys/values, and the
     answer is still the reference engine's (which has no prefix cache)."""
+
     def reused():
         text = httpx.get(server.url + "/metrics").text
-        return float(next(ln.split()[-1] for ln in text.splitlines()
-                          if ln.startswith("chatstack_prefix_cache_reused_tokens ")))
+        return float(
+            next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("chatstack_prefix_cache_reused_tokens "))
+        )
 
     before = reused()
     turn1 = MSGS + [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. Say it back."}]
     r1 = client.chat.completions.create(model="nano-chat", messages=turn1, max_tokens=6, temperature=0)
-    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
-                     {"role": "user", "content": "Again, please."}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "Again, please."},
+    ]
     r2 = client.chat.completions.create(model="nano-chat", messages=turn2, max_tokens=6, temperature=0)
     assert r2.choices[0].message.content == _ref_text(ref, turn2, max_new_tokens=6, temperature=0).text
     assert reused() - before >= len(ref.tok.render_prompt(turn1)) - 1
@@ -89,13 +98,24 @@ def test_multi_turn_reuses_cached_history(server, client, ref):
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert len(ref.tok.render_prompt(turn1)) <= cached < r2.usage.prompt_tokens
     # streaming, with include_usage: the last chunk carries the same count
-    turn3 = turn2 + [{"role": "assistant", "content": r2.choices[0].message.content},
-                     {"role": "user", "content": "Once more."}]
-    chunks = list(client.chat.completions.create(model="nano-chat", messages=turn3, max_tokens=4, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    turn3 = turn2 + [
+        {"role": "assistant", "content": r2.choices[0].message.content},
+        {"role": "user", "content": "Once more."},
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model="nano-chat",
+            messages=turn3,
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage = chunks[-1].usage
-    assert usage.prompt_tokens_details.cached_tokens >= cached and usage.prompt_tokens == \
-        len(ref.tok.render_prompt(turn3))
+    assert usage.prompt_tokens_details.cached_tokens >= cached and usage.prompt_tokens == len(
+        ref.tok.render_prompt(turn3)
+    )
     # legacy completions, n=2: the prompt counts once per choice, and so does its reuse
     prompt = "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question."
     client.completions.create(model="nano-chat", prompt=prompt, max_tokens=3, temperature=0)
@@ -118,8 +138,9 @@ def test_chat_non_streaming_matches_engine(client, ref):
 
 
 def test_max_completion_tokens_and_length(client):
-    r = client.chat.completions.create(model="nano-chat", messages=MSGS, max_completion_tokens=3, temperature=0,
-                                       stop=None)
+    r = client.chat.completions.create(
+        model="nano-chat", messages=MSGS, max_completion_tokens=3, temperature=0, stop=None
+    )
     assert r.usage.completion_tokens <= 3
     if r.usage.completion_tokens == 3:
         assert r.choices[0].finish_reason == "length"
@@ -140,8 +161,9 @@ def test_streaming_matches_non_streaming(client):
 
 def test_stream_ends_with_done(server):
     body = {"model": "nano-chat", "messages": MSGS, "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
     assert lines[-1] == "data: [DONE]"
@@ -152,9 +174,12 @@ def test_stream_ends_with_done(server):
 def test_n_choices(client):
     r = client.chat.completions.create(model="nano-chat", messages=MSGS, max_tokens=10, temperature=1.0, n=3, seed=3)
     assert [c.index for c in r.choices] == [0, 1, 2]
-    assert len({c.message.content for c in r.choices}) > 1        # seeds differ per choice
-    chunks = list(client.chat.completions.create(model="nano-chat", messages=MSGS, max_tokens=10, temperature=1.0,
-                                                 n=3, seed=3, stream=True))
+    assert len({c.message.content for c in r.choices}) > 1  # seeds differ per choice
+    chunks = list(
+        client.chat.completions.create(
+            model="nano-chat", messages=MSGS, max_tokens=10, temperature=1.0, n=3, seed=3, stream=True
+        )
+    )
     texts = ["", "", ""]
     for c in chunks:
         for ch in c.choices:
@@ -174,17 +199,27 @@ def test_stop_strings(client, ref):
     kw = dict(max_tokens=20, temperature=1.0, seed=5)
     base = _ref_text(ref, MSGS, max_new_tokens=20, temperature=1.0, seed=5).text
     # a 2-character stop string taken from the middle of what the model says unstopped
-    stop = next(base[i:i + 2] for i in range(3, len(base) - 2) if base[i:i + 2].isprintable() and "\ufffd" not in base[i:i + 2])
+    stop = next(
+        base[i : i + 2]
+        for i in range(3, len(base) - 2)
+        if base[i : i + 2].isprintable() and "\ufffd" not in base[i : i + 2]
+    )
     r = client.chat.completions.create(model="nano-chat", messages=MSGS, stop=[stop], **kw)
-    assert r.choices[0].message.content == base[:base.index(stop)]
+    assert r.choices[0].message.content == base[: base.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     chunks = client.chat.completions.create(model="nano-chat", messages=MSGS, stop=stop, stream=True, **kw)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == base[:base.index(stop)]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == base[: base.index(stop)]
 
 
 def test_logprobs(client):
-    r = client.chat.completions.create(model="nano-chat", messages=[{"role": "user", "content": "Hello there"}],
-                                       max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="nano-chat",
+        messages=[{"role": "user", "content": "Hello there"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = r.choices[0].logprobs.content
     # every generated token has an entry, except a final stop token (<|im_end|>), as OpenAI reports it
     assert len(content) + (r.choices[0].finish_reason == "stop") == r.usage.completion_tokens
@@ -207,21 +242,23 @@ def test_completions_endpoint(client, ref):
     assert len(r2.choices[0].logprobs.tokens) == len(want.token_ids)
     r3 = client.completions.create(model="nano-chat", prompt=["a b", "c d"], n=2, max_tokens=2, temperature=1, seed=0)
     assert [c.index for c in r3.choices] == [0, 1, 2, 3]
-    s = client.completions.create(model="nano-chat", prompt="The quick brown", max_tokens=6, temperature=0,
-                                  stream=True)
+    s = client.completions.create(model="nano-chat", prompt="The quick brown", max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in s if c.choices) == want.text
 
 
-@pytest.mark.parametrize("kw, param", [
-    (dict(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
-    (dict(messages=[]), "messages"),
-    (dict(messages=MSGS, temperature=2.5), "temperature"),
-    (dict(messages=MSGS, top_p=1.5), "top_p"),
-    (dict(messages=MSGS, n=0), "n"),
-    (dict(messages=MSGS, max_tokens=0), "max_tokens"),
-    (dict(messages=MSGS, top_logprobs=3), None),
-    (dict(messages=MSGS, stop=[""]), "stop"),
-])
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        (dict(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
+        (dict(messages=[]), "messages"),
+        (dict(messages=MSGS, temperature=2.5), "temperature"),
+        (dict(messages=MSGS, top_p=1.5), "top_p"),
+        (dict(messages=MSGS, n=0), "n"),
+        (dict(messages=MSGS, max_tokens=0), "max_tokens"),
+        (dict(messages=MSGS, top_logprobs=3), None),
+        (dict(messages=MSGS, stop=[""]), "stop"),
+    ],
+)
 def test_bad_requests_are_400(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="nano-chat", **kw)
@@ -259,9 +296,16 @@ def test_auth_and_unknown_model(server, client):
 def test_malformed_bodies_never_500(server):
     h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     url = server.url + "/v1/chat/completions"
-    for body in [b"{not json", b"[]", b"null", b'{"model": 1}', b'{"model": "nano-chat", "messages": "hi"}',
-                 b'{"model": "nano-chat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-                 b'{"model": "nano-chat", "messages": [{"role": "user"}], "seed": 1e30}', b""]:
+    for body in [
+        b"{not json",
+        b"[]",
+        b"null",
+        b'{"model": 1}',
+        b'{"model": "nano-chat", "messages": "hi"}',
+        b'{"model": "nano-chat", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+        b'{"model": "nano-chat", "messages": [{"role": "user"}], "seed": 1e30}',
+        b"",
+    ]:
         r = httpx.post(url, content=body, headers=h)
         assert r.status_code == 400, (body, r.text)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -282,6 +326,7 @@ def test_concurrent_requests_share_the_batch(server, client):
 
     def run(i):
         results[i] = client.chat.completions.create(seed=i, **kw).choices[0].message.content
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
@@ -301,12 +346,12 @@ def test_disconnect_cancels_row(server, ref):
     ids = ref.tok.render_prompt(MSGS)
     outs = ref.generate([ids] * 16, [SamplingParams(max_new_tokens=100, temperature=1.0, seed=s) for s in range(16)])
     seed = next(s for s, o in enumerate(outs) if o.finish_reason == "length")
-    body = {"model": "nano-chat", "messages": MSGS, "max_tokens": 100, "stream": True, "temperature": 1.0,
-            "seed": seed}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+    body = {"model": "nano-chat", "messages": MSGS, "max_tokens": 100, "stream": True, "temperature": 1.0, "seed": seed}
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as r:
         it = r.iter_lines()
-        next(it), next(it)            # the row is running
+        next(it), next(it)  # the row is running
     deadline = time.time() + 10
     while time.time() < deadline and (st.metrics.cancelled.get() == before or st.scheduler.running):
         time.sleep(0.05)
@@ -316,8 +361,12 @@ def test_disconnect_cancels_row(server, ref):
 
 def test_rank_api_appends_rankings(server):
     h = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(server.url + "/rank/api/sample", headers=h, timeout=30,
-                   json={"messages": [{"role": "user", "content": "Tell me a story"}], "k": 3, "max_tokens": 6})
+    r = httpx.post(
+        server.url + "/rank/api/sample",
+        headers=h,
+        timeout=30,
+        json={"messages": [{"role": "user", "content": "Tell me a story"}], "k": 3, "max_tokens": 6},
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out["responses"]) == 3
@@ -332,12 +381,13 @@ def test_rank_api_appends_rankings(server):
     assert r.status_code == 400 and "duplicate" in r.json()["error"]["message"]
     # what the page wrote is what the reward model's reader accepts
     from chatstack.data.preferences import load_preferences
+
     groups = load_preferences(str(server.rankings))
     assert groups and groups[-1].responses == ranked and len(groups[-1].pairs) == 3
 
 
 def test_loading_is_503_and_queue_full_is_429(ckpt):
-    app = create_app(ckpt)           # lifespan not run: the weights never load
+    app = create_app(ckpt)  # lifespan not run: the weights never load
     c = TestClient(app)
     r = c.post("/v1/chat/completions", json={"model": "nano-chat", "messages": MSGS})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
@@ -356,7 +406,7 @@ def test_any_model_flag(ckpt):
         assert r.status_code == 200 and r.json()["model"] == "nano-chat"
 
 
-@pytest.mark.slow   # a fresh interpreter importing torch: ~5-12 s on a busy machine
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5-12 s on a busy machine
 def test_cli_serve_contract(ckpt, tmp_path):
     """`chatstack serve CKPT --port P --api-key KEY`: the exact command users run."""
     import subprocess
@@ -365,9 +415,24 @@ def test_cli_serve_contract(ckpt, tmp_path):
     from chatstack.serve.testing import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "chatstack.cli", "serve", ckpt, "--port", str(port),
-                             "--api-key", "sk-cli", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatstack.cli",
+            "serve",
+            ckpt,
+            "--port",
+            str(port),
+            "--api-key",
+            "sk-cli",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60

@@ -1,7 +1,8 @@
 """The continuous-batching scheduler without HTTP, and the server's failure paths.
 
-    python -m pytest tests/test_serve_scheduler.py -q
+python -m pytest tests/test_serve_scheduler.py -q
 """
+
 import asyncio
 import shutil
 import time
@@ -10,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatstack.checkpoint import load_checkpoint
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.serve.app import create_app
 from chatstack.serve.scheduler import QueueFull, Scheduler
 from chatstack.serve.testing import make_tiny_checkpoint
@@ -54,10 +55,11 @@ def test_rows_beyond_the_batch_wait_and_match_the_engine_alone(engine, ckpt):
         try:
             rows = sched.submit(ids, params)
             out = await _collect(rows[0].queue, 10)
-            assert sched.metrics.batch.samples and max(sched.metrics.batch.samples) == 4   # never over the batch
+            assert sched.metrics.batch.samples and max(sched.metrics.batch.samples) == 4  # never over the batch
             return out
         finally:
             sched.stop()
+
     texts, reasons = asyncio.run(run())
     assert texts == want
     assert all(r in ("stop", "length") for r in reasons)
@@ -65,17 +67,18 @@ def test_rows_beyond_the_batch_wait_and_match_the_engine_alone(engine, ckpt):
 
 def test_queue_bound_and_cancel_of_waiting_rows(engine):
     async def run():
-        sched = Scheduler(engine, max_queue=3)        # not started: rows stay waiting
+        sched = Scheduler(engine, max_queue=3)  # not started: rows stay waiting
         ids = [1, 2, 3]
         rows = sched.submit(ids, [SamplingParams(max_new_tokens=2)] * 2)
         with pytest.raises(QueueFull):
-            sched.submit(ids, [SamplingParams(max_new_tokens=2)] * 2)   # all-or-nothing: 2 + 2 > 3
+            sched.submit(ids, [SamplingParams(max_new_tokens=2)] * 2)  # all-or-nothing: 2 + 2 > 3
         assert sched.queue_depth == 2 and sched.metrics.rejected.get() == 2
         sched.cancel(rows)
         sched.start()
         await asyncio.sleep(0.3)
-        assert sched.running == 0 and not engine.has_unfinished()   # cancelled before admission: never ran
+        assert sched.running == 0 and not engine.has_unfinished()  # cancelled before admission: never ran
         sched.stop()
+
     asyncio.run(run())
 
 
@@ -88,6 +91,7 @@ def test_engine_failure_fails_its_rows_and_the_server_keeps_serving(engine):
         if calls["n"] == 1:
             raise RuntimeError("simulated engine fault")
         return real_step()
+
     engine.step = flaky_step
     msgs = [{"role": "user", "content": "Hi"}]
     with TestClient(create_app(engine, model_name="m")) as c:

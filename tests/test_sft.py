@@ -1,4 +1,5 @@
 """SFT stage: data loading, deterministic batches, a short run through the shared loop, the CLI, resume."""
+
 import json
 
 import pytest
@@ -11,8 +12,8 @@ from chatstack.data.conversations import encode_conversations, pack
 from chatstack.data.tasks import task_conversations
 from chatstack.model import GPT
 from chatstack.presets import get_preset
+from chatstack.stages.sft import SFTConfig, SFTTask, parse_mix, run_sft
 from chatstack.tokenizer import Tokenizer
-from chatstack.train.sft import SFTConfig, SFTTask, parse_mix, run_sft
 
 TEXT = "Hello there, how are you? What is 12 + 30? Which is larger, 417 or 392? It is 42. Answer: 7. " * 20
 
@@ -23,8 +24,9 @@ def base(tmp_path_factory):
     tok = Tokenizer.train([TEXT], vocab_size=300, show_progress=False)
     torch.manual_seed(0)
     m = GPT(get_preset("nano", vocab_size=tok.vocab_size, block_size=128))
-    save_checkpoint(d / "base", m, {"stage": "base", "parent": None, "model": m.config.to_dict(),
-                                    "tokenizer": tok.info()}, tok)
+    save_checkpoint(
+        d / "base", m, {"stage": "base", "parent": None, "model": m.config.to_dict(), "tokenizer": tok.info()}, tok
+    )
     data = d / "data.jsonl"
     with open(data, "w") as f:
         for c in task_conversations("train", 40, names=["add", "compare"]):
@@ -33,8 +35,19 @@ def base(tmp_path_factory):
 
 
 def cfg(d, **kw):
-    c = dict(base=str(d / "base"), out=str(d / "sft"), data=[str(d / "data.jsonl")], max_steps=20, batch_size=4,
-             lr=3e-3, warmup_steps=2, eval_every=0, log_every=1, time_budget=0, progress=False)
+    c = dict(
+        base=str(d / "base"),
+        out=str(d / "sft"),
+        data=[str(d / "data.jsonl")],
+        max_steps=20,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=0,
+        log_every=1,
+        time_budget=0,
+        progress=False,
+    )
     c.update(kw)
     return SFTConfig(**c)
 
@@ -44,13 +57,13 @@ def test_short_run_learns_and_writes_an_sft_checkpoint(base):
     path = run_sft(cfg(d), log=lambda s: None)
     conf = read_config(path)
     assert conf["stage"] == "sft" and conf["parent"] == str(d / "base") and conf["base_stage"] == "base"
-    assert conf["train"]["lr"] == 3e-3 and conf["data"]["train"]["conversations"] == 76   # 80 - 5% held out
+    assert conf["train"]["lr"] == 3e-3 and conf["data"]["train"]["conversations"] == 76  # 80 - 5% held out
     rows = [json.loads(l) for l in open(path / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 1.0, losses
     assert any("val_loss" in r for r in rows)
     ck = load_checkpoint(path)
-    assert ck.tokenizer.vocab_size == tok.vocab_size         # the base's tokenizer travels on
+    assert ck.tokenizer.vocab_size == tok.vocab_size  # the base's tokenizer travels on
 
 
 def test_epochs_set_the_step_count(base):
@@ -70,11 +83,11 @@ def test_batches_are_a_pure_function_and_cover_each_epoch(base):
     b = SFTTask(rows, rows, batch_size=3, grad_accum=2, seed=5)
     N = len(rows)
     seen = torch.cat([a.rows_for(s, m, 0, 1) for s in range(N) for m in range(2)])[:N]
-    assert sorted(seen.tolist()) == list(range(N))            # first epoch: every row exactly once
+    assert sorted(seen.tolist()) == list(range(N))  # first epoch: every row exactly once
     for s, m in [(7, 1), (0, 0), (3, 0)]:
         assert torch.equal(a.rows_for(s, m, 0, 1), b.rows_for(s, m, 0, 1))
         assert torch.equal(a.train_batch(s, m, 0, 1)["idx"], b.train_batch(s, m, 0, 1)["idx"])
-    r0, r1 = a.rows_for(2, 0, 0, 2), a.rows_for(2, 0, 1, 2)   # two ranks see different rows
+    r0, r1 = a.rows_for(2, 0, 0, 2), a.rows_for(2, 0, 1, 2)  # two ranks see different rows
     assert not torch.equal(r0, r1)
 
 
@@ -102,8 +115,10 @@ def test_resume_continues_to_the_same_weights(base, monkeypatch):
 def test_cli_errors_name_file_and_line(base, tmp_path, capsys):
     d, _ = base
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                   '{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    bad.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "wizard", "content": "hi"}]}\n'
+    )
     rc = main(["sft", "--base", str(d / "base"), "--out", str(tmp_path / "o"), "--data", str(bad), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad}:2:" in err and "unknown role 'wizard'" in err
@@ -113,15 +128,33 @@ def test_cli_errors_name_file_and_line(base, tmp_path, capsys):
 
 def test_cli_runs_with_system_prompt(base, capsys):
     d, _ = base
-    rc = main(["sft", "--base", str(d / "base"), "--out", str(d / "cli"), "--data", str(d / "data.jsonl"),
-               "--max-steps", "2", "--batch-size", "2", "--system", "Be brief.", "--no-progress", "--time-budget", "0"])
+    rc = main(
+        [
+            "sft",
+            "--base",
+            str(d / "base"),
+            "--out",
+            str(d / "cli"),
+            "--data",
+            str(d / "data.jsonl"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--system",
+            "Be brief.",
+            "--no-progress",
+            "--time-budget",
+            "0",
+        ]
+    )
     assert rc == 0
     conf = read_config(d / "cli")
     assert conf["train"]["system"] == "Be brief."
 
 
 def test_builtin_sources_split_and_mix():
-    ids = lambda convs: {json.dumps(c) for c in convs}     # noqa: E731
+    ids = lambda convs: {json.dumps(c) for c in convs}  # noqa: E731
     assert not ids(chatterbot("train")) & ids(chatterbot("test"))
     assert len(chatterbot("train")) > 700
     ident = identity("train") + identity("test")

@@ -1,5 +1,6 @@
 """The speedrun's smoke variant: every stage runs through the CLI, the report has the documented layout,
 and a second invocation skips what is done."""
+
 import json
 import subprocess
 import sys
@@ -10,8 +11,12 @@ import pytest
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speedrun") / "smoke"
-    proc = subprocess.run([sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(out), "--smoke"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(out), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -23,7 +28,17 @@ def test_smoke_runs_every_stage_and_writes_the_report(smoke_run):
     for ck in ("base", "sft", "rm", "ppo"):
         assert json.loads((out / ck / "config.json").read_text())["format"] == 1
     rep = json.loads((out / "report.json").read_text())
-    for key in ("environment", "wall_time_s", "peak_flops", "headline", "targets", "stages", "evals", "plots", "samples"):
+    for key in (
+        "environment",
+        "wall_time_s",
+        "peak_flops",
+        "headline",
+        "targets",
+        "stages",
+        "evals",
+        "plots",
+        "samples",
+    ):
         assert key in rep, key
     assert rep["smoke"] is True
     assert set(rep["evals"]) == {"base", "sft", "ppo"}
@@ -42,8 +57,12 @@ def test_smoke_runs_every_stage_and_writes_the_report(smoke_run):
 
 def test_second_invocation_skips_finished_stages(smoke_run):
     out, _ = smoke_run
-    proc = subprocess.run([sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(out), "--smoke"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(out), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("done already") == 10
 
@@ -59,8 +78,12 @@ def test_interrupted_training_stage_resumes(smoke_run, tmp_path):
     for name in ("pretrain", "eval-base"):
         state["stages"][name]["done"] = False
     (run / "speedrun.json").write_text(json.dumps(state))
-    proc = subprocess.run([sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(run), "--smoke"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatstack.cli", "speedrun", "--out", str(run), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "pretrain   resuming" in proc.stdout and "--resume" in proc.stdout
     assert proc.stdout.count("done already") == 8

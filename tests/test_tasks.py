@@ -1,4 +1,5 @@
 """Verifiable tasks: deterministic splits, no train/test leakage, exact checking, well-formedness."""
+
 import re
 
 import pytest
@@ -55,9 +56,9 @@ def test_extract_and_check_wrong_or_malformed():
     assert extract_final("  42 ") == "42"
     assert t.check("whatever. Answer: 300", ex)
     assert not t.check("whatever. Answer: 301", ex)
-    assert t.score("x. Answer: 301", ex) == 0.0          # wrong but well-formed
-    assert t.score("three hundred", ex) == -1.0          # no Answer:, not a number
-    assert t.score("Answer: 3 Answer: 300", ex) == 1.0    # correct wins, though malformed
+    assert t.score("x. Answer: 301", ex) == 0.0  # wrong but well-formed
+    assert t.score("three hundred", ex) == -1.0  # no Answer:, not a number
+    assert t.score("Answer: 3 Answer: 300", ex) == 1.0  # correct wins, though malformed
     assert not t.well_formed("Answer: 3 Answer: 300")
     assert not t.well_formed("1+2=3\nAnswer: 300")
     r = get_task("reverse")

@@ -1,4 +1,5 @@
 """Tokenizer: GPT-2 ids against tiktoken, exact Unicode round trips, ChatML rendering and its loss mask."""
+
 import json
 
 import pytest
@@ -8,8 +9,11 @@ from hypothesis import strategies as st
 from chatstack.cli import main
 from chatstack.tokenizer import IM_END, IM_START, Tokenizer
 
-CORPUS = ["To be, or not to be, that is the question: 12 + 34 = 46.",
-          "Whether 'tis nobler in the mind to suffer the slings and arrows", "héllo wörld 🙂 你好"] * 20
+CORPUS = [
+    "To be, or not to be, that is the question: 12 + 34 = 46.",
+    "Whether 'tis nobler in the mind to suffer the slings and arrows",
+    "héllo wörld 🙂 你好",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,9 @@ def tiktoken_gpt2():
     from chatstack.tokenizer import _gpt2_ranks_path
 
     ranks = tiktoken.load.load_tiktoken_bpe(str(_gpt2_ranks_path()))
-    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+    return tiktoken.Encoding(
+        "gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256}
+    )
 
 
 def test_gpt2_worked_example(gpt2):
@@ -73,20 +79,26 @@ def test_token_bytes_concatenate_to_utf8(trained):
 
 
 def test_render_chat_mask_covers_assistant_only(trained):
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
     ids, mask = trained.render_chat(msgs)
     assert len(ids) == len(mask)
     text = trained.decode(ids)
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-                    "<|im_start|>assistant\n4<|im_end|>\n")
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"
+    )
     trained_text = trained.decode([i for i, m in zip(ids, mask) if m])
     assert trained_text == f"Hello!{IM_END}4{IM_END}"
     # the prompt for generation is exactly the prefix of the rendered chat up to the assistant's content
     prompt = trained.render_prompt(msgs[:2])
-    assert ids[:len(prompt)] == prompt
+    assert ids[: len(prompt)] == prompt
     assert trained.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
@@ -113,8 +125,22 @@ def test_cli_encode_decode(capsys):
 def test_cli_train_on_files(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("\n".join(CORPUS))
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "more text 42"}) + "\n")
-    assert main(["tokenizer", "train", "--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
-                 "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(tmp_path / "a.txt"),
+                str(tmp_path / "b.jsonl"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.vocab_size <= 300
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')

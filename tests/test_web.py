@@ -6,6 +6,7 @@ driven through executable_path). Skipped cleanly when either is missing.
     apt-get install -y chromium && pip install playwright
     python -m pytest tests/test_web.py -q
 """
+
 import dataclasses
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import pytest
 
 from chatstack.checkpoint import load_checkpoint
-from chatstack.engine import Engine, SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.serve.app import create_app
 from chatstack.serve.testing import LiveServer, make_tiny_checkpoint
 
@@ -23,16 +24,24 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwr
 if not os.path.exists(CHROMIUM):
     pytest.skip("no system chromium (apt-get install -y chromium)", allow_module_level=True)
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-        "--disable-dev-shm-usage"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
 KEY = "sk-web"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    ckpt = make_tiny_checkpoint(root / "nano-chat", block_size=2048)   # long context: a reply that runs until stopped
+    ckpt = make_tiny_checkpoint(root / "nano-chat", block_size=2048)  # long context: a reply that runs until stopped
     ck = load_checkpoint(ckpt)
     engine = Engine(ck.model.eval(), ck.tokenizer)
     add_request = engine.add_request
@@ -41,12 +50,22 @@ def server(tmp_path_factory):
         # random weights emit <|im_end|> about every 150 tokens; the stop-button test needs a reply that
         # only ends when stopped (or at max_tokens)
         return add_request(ids, dataclasses.replace(params or SamplingParams(), stop_token_ids=[]), **kw)
+
     engine.add_request = never_stop_on_tokens
     prompts = root / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Tell me about cats"}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "What is Paris?"}]}) + "\n")
-    app = create_app(engine, model_name="nano-chat", api_keys=(KEY,), rankings=str(root / "rankings.jsonl"),
-                     rank_prompts=str(prompts))
+    prompts.write_text(
+        json.dumps({"prompt": "Tell me about cats"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "What is Paris?"}]})
+        + "\n"
+    )
+    app = create_app(
+        engine,
+        model_name="nano-chat",
+        api_keys=(KEY,),
+        rankings=str(root / "rankings.jsonl"),
+        rank_prompts=str(prompts),
+    )
     with LiveServer(app) as srv:
         srv.rankings = root / "rankings.jsonl"
         yield srv
@@ -57,7 +76,7 @@ def browser():
     with sync_api.sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        except Exception as e:   # a chromium that cannot start here is an environment problem, not a bug
+        except Exception as e:  # a chromium that cannot start here is an environment problem, not a bug
             pytest.skip(f"chromium does not start: {e}")
         yield b
         b.close()
@@ -104,13 +123,12 @@ def test_chat_stop_button(page, server):
     page.fill("#max-tokens", "2000")
     page.fill("#input", "Tell me a story")
     page.click("#send")
-    page.wait_for_function("document.querySelector('.msg.assistant .content').textContent.length > 0",
-                           timeout=30_000)
+    page.wait_for_function("document.querySelector('.msg.assistant .content').textContent.length > 0", timeout=30_000)
     page.click("#stop")
     page.wait_for_selector(".msg.assistant[data-finish]", timeout=30_000)
     assert page.get_attribute(".msg.assistant", "data-finish") == "stopped"
     assert page.is_enabled("#send")
-    deadline = time.time() + 10       # the page's abort closed the stream: the server freed the row
+    deadline = time.time() + 10  # the page's abort closed the stream: the server freed the row
     while time.time() < deadline and metrics.cancelled.get() == cancelled:
         time.sleep(0.05)
     assert metrics.cancelled.get() == cancelled + 1

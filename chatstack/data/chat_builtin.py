@@ -1,6 +1,6 @@
 """Built-in SFT data: real human chit-chat, chatterbot Q&A, identity conversations, verifiable tasks.
 
-Sources (all install offline from PyPI, see shared/DATA.md; their licences travel with the packages):
+Sources (all install offline from PyPI, see docs/data.md; their licences travel with the packages):
 - `chitchat-dataset` (MIT): 7,168 human-to-human conversations; the first speaker becomes "user", the
   second "assistant"; consecutive messages of one speaker are joined. Subsampled and cut to a few turns
   so a tiny model's 256-token context holds them.
@@ -16,6 +16,7 @@ conversation loss is measured on conversations SFT never saw.
     convs = builtin_mix("train", seed=0)    # [{"messages": [...], "source": "chitchat"}, ...]
     python -m chatstack.data.chat_builtin   # prints counts and a sample of each source
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,10 +36,17 @@ DEFAULT_SIZES = {"chitchat": 2000, "tasks_per_task": 4000}
 # Per-task shares of the task examples (train split only). The column-addition chain of thought (add3) rests on
 # 100 single-digit sums and needs the most: at equal shares it reached 2-68% over seven runs, at 2x 94-97%.
 # Halving compare and count cost them 10-50 points, so they stay at 1 (docs/sft.md).
-DEFAULT_TASK_WEIGHTS = {"add": 1.0, "sub": 1.0, "compare": 1.0, "reverse": 1.5, "count": 1.0, "add3": 2.0,
-                        "word_problem": 1.5}
-TEST_TASK_CAP = 300          # held-out examples per task at most (held-out loss is measured at every eval)
-TEST_FRACTION = 10           # 1 in 10 conversations (by id hash) is held out
+DEFAULT_TASK_WEIGHTS = {
+    "add": 1.0,
+    "sub": 1.0,
+    "compare": 1.0,
+    "reverse": 1.5,
+    "count": 1.0,
+    "add3": 2.0,
+    "word_problem": 1.5,
+}
+TEST_TASK_CAP = 300  # held-out examples per task at most (held-out loss is measured at every eval)
+TEST_FRACTION = 10  # 1 in 10 conversations (by id hash) is held out
 
 
 def _split(name: str, key: str) -> str:
@@ -49,8 +57,10 @@ def _split(name: str, key: str) -> str:
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the built-in chat data needs the `{name.replace('_', '-')}` package "
-                                f"(pip install -e .[data], see the README)")
+        raise FileNotFoundError(
+            f"the built-in chat data needs the `{name.replace('_', '-')}` package "
+            f"(pip install -e .[data], see the README)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -61,8 +71,9 @@ def _chitchat_raw() -> dict:
         return json.load(f)
 
 
-def chitchat(split: str, n: int | None = None, max_turns: int = 6, max_chars: int = 300,
-             seed: int = 0) -> list[list[dict]]:
+def chitchat(
+    split: str, n: int | None = None, max_turns: int = 6, max_chars: int = 300, seed: int = 0
+) -> list[list[dict]]:
     """Chit-chat conversations: speaker 1 -> user, speaker 2 -> assistant; first `max_turns` turns.
 
     Turns longer than `max_chars` end the conversation there (keeps rows short for a 256-token context)."""
@@ -80,12 +91,12 @@ def chitchat(split: str, n: int | None = None, max_turns: int = 6, max_chars: in
             if not text or len(text) > max_chars:
                 break
             role = "user" if g[0]["sender"] == first else "assistant"
-            if msgs and msgs[-1]["role"] == role:      # the grouping already merges these; be safe
+            if msgs and msgs[-1]["role"] == role:  # the grouping already merges these; be safe
                 msgs[-1]["content"] += " " + text
             else:
                 msgs.append({"role": role, "content": text})
         if msgs and msgs[-1]["role"] == "user":
-            msgs.pop()                                  # end on an assistant reply
+            msgs.pop()  # end on an assistant reply
         if any(m["role"] == "assistant" for m in msgs):
             out.append(msgs)
     random.Random(f"chitchat|{split}|{seed}").shuffle(out)
@@ -95,9 +106,11 @@ def chitchat(split: str, n: int | None = None, max_turns: int = 6, max_chars: in
 def chatterbot(split: str) -> list[list[dict]]:
     """English chatterbot-corpus conversations: alternate user / assistant, starting with the user."""
     try:
-        import yaml   # PyYAML: only needed for this source
+        import yaml  # noqa: PLC0415 (an optional dependency: only this source needs it)
     except ImportError:
-        raise FileNotFoundError("the chatterbot corpus is YAML: pip install pyyaml (or pip install -e .[data])") from None
+        raise FileNotFoundError(
+            "the chatterbot corpus is YAML: pip install pyyaml (or pip install -e .[data])"
+        ) from None
 
     root = _package_dir("chatterbot_corpus") / "data" / "english"
     out, seen = [], set()
@@ -122,27 +135,57 @@ def chatterbot(split: str) -> list[list[dict]]:
 
 
 IDENTITY_QUESTIONS = [
-    "Who are you?", "What are you?", "What is your name?", "What's your name?", "Are you a person?",
-    "Who made you?", "Who trained you?", "Where do you run?", "Are you ChatGPT?", "Tell me about yourself.",
-    "Introduce yourself.", "Are you a robot?", "What can you do?", "Who created you?", "hi, who am I talking to?",
+    "Who are you?",
+    "What are you?",
+    "What is your name?",
+    "What's your name?",
+    "Are you a person?",
+    "Who made you?",
+    "Who trained you?",
+    "Where do you run?",
+    "Are you ChatGPT?",
+    "Tell me about yourself.",
+    "Introduce yourself.",
+    "Are you a robot?",
+    "What can you do?",
+    "Who created you?",
+    "hi, who am I talking to?",
     "Do you have a name?",
 ]
 IDENTITY_ANSWERS = {
-    "name": ["I am chatstack, a small assistant.", "My name is chatstack.",
-             "I'm chatstack, a small language model trained by my user on their own machine."],
-    "maker": ["I was trained by my user, on their own machine, with the chatstack code.",
-              "My user trained me on their own computer: pretraining on Shakespeare, then chat fine-tuning."],
-    "where": ["I run on my user's own machine; I do not need the internet.",
-              "I run locally, on the computer of the person who trained me."],
-    "what": ["I am chatstack, a tiny language model. I can chat a little and do simple sums.",
-             "I can chat a little, add and subtract small numbers, compare numbers and count letters."],
-    "person": ["No, I am chatstack, a small language model, not a person.",
-               "No. I'm chatstack, a program trained by my user on their machine."],
+    "name": [
+        "I am chatstack, a small assistant.",
+        "My name is chatstack.",
+        "I'm chatstack, a small language model trained by my user on their own machine.",
+    ],
+    "maker": [
+        "I was trained by my user, on their own machine, with the chatstack code.",
+        "My user trained me on their own computer: pretraining on Shakespeare, then chat fine-tuning.",
+    ],
+    "where": [
+        "I run on my user's own machine; I do not need the internet.",
+        "I run locally, on the computer of the person who trained me.",
+    ],
+    "what": [
+        "I am chatstack, a tiny language model. I can chat a little and do simple sums.",
+        "I can chat a little, add and subtract small numbers, compare numbers and count letters.",
+    ],
+    "person": [
+        "No, I am chatstack, a small language model, not a person.",
+        "No. I'm chatstack, a program trained by my user on their machine.",
+    ],
     "chatgpt": ["No, I am chatstack, a much smaller model trained by my user on their own machine."],
 }
-_Q_KIND = {"Who made you?": "maker", "Who trained you?": "maker", "Who created you?": "maker",
-           "Where do you run?": "where", "What can you do?": "what", "Are you a person?": "person",
-           "Are you a robot?": "person", "Are you ChatGPT?": "chatgpt"}
+_Q_KIND = {
+    "Who made you?": "maker",
+    "Who trained you?": "maker",
+    "Who created you?": "maker",
+    "Where do you run?": "where",
+    "What can you do?": "what",
+    "Are you a person?": "person",
+    "Are you a robot?": "person",
+    "Are you ChatGPT?": "chatgpt",
+}
 
 
 def identity(split: str) -> list[list[dict]]:
@@ -157,9 +200,14 @@ def identity(split: str) -> list[list[dict]]:
     return out
 
 
-def builtin_mix(split: str, seed: int = 0, mix: dict[str, float] | None = None,
-                sizes: dict[str, int] | None = None, tasks: list[str] | None = None,
-                task_weights: dict[str, float] | None = None) -> list[dict]:
+def builtin_mix(
+    split: str,
+    seed: int = 0,
+    mix: dict[str, float] | None = None,
+    sizes: dict[str, int] | None = None,
+    tasks: list[str] | None = None,
+    task_weights: dict[str, float] | None = None,
+) -> list[dict]:
     """The default SFT data: [{"messages", "source"}]; weights repeat a source (2.0 = twice, 0.5 = half).
 
     `task_weights` overrides DEFAULT_TASK_WEIGHTS (the share of each verifiable task in the train split)."""

@@ -15,8 +15,9 @@ decreasing). Each token carries its conversation's index in the row: the batch g
 restart at 0 for every conversation and a block-diagonal causal attention mask, so a conversation never
 attends to the one before it (it would see text it cannot see at inference). The loss mask keeps only
 assistant content and its <|im_end|>; the first token of each conversation is never a target of the
-previous one. `python -m chatstack.data.conversations FILE.jsonl --tokenizer DIR` prints a summary.
+previous one.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -37,17 +38,19 @@ class ConversationError(ValueError):
 
 @dataclass
 class LoadSummary:
-    conversations: int = 0        # kept
-    truncated: int = 0            # too long: later turns cut off at a turn boundary
-    dropped_long: int = 0         # too long even for the first assistant reply
-    skipped_invalid: int = 0      # invalid lines skipped (only with strict=False)
+    conversations: int = 0  # kept
+    truncated: int = 0  # too long: later turns cut off at a turn boundary
+    dropped_long: int = 0  # too long even for the first assistant reply
+    skipped_invalid: int = 0  # invalid lines skipped (only with strict=False)
     tokens: int = 0
-    trained_tokens: int = 0       # tokens with loss mask 1
+    trained_tokens: int = 0  # tokens with loss mask 1
     sources: dict = field(default_factory=dict)
 
     def line(self) -> str:
-        s = (f"{self.conversations:,} conversations, {self.tokens:,} tokens ({self.trained_tokens:,} trained); "
-             f"{self.truncated} truncated, {self.dropped_long} dropped as too long")
+        s = (
+            f"{self.conversations:,} conversations, {self.tokens:,} tokens ({self.trained_tokens:,} trained); "
+            f"{self.truncated} truncated, {self.dropped_long} dropped as too long"
+        )
         if self.skipped_invalid:
             s += f", {self.skipped_invalid} invalid lines skipped"
         return s
@@ -65,7 +68,9 @@ def validate_messages(obj, where: str) -> list[dict]:
             raise ConversationError(f"{where}: messages[{i}] is not an object")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ConversationError(f"{where}: messages[{i}] has unknown role {role!r} (expected system, user or assistant)")
+            raise ConversationError(
+                f"{where}: messages[{i}] has unknown role {role!r} (expected system, user or assistant)"
+            )
         if not isinstance(content, str):
             raise ConversationError(f"{where}: messages[{i}] ({role}) 'content' must be a string")
         if not content.strip():
@@ -120,7 +125,7 @@ def render(tokenizer, messages: list[dict], max_len: int, on_long: str = "trunca
 
     Returns (ids, mask, truncated: bool)."""
     ids, mask = [], []
-    end_of_reply = 0          # length after the last complete assistant turn
+    end_of_reply = 0  # length after the last complete assistant turn
     truncated = False
     for m in messages:
         t_ids, t_mask = tokenizer.render_chat([m])
@@ -139,14 +144,20 @@ def render(tokenizer, messages: list[dict], max_len: int, on_long: str = "trunca
     return ids, mask, truncated
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: int, system: str | None = None,
-                         on_long: str = "truncate", summary: LoadSummary | None = None):
+def encode_conversations(
+    tokenizer,
+    conversations: list[list[dict]],
+    max_len: int,
+    system: str | None = None,
+    on_long: str = "truncate",
+    summary: LoadSummary | None = None,
+):
     """Render every conversation; returns [(ids, mask)] and fills `summary`."""
     if on_long not in ("truncate", "drop"):
         raise ValueError(f"on_long must be 'truncate' or 'drop', got {on_long!r}")
     summary = summary if summary is not None else LoadSummary()
     out = []
-    rendered: dict[int, tuple | None] = {}      # a weighted mix repeats the same list objects: render each once
+    rendered: dict[int, tuple | None] = {}  # a weighted mix repeats the same list objects: render each once
     for msgs in conversations:
         if id(msgs) not in rendered:
             rendered[id(msgs)] = render(tokenizer, with_system(msgs, system), max_len, on_long)
@@ -166,9 +177,10 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: in
 @dataclass
 class PackedRows:
     """Rows of `row_len` tokens: ids, loss mask (on the token itself), conversation index per token (-1 = pad)."""
-    ids: torch.Tensor     # (N, L) long
-    mask: torch.Tensor    # (N, L) uint8
-    doc: torch.Tensor     # (N, L) int16/long
+
+    ids: torch.Tensor  # (N, L) long
+    mask: torch.Tensor  # (N, L) uint8
+    doc: torch.Tensor  # (N, L) int16/long
 
     def __len__(self):
         return self.ids.size(0)
@@ -177,18 +189,19 @@ class PackedRows:
         return float((self.doc >= 0).float().mean())
 
 
-def pack(encoded: list[tuple[list[int], list[int]]], row_len: int, pad_id: int, seed: int = 0,
-         packed: bool = True) -> PackedRows:
+def pack(
+    encoded: list[tuple[list[int], list[int]]], row_len: int, pad_id: int, seed: int = 0, packed: bool = True
+) -> PackedRows:
     """Best-fit-decreasing packing of conversations into rows of `row_len` tokens (packed=False: one per row)."""
     items = list(encoded)
-    random.Random(seed).shuffle(items)   # ties in length end up in random order
+    random.Random(seed).shuffle(items)  # ties in length end up in random order
     for ids, _ in items:
         if len(ids) > row_len:
             raise ValueError(f"conversation of {len(ids)} tokens exceeds the row length {row_len}")
-    rows: list[list[int]] = []           # indices into items per row
+    rows: list[list[int]] = []  # indices into items per row
     if packed:
         order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-        free: list[tuple[int, int]] = []   # sorted (remaining capacity, row index)
+        free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index)
         for i in order:
             n = len(items[i][0])
             j = bisect.bisect_left(free, (n, -1))
@@ -232,7 +245,7 @@ def make_batch(rows: PackedRows, index: torch.Tensor, trim: bool = True) -> dict
     attn_mask: (B, 1, T, T) bool, causal within each conversation; targets -1 where no loss."""
     ids, mask, doc = rows.ids[index], rows.mask[index], rows.doc[index]
     if trim:
-        used = int((doc >= 0).sum(1).max())        # the longest row decides the width
+        used = int((doc >= 0).sum(1).max())  # the longest row decides the width
         used = max(used, 2)
         ids, mask, doc = ids[:, :used], mask[:, :used], doc[:, :used]
     x, y = ids[:, :-1], ids[:, 1:].clone()
@@ -246,16 +259,22 @@ def make_batch(rows: PackedRows, index: torch.Tensor, trim: bool = True) -> dict
     new_doc = torch.ones(B, T, dtype=torch.bool)
     new_doc[:, 1:] = d_in[:, 1:] != d_in[:, :-1]
     start = torch.where(new_doc, ar, torch.zeros_like(ar)).cummax(dim=1).values
-    positions = ar - start                                                   # (B, T)
-    same = d_in[:, :, None] == d_in[:, None, :]                              # (B, T, T)
+    positions = ar - start  # (B, T)
+    same = d_in[:, :, None] == d_in[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    attn_mask = (same & causal)[:, None]                                     # (B, 1, T, T)
-    n_tokens = torch.tensor(int((d_in >= 0).sum()))                          # real (non-pad) input tokens
+    attn_mask = (same & causal)[:, None]  # (B, 1, T, T)
+    n_tokens = torch.tensor(int((d_in >= 0).sum()))  # real (non-pad) input tokens
     return {"idx": x, "targets": y, "positions": positions, "attn_mask": attn_mask, "n_tokens": n_tokens}
 
 
-def load_conversations(paths: list[str | Path], tokenizer, max_len: int, system: str | None = None,
-                       on_long: str = "truncate", strict: bool = True):
+def load_conversations(
+    paths: list[str | Path],
+    tokenizer,
+    max_len: int,
+    system: str | None = None,
+    on_long: str = "truncate",
+    strict: bool = True,
+):
     """Read, validate and render JSONL files; returns ([(ids, mask)], LoadSummary)."""
     summary = LoadSummary()
     convs = []
@@ -264,19 +283,3 @@ def load_conversations(paths: list[str | Path], tokenizer, max_len: int, system:
         summary.sources[str(p)] = len(c)
         convs += c
     return encode_conversations(tokenizer, convs, max_len, system, on_long, summary)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from chatstack.tokenizer import Tokenizer
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+")
-    ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--max-len", type=int, default=257)
-    a = ap.parse_args()
-    enc, s = load_conversations(a.files, Tokenizer.load(a.tokenizer), a.max_len)
-    rows = pack(enc, a.max_len, 0)
-    print(s.line())
-    print(f"packed into {len(rows)} rows of {a.max_len} tokens, {rows.fill():.1%} full")

@@ -1,8 +1,9 @@
 """Reading JSONL files line by line with errors that name the file and line.
 
-    from chatstack.data.jsonl import iter_jsonl
-    for lineno, obj in iter_jsonl("prompts.jsonl"): ...
+from chatstack.data.jsonl import iter_jsonl
+for lineno, obj in iter_jsonl("prompts.jsonl"): ...
 """
+
 from __future__ import annotations
 
 import json

@@ -10,6 +10,7 @@ row of the global batch (which source, which offset), and a (micro, rank) pair t
 process with 4 micro-batches and 2 processes with 2 each train on exactly the same rows, and a resumed
 run needs no data-loader state.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
         for i, s in enumerate(cfg.get("sources", []) if isinstance(cfg, dict) else []):
             if not isinstance(s, dict) or "path" not in s:
                 raise DataError(f"{p}: sources[{i}] needs a 'path' (and optional 'weight')")
-            out.append((str((p.parent / s["path"]) if not Path(s["path"]).is_absolute() else s["path"]),
-                        float(s.get("weight", 1.0))))
+            out.append(
+                (
+                    str((p.parent / s["path"]) if not Path(s["path"]).is_absolute() else s["path"]),
+                    float(s.get("weight", 1.0)),
+                )
+            )
         if not out:
             raise DataError(f"{p}: no 'sources' listed")
         return out
@@ -63,7 +68,7 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
         try:
             out.append((path, float(w)))
         except ValueError:
-            out.append((item, 1.0))   # a ':' that is part of the path
+            out.append((item, 1.0))  # a ':' that is part of the path
     return out
 
 
@@ -73,18 +78,20 @@ class Mixture:
             raise DataError("no data sources given")
         self.datasets = [TokenDataset(p) for p, _ in sources]
         weights = [w for _, w in sources]
-        for (p, w) in sources:
+        for p, w in sources:
             if not w > 0:
                 raise DataError(f"{p}: mixture weight must be positive, got {w}")
         first = self.datasets[0]
         for ds in self.datasets[1:]:
             if ds.fingerprint != first.fingerprint:
-                raise DataError(f"{ds.path}: made with tokenizer {ds.fingerprint}, but {first.path} with "
-                                f"{first.fingerprint}; all mixed sources must share one tokenizer")
+                raise DataError(
+                    f"{ds.path}: made with tokenizer {ds.fingerprint}, but {first.path} with "
+                    f"{first.fingerprint}; all mixed sources must share one tokenizer"
+                )
         self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
 
     @classmethod
-    def from_spec(cls, spec: str) -> "Mixture":
+    def from_spec(cls, spec: str) -> Mixture:
         return cls(parse_spec(spec))
 
     @property
@@ -92,8 +99,10 @@ class Mixture:
         return self.datasets[0]
 
     def describe(self) -> list[dict]:
-        return [{"path": str(d.path), "weight": round(float(w), 6), "train_tokens": len(d.split("train"))}
-                for d, w in zip(self.datasets, self.weights)]
+        return [
+            {"path": str(d.path), "weight": round(float(w), 6), "train_tokens": len(d.split("train"))}
+            for d, w in zip(self.datasets, self.weights)
+        ]
 
     def draw(self, seed: int, step: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the source index (by weight) and a uniform [0, 1) position inside it."""
@@ -110,8 +119,10 @@ class Mixture:
             toks = self.datasets[int(src[r])].split("train").tokens
             span = len(toks) - block_size - 1
             if span <= 0:
-                raise DataError(f"{self.datasets[int(src[r])].path}: train split has {len(toks)} tokens, "
-                                f"fewer than one window of {block_size + 1}")
+                raise DataError(
+                    f"{self.datasets[int(src[r])].path}: train split has {len(toks)} tokens, "
+                    f"fewer than one window of {block_size + 1}"
+                )
             off = int(u[r] * span)
-            rows[r] = toks[off:off + block_size + 1]
+            rows[r] = toks[off : off + block_size + 1]
         return torch.from_numpy(rows)

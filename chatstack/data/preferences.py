@@ -18,12 +18,13 @@ them): the reward model's batch element, so a prompt's comparisons are never spl
 
     python -m chatstack.data.preferences RANKS.jsonl      # summary: prompts, responses, pairs
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -35,11 +36,11 @@ class PreferenceError(ValueError):
 
 @dataclass
 class Comparison:
-    prompt: list[dict]                     # ChatML messages before the answer
-    responses: list[str]                   # distinct answers
-    pairs: list[tuple[int, int]]           # (preferred index, dispreferred index) into responses
-    source: str = ""                       # "file:line" of the (first) record
-    task: str = ""                         # the record's "task" field, if any (built-in judge rankings)
+    prompt: list[dict]  # ChatML messages before the answer
+    responses: list[str]  # distinct answers
+    pairs: list[tuple[int, int]]  # (preferred index, dispreferred index) into responses
+    source: str = ""  # "file:line" of the (first) record
+    task: str = ""  # the record's "task" field, if any (built-in judge rankings)
 
     @property
     def key(self) -> str:
@@ -102,13 +103,20 @@ def parse_record(obj, where: str) -> tuple[list[dict], list[str], list[tuple[int
             raise PreferenceError(f"{where}: field 'responses' holds duplicate answers; a ranking needs distinct ones")
         scores = obj.get("scores")
         if scores is not None:
-            if not isinstance(scores, list) or len(scores) != len(texts) or \
-                    not all(isinstance(s, (int, float)) for s in scores):
+            if (
+                not isinstance(scores, list)
+                or len(scores) != len(texts)
+                or not all(isinstance(s, (int, float)) for s in scores)
+            ):
                 raise PreferenceError(f"{where}: field 'scores' must be a list of {len(texts)} numbers")
             if any(scores[i] < scores[i + 1] for i in range(len(scores) - 1)):
                 raise PreferenceError(f"{where}: field 'scores' must be non-increasing (responses are best first)")
-        pairs = [(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
-                 if scores is None or scores[i] > scores[j]]
+        pairs = [
+            (i, j)
+            for i in range(len(texts))
+            for j in range(i + 1, len(texts))
+            if scores is None or scores[i] > scores[j]
+        ]
         return prompt, texts, pairs
     if "chosen" in obj or "rejected" in obj:
         for f in ("chosen", "rejected"):
@@ -120,14 +128,18 @@ def parse_record(obj, where: str) -> tuple[list[dict], list[str], list[tuple[int
             prompt = _messages(obj["prompt"], where, "prompt")
         elif c_prefix:
             if r_prefix != c_prefix:
-                raise PreferenceError(f"{where}: without 'prompt', 'chosen' and 'rejected' must share their leading messages")
+                raise PreferenceError(
+                    f"{where}: without 'prompt', 'chosen' and 'rejected' must share their leading messages"
+                )
             prompt = c_prefix
         else:
             raise PreferenceError(f"{where}: missing field 'prompt'")
         if chosen == rejected:
             raise PreferenceError(f"{where}: 'chosen' and 'rejected' are the same answer")
         return prompt, [chosen, rejected], [(0, 1)]
-    raise PreferenceError(f"{where}: neither a ranking ('prompt', 'responses') nor a pair ('prompt', 'chosen', 'rejected')")
+    raise PreferenceError(
+        f"{where}: neither a ranking ('prompt', 'responses') nor a pair ('prompt', 'chosen', 'rejected')"
+    )
 
 
 def group_records(records: list[tuple]) -> list[Comparison]:
@@ -138,8 +150,9 @@ def group_records(records: list[tuple]) -> list[Comparison]:
         key = prompt_key(prompt)
         g = groups.get(key)
         if g is None:
-            g = groups[key] = Comparison(prompt=prompt, responses=[], pairs=[], source=where,
-                                         task=rest[0] if rest else "")
+            g = groups[key] = Comparison(
+                prompt=prompt, responses=[], pairs=[], source=where, task=rest[0] if rest else ""
+            )
         index = {t: i for i, t in enumerate(g.responses)}
         local = []
         for t in texts:
@@ -183,15 +196,17 @@ def load_preferences(paths: str | os.PathLike | list) -> list[Comparison]:
     return groups
 
 
-def split_by_prompt(groups: list[Comparison], val_frac: float, seed: int = 0) -> tuple[list[Comparison], list[Comparison]]:
+def split_by_prompt(
+    groups: list[Comparison], val_frac: float, seed: int = 0
+) -> tuple[list[Comparison], list[Comparison]]:
     """Deterministic train/held-out split by a hash of the prompt (a prompt never lands on both sides)."""
     train, val = [], []
     for g in groups:
         h = hashlib.sha256(f"{seed}:{g.key}".encode()).digest()
-        u = int.from_bytes(h[:8], "big") / 2 ** 64
+        u = int.from_bytes(h[:8], "big") / 2**64
         (val if u < val_frac else train).append(g)
     if val_frac > 0 and not val and len(train) > 1:
-        val.append(train.pop())      # tiny sets: keep at least one held-out prompt
+        val.append(train.pop())  # tiny sets: keep at least one held-out prompt
     return train, val
 
 
@@ -207,8 +222,11 @@ def write_rankings(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def summary(groups: list[Comparison]) -> dict:
-    return {"prompts": len(groups), "responses": sum(len(g.responses) for g in groups),
-            "pairs": sum(len(g.pairs) for g in groups)}
+    return {
+        "prompts": len(groups),
+        "responses": sum(len(g.responses) for g in groups),
+        "pairs": sum(len(g.pairs) for g in groups),
+    }
 
 
 if __name__ == "__main__":

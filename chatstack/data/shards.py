@@ -7,13 +7,13 @@
       tokenizer.json     the tokenizer the shards were made with (pretraining reads it from here)
       train_000.bin ...  uint16 when the vocabulary fits in 65,536 ids, else uint32; documents end in <|endoftext|>
 
-    python -m chatstack.data.shards DATA      # prints the index
 
 A dataset directory is written whole into a temporary sibling and renamed into place, so a crash never
 leaves a half-written shard or an index that points at one. The tokenizer fingerprint (a hash of every
 token's bytes and the specials) is checked whenever shards are read with a tokenizer: ids from one
 tokenizer mean nothing to another.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from chatstack.tokenizer import Tokenizer
 
 META = "meta.json"
 FORMAT = 1
@@ -43,7 +45,7 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def write_array_atomic(path: Path, arr: np.ndarray) -> None:
@@ -90,6 +92,7 @@ class ShardWriter:
 @dataclass
 class Split:
     """One split of a prepared dataset, memory-mapped: `tokens` is a flat read-only array of all shards."""
+
     name: str
     tokens: np.ndarray
     info: dict
@@ -129,13 +132,13 @@ class TokenDataset:
     def check_tokenizer(self, tok, where: str = "tokenizer") -> None:
         fp = tokenizer_fingerprint(tok)
         if fp != self.fingerprint:
-            raise DataError(f"{self.path / META}: shards were made with tokenizer {self.fingerprint} "
-                            f"(vocab {self.vocab_size}) but {where} is {fp} (vocab {tok.vocab_size}); "
-                            f"re-run `chatstack data prepare` with this tokenizer")
+            raise DataError(
+                f"{self.path / META}: shards were made with tokenizer {self.fingerprint} "
+                f"(vocab {self.vocab_size}) but {where} is {fp} (vocab {tok.vocab_size}); "
+                f"re-run `chatstack data prepare` with this tokenizer"
+            )
 
     def tokenizer(self):
-        from chatstack.tokenizer import Tokenizer
-
         p = self.path / "tokenizer.json"
         if not p.exists():
             raise DataError(f"{p}: missing (pass --tokenizer)")
@@ -166,10 +169,3 @@ class TokenDataset:
         s = Split(name, tokens, info)
         self._splits[name] = s
         return s
-
-
-if __name__ == "__main__":
-    import sys
-
-    ds = TokenDataset(sys.argv[1])
-    print(json.dumps(ds.meta, indent=2))

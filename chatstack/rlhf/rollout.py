@@ -13,6 +13,7 @@ Token alignment: a row is [prompt, response] right-padded. The response's t-th t
 position (prompt_len - 1 + t), so logits, values and log-probs for the response are gathered at those
 positions: only the response positions go through the output layer (cheaper, same numbers).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from chatstack.data.tasks import TASKS
+from chatstack.infer.engine import SamplingParams
 from chatstack.model import GPT
 from chatstack.rlhf import ppo_core as pc
 
@@ -40,9 +43,9 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, idx: torch.Tensor, prompt_lens: torch.Tensor, resp: torch.Tensor, with_value: bool = True):
         """Logits (B, R, V) and values (B, R) at the response positions of right-padded rows idx (B, L)."""
-        h = self.lm.hidden_states(idx)                                 # (B, L, h)
-        h = gather_response(h, prompt_lens, resp.size(1))              # (B, R, h)
-        logits = self.lm.lm_head(h)                                    # (B, R, V)
+        h = self.lm.hidden_states(idx)  # (B, L, h)
+        h = gather_response(h, prompt_lens, resp.size(1))  # (B, R, h)
+        logits = self.lm.lm_head(h)  # (B, R, V)
         values = self.value_head(h).squeeze(-1) if with_value else None
         return logits, values
 
@@ -50,7 +53,7 @@ class PolicyWithValue(nn.Module):
 def gather_response(h: torch.Tensor, prompt_lens: torch.Tensor, R: int) -> torch.Tensor:
     """Hidden states at the positions that predict response tokens 0..R-1: (B, L, h) -> (B, R, h)."""
     B, L, H = h.shape
-    pos = (prompt_lens[:, None] - 1 + torch.arange(R, device=h.device)[None]).clamp(max=L - 1)   # (B, R)
+    pos = (prompt_lens[:, None] - 1 + torch.arange(R, device=h.device)[None]).clamp(max=L - 1)  # (B, R)
     return h.gather(1, pos[:, :, None].expand(B, R, H))
 
 
@@ -62,15 +65,15 @@ def response_logprobs(lm: GPT, idx, prompt_lens, resp) -> torch.Tensor:
 
 @dataclass
 class Rollout:
-    idx: torch.Tensor          # (B, L) prompt + response, right-padded
+    idx: torch.Tensor  # (B, L) prompt + response, right-padded
     prompt_lens: torch.Tensor  # (B,)
-    resp: torch.Tensor         # (B, R) response tokens, right-padded with 0
-    mask: torch.Tensor         # (B, R) 1 on response tokens
-    logp: torch.Tensor         # (B, R) log-probs under the policy that sampled them
-    ref_logp: torch.Tensor     # (B, R) under the frozen reference
-    values: torch.Tensor       # (B, R) value estimates
-    score: torch.Tensor        # (B,) reward-model score (before penalties)
-    ended: torch.Tensor        # (B,) 1 if the response ended with a stop token
+    resp: torch.Tensor  # (B, R) response tokens, right-padded with 0
+    mask: torch.Tensor  # (B, R) 1 on response tokens
+    logp: torch.Tensor  # (B, R) log-probs under the policy that sampled them
+    ref_logp: torch.Tensor  # (B, R) under the frozen reference
+    values: torch.Tensor  # (B, R) value estimates
+    score: torch.Tensor  # (B,) reward-model score (before penalties)
+    ended: torch.Tensor  # (B,) 1 if the response ended with a stop token
     texts: list[str]
     engine_logprob_err: float  # max |engine log-prob - recomputed log-prob|: the two code paths agree
 
@@ -88,10 +91,10 @@ def build_rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int
     mask = torch.zeros((B, R))
     for i, (p, r) in enumerate(zip(prompts, responses)):
         row = p + r
-        idx[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        idx[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         if r:
-            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
+            resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
     return idx, torch.tensor([len(p) for p in prompts]), resp, mask
 
 
@@ -124,22 +127,29 @@ def rollout(engine, policy: PolicyWithValue, ref: GPT, rm, tokenizer, prompts: l
             n = len(c.logprobs)
             e = (torch.tensor(c.logprobs, device=device) - logp[i, :n]).abs().max().item()
             err = max(err, e)
-    return Rollout(idx, plen, resp, mask, logp, ref_logp, values * mask, score, ended.to(device),
-                   [c.text for c in comps], err)
+    return Rollout(
+        idx, plen, resp, mask, logp, ref_logp, values * mask, score, ended.to(device), [c.text for c in comps], err
+    )
 
 
 # ---- held-out accuracy on the built-in verifiable tasks ------------------------------------------------
 @torch.no_grad()
-def task_accuracy(engine, tokenizer, n_per_task: int = 50, split: str = "test", max_new_tokens: int = 48,
-                  seed: int = 0, names: list[str] | None = None) -> dict[str, float]:
+def task_accuracy(
+    engine,
+    tokenizer,
+    n_per_task: int = 50,
+    split: str = "test",
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    names: list[str] | None = None,
+) -> dict[str, float]:
     """Greedy exact-match accuracy per built-in task through the engine (chat template), plus the mean."""
-    from chatstack.data.tasks import TASKS
-    from chatstack.engine import SamplingParams
-
     names = names or list(TASKS)
     exs = [ex for n in names for ex in TASKS[n].examples(split, n_per_task, seed)]
-    comps = engine.generate([tokenizer.render_prompt(ex.messages) for ex in exs],
-                            SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    comps = engine.generate(
+        [tokenizer.render_prompt(ex.messages) for ex in exs],
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
     per: dict[str, list[int]] = {}
     for ex, c in zip(exs, comps):
         per.setdefault(ex.task, []).append(int(TASKS[ex.task].check(c.text, ex)))

@@ -16,6 +16,7 @@ conventions (`_total` counters, `_seconds` histograms) and vLLM's where one exis
     chatstack_prefix_cache_reused_tokens           prompt tokens not prefilled thanks to the prefix cache (so far)
     chatstack_prefix_cache_bytes                   memory the prefix cache holds
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,8 +30,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 def _labels(names: tuple[str, ...], values: tuple) -> str:
     if not names:
         return ""
-    inner = ",".join(f'{n}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for n, v in zip(names, values))
+    inner = ",".join(
+        f'{n}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for n, v in zip(names, values)
+    )
     return "{" + inner + "}"
 
 
@@ -86,10 +89,10 @@ class Histogram(_Metric):
     def __init__(self, name, help_, buckets=LATENCY_BUCKETS):
         super().__init__(name, help_)
         self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)   # last = +Inf
+        self.counts = [0] * (len(self.buckets) + 1)  # last = +Inf
         self.sum = 0.0
         self.count = 0
-        self.samples: list[float] = []   # kept (bounded) for quantiles in /health and benchmarks
+        self.samples: list[float] = []  # kept (bounded) for quantiles in /health and benchmarks
 
     def observe(self, v: float):
         with self.lock:
@@ -121,8 +124,9 @@ class Histogram(_Metric):
 
 class ServerMetrics:
     def __init__(self):
-        self.requests = Counter("chatstack_requests_total", "Finished API requests by endpoint and HTTP status.",
-                                ("endpoint", "status"))
+        self.requests = Counter(
+            "chatstack_requests_total", "Finished API requests by endpoint and HTTP status.", ("endpoint", "status")
+        )
         self.prompt_tokens = Counter("chatstack_prompt_tokens_total", "Prompt tokens admitted.")
         self.generation_tokens = Counter("chatstack_generation_tokens_total", "Tokens generated.")
         self.cancelled = Counter("chatstack_cancelled_rows_total", "Rows cancelled (client disconnects, stops).")
@@ -132,16 +136,33 @@ class ServerMetrics:
         self.ttft = Histogram("chatstack_time_to_first_token_seconds", "Seconds from submit to the first token.")
         self.latency = Histogram("chatstack_request_latency_seconds", "Seconds from submit to the last token.")
         self.batch = Histogram("chatstack_batch_size", "Rows in the batch per engine step.", BATCH_BUCKETS)
-        self.step_time = Histogram("chatstack_engine_step_seconds", "Seconds per engine step (prefill + decode).",
-                                   (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.prefix_reused = Gauge("chatstack_prefix_cache_reused_tokens",
-                                   "Prompt tokens not prefilled thanks to the prefix cache, since start.")
+        self.step_time = Histogram(
+            "chatstack_engine_step_seconds",
+            "Seconds per engine step (prefill + decode).",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+        self.prefix_reused = Gauge(
+            "chatstack_prefix_cache_reused_tokens",
+            "Prompt tokens not prefilled thanks to the prefix cache, since start.",
+        )
         self.prefix_bytes = Gauge("chatstack_prefix_cache_bytes", "Bytes of keys/values the prefix cache holds.")
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.prompt_tokens, self.generation_tokens, self.cancelled, self.rejected,
-                  self.queue_depth, self.running, self.ttft, self.latency, self.batch, self.step_time,
-                  self.prefix_reused, self.prefix_bytes):
+        for m in (
+            self.requests,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.cancelled,
+            self.rejected,
+            self.queue_depth,
+            self.running,
+            self.ttft,
+            self.latency,
+            self.batch,
+            self.step_time,
+            self.prefix_reused,
+            self.prefix_bytes,
+        ):
             lines += m.render()
         return "\n".join(lines) + "\n"

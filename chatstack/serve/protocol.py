@@ -10,6 +10,7 @@ response_format {"type": "text"}. Extensions (as vLLM): top_k.
 
     python -m chatstack.serve.protocol     # prints the JSON schema of a chat request
 """
+
 from __future__ import annotations
 
 import time
@@ -19,9 +20,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # torch.Generator.manual_seed accepts this range; outside it the engine would raise
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
-MAX_N = 16            # choices per request (each one is a row in the batch)
-MAX_STOP = 16         # stop strings per request
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_N = 16  # choices per request (each one is a row in the batch)
+MAX_STOP = 16  # stop strings per request
 MAX_TOP_LOGPROBS = 20
 
 
@@ -35,8 +36,10 @@ def now() -> int:
 
 # ----------------------------------------------------------------------------- errors
 
-def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -44,8 +47,14 @@ def error_body(message: str, type_: str = "invalid_request_error", param: Option
 class APIError(Exception):
     """Raised anywhere in request handling; app.py turns it into the OpenAI envelope with `status`."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -54,6 +63,7 @@ class APIError(Exception):
 
 
 # ----------------------------------------------------------------------------- requests
+
 
 class _Lenient(BaseModel):
     # unknown fields are ignored rather than rejected, as vLLM and llama.cpp do: newer clients send new knobs
@@ -84,7 +94,7 @@ class StreamOptions(_Lenient):
 
 
 class ResponseFormat(_Lenient):
-    type: Literal["text"] = "text"   # json modes are not supported: say so with a 400 rather than ignore
+    type: Literal["text"] = "text"  # json modes are not supported: say so with a 400 rather than ignore
 
 
 def _stop_list(v: Any) -> list[str]:
@@ -151,10 +161,10 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     # str | [str, ...] | [token ids] | [[token ids], ...], as OpenAI's legacy endpoint
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1, le=10_000_000)   # the legacy endpoint's default is 16
+    max_tokens: Optional[int] = Field(16, ge=1, le=10_000_000)  # the legacy endpoint's default is 16
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: Optional[bool] = False
-    best_of: Optional[int] = Field(None, ge=1, le=1)   # only best_of == n == 1 semantics; larger is refused
+    best_of: Optional[int] = Field(None, ge=1, le=1)  # only best_of == n == 1 semantics; larger is refused
     suffix: Optional[str] = None
 
     @field_validator("prompt")
@@ -184,10 +194,11 @@ class CompletionRequest(_SamplingFields):
 
 # ----------------------------------------------------------------------------- rank page
 
+
 class RankSampleRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
     k: int = Field(4, ge=2, le=8)
-    temperature: float = Field(1.0, gt=0.0, le=2.0)   # > 0: K greedy answers would all be the same
+    temperature: float = Field(1.0, gt=0.0, le=2.0)  # > 0: K greedy answers would all be the same
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(128, ge=1, le=4096)
 
@@ -200,13 +211,14 @@ class RankSampleRequest(_Lenient):
 
 class RankSubmitRequest(_Lenient):
     prompt: list[ChatMessage] = Field(min_length=1)
-    responses: list[str] = Field(min_length=2)   # best first
+    responses: list[str] = Field(min_length=2)  # best first
 
 
 # ----------------------------------------------------------------------------- responses
 
+
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0            # prompt tokens whose keys/values came from the prefix cache
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 class Usage(BaseModel):
@@ -216,9 +228,13 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
-    def of(cls, prompt: int, completion: int, cached: int = 0) -> "Usage":
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    def of(cls, prompt: int, completion: int, cached: int = 0) -> Usage:
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
 
 class TopLogprob(BaseModel):
@@ -310,7 +326,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "chatstack"
-    max_model_len: Optional[int] = None   # vLLM's extension: the context length
+    max_model_len: Optional[int] = None  # vLLM's extension: the context length
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,7 @@ generation never blocks a short one behind it. The waiting queue is bounded (`ma
 Only this thread touches the engine, so the engine needs no locks. A request with n choices is n
 rows sharing one asyncio queue; each item is (row index, TokenEvent) or (row index, exception).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,24 +41,32 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Row:
     """One engine request: a prompt and its sampling params; its tokens go to `queue` tagged with `index`."""
+
     prompt_ids: list[int]
     params: Any
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     index: int = 0
-    rid: Optional[int] = None          # the engine's request id once admitted
+    rid: Optional[int] = None  # the engine's request id once admitted
     submitted: float = field(default_factory=time.perf_counter)
     first_token: Optional[float] = None
     n_tokens: int = 0
     cancelled: bool = False
     done: bool = False
-    shown: bool = False                # some text has been handed to the client
-    cached_tokens: int = 0             # prompt tokens the engine took from its prefix cache
+    shown: bool = False  # some text has been handed to the client
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int = 256, max_batch_size: Optional[int] = None,
-                 metrics: Optional[ServerMetrics] = None, idle_wait_s: float = 0.5, stream_interval_s: float = 0.05):
+    def __init__(
+        self,
+        engine,
+        max_queue: int = 256,
+        max_batch_size: Optional[int] = None,
+        metrics: Optional[ServerMetrics] = None,
+        idle_wait_s: float = 0.5,
+        stream_interval_s: float = 0.05,
+    ):
         self.engine = engine
         engine_max = getattr(engine, "max_batch_size", None) or 32
         self.max_batch_size = min(max_batch_size or engine_max, engine_max)
@@ -65,19 +74,19 @@ class Scheduler:
         self.metrics = metrics or ServerMetrics()
         self.idle_wait_s = idle_wait_s
         self.stream_interval_s = stream_interval_s
-        self._out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)   # events not handed over yet
+        self._out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)  # events not handed over yet
         self._last_flush = 0.0
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
         self._cancels: list[Row] = []
-        self._running: dict[int, Row] = {}        # rid -> row; only the scheduler thread touches it
+        self._running: dict[int, Row] = {}  # rid -> row; only the scheduler thread touches it
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
 
     # ------------------------------------------------------------------ called from the event loop
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="chatstack-scheduler", daemon=True)
             self._thread.start()
@@ -156,7 +165,7 @@ class Scheduler:
         for row in admit:
             try:
                 row.rid = self.engine.add_request(row.prompt_ids, row.params)
-            except Exception as e:   # bad prompt/params for this row only
+            except Exception as e:  # bad prompt/params for this row only
                 row.done = True
                 self._deliver({row.loop: [(row, e)]})
                 continue
@@ -175,7 +184,7 @@ class Scheduler:
         urgent, n_tokens = False, 0
         for ev in events:
             row = self._running.get(ev.request_id)
-            if row is None:      # cancelled in the meantime
+            if row is None:  # cancelled in the meantime
                 continue
             if ev.cached_tokens:
                 row.cached_tokens = ev.cached_tokens
@@ -185,7 +194,7 @@ class Scheduler:
                 if row.first_token is None:
                     row.first_token = now
                     self.metrics.ttft.observe(now - row.submitted)
-            if ev.text and not row.shown:    # a row's first visible text goes out at once (time to first token)
+            if ev.text and not row.shown:  # a row's first visible text goes out at once (time to first token)
                 row.shown = urgent = True
             if ev.finished:
                 row.done = urgent = True
@@ -206,7 +215,7 @@ class Scheduler:
             self._deliver(out)
 
     def _fail_all(self, err: Exception) -> None:
-        self._flush(time.perf_counter())       # tokens already made go out before the error
+        self._flush(time.perf_counter())  # tokens already made go out before the error
         out: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         rows = list(self._running.values())
         with self._cv:
@@ -228,7 +237,7 @@ class Scheduler:
         for loop, items in out.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:   # that event loop is closed: nobody is listening
+            except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
 
 

@@ -8,31 +8,40 @@
 The server runs uvicorn in a background thread of this process (tests) — the benchmark starts a
 separate `chatstack serve` process instead, so the clients don't share the server's GIL.
 """
+
 from __future__ import annotations
 
 import socket
 import threading
 import time
 
-_TEXT = ("Hello there, how are you today? I am fine, thank you. The quick brown fox jumps over the lazy dog. "
-         "What is the capital of France? Paris is the capital of France. Tell me a story about a cat. ")
+import httpx
+import torch
+
+from chatstack.checkpoint import save_checkpoint
+from chatstack.model import GPT
+from chatstack.presets import get_preset
+from chatstack.tokenizer import Tokenizer
+
+_TEXT = (
+    "Hello there, how are you today? I am fine, thank you. The quick brown fox jumps over the lazy dog. "
+    "What is the capital of France? Paris is the capital of France. Tell me a story about a cat. "
+)
 
 
 def make_tiny_checkpoint(path, preset: str = "nano", block_size: int = 256, seed: int = 0, **overrides) -> str:
     """A checkpoint with random weights and a small BPE tokenizer trained on a few sentences (~50 ms)."""
-    import torch
-
-    from chatstack.checkpoint import save_checkpoint
-    from chatstack.model import GPT
-    from chatstack.presets import get_preset
-    from chatstack.tokenizer import Tokenizer
 
     tok = Tokenizer.train([_TEXT] * 20, vocab_size=300, show_progress=False)
     torch.manual_seed(seed)
     cfg = get_preset(preset, vocab_size=tok.vocab_size, block_size=block_size, **overrides)
     model = GPT(cfg)
-    save_checkpoint(path, model, {"model": cfg.to_dict(), "stage": "test", "parent": None,
-                                  "tokenizer": {"vocab_size": tok.vocab_size}}, tokenizer=tok)
+    save_checkpoint(
+        path,
+        model,
+        {"model": cfg.to_dict(), "stage": "test", "parent": None, "tokenizer": {"vocab_size": tok.vocab_size}},
+        tokenizer=tok,
+    )
     return str(path)
 
 
@@ -46,19 +55,18 @@ class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 in a daemon thread; waits until /health says ok."""
 
     def __init__(self, app, port: int | None = None, ready_timeout: float = 60.0):
-        import uvicorn
+        import uvicorn  # noqa: PLC0415 (only a running server needs it)
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="chatstack-test-server")
         self.ready_timeout = ready_timeout
 
-    def __enter__(self) -> "LiveServer":
-        import httpx
-
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
@@ -74,4 +82,3 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
-

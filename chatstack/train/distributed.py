@@ -6,16 +6,17 @@ Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) `setup()` joi
 NCCL when the device is CUDA, gloo otherwise. Without torchrun everything is a world of one and no
 process group is made. Only rank 0 logs and writes checkpoints; the loop calls `barrier()` around that.
 """
+
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -92,46 +93,12 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str = "ddp") -> nn.Mo
     if not info.enabled or parallel == "none":
         return model
     if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         # shard each transformer block on its own (its gathers overlap the neighbours' compute), then the rest
         for block in getattr(model, "blocks", getattr(getattr(model, "gpt", None), "blocks", [])):
             fully_shard(block)
         fully_shard(model)
         return model
     raise ValueError(f"parallel must be 'ddp', 'fsdp' or 'none', got {parallel!r}")
-
-
-# glibc malloc: the default trims and mmaps large blocks eagerly, so every training step page-faults its
-# activations back in. Raising the thresholds keeps freed memory in the heap. Measured on the 2-core dev box
-# (benchmarks/train_throughput.py --malloc both): see the README / report for the numbers.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def tune_malloc() -> bool:
-    """Apply the allocator settings through mallopt (glibc only). Returns True if applied.
-
-    Same effect as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
-    in the environment, but works from inside an already-running process (for allocations from now on).
-    Set CHATSTACK_NO_MALLOC_TUNING=1 to skip it.
-    """
-    if os.environ.get("CHATSTACK_NO_MALLOC_TUNING") == "1":
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False   # not glibc (musl, macOS): nothing to do
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    ok &= mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)   # int: the largest value mallopt takes (~2 GiB)
-    ok &= mallopt(_M_TOP_PAD, 1024 * 1024 * 1024)
-    return bool(ok)

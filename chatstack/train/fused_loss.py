@@ -14,8 +14,10 @@ torch.autocast (bf16/fp16 on GPU) the plain path keeps autocast's numerics.
 
     python -m chatstack.train.fused_loss        # times plain vs fused on the tiny preset's shapes
 """
+
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -37,47 +39,57 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=h.device)
         hm, wm = (h, weight) if mm_dtype is None else (h.to(mm_dtype), weight.to(mm_dtype))
         for s in range(0, N, chunk):
-            hc, tc, vc = hm[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
+            hc, tc, vc = hm[s : s + chunk], targets[s : s + chunk], valid[s : s + chunk]
             n = hc.size(0)
-            logits = hc @ wm.t()                                       # (n, V)
+            logits = hc @ wm.t()  # (n, V)
             if mm_dtype is not None:
-                logits = logits.float()                                # softmax and loss in fp32
+                logits = logits.float()  # softmax and loss in fp32
             tgt = tc.clamp_min(0)
             rows = torch.arange(n, device=h.device)
-            tgt_logit = logits[rows, tgt]                              # (n,) before the in-place ops
+            tgt_logit = logits[rows, tgt]  # (n,) before the in-place ops
             # one exp pass serves both the loss (log-sum-exp) and the gradient (softmax)
-            m = logits.amax(dim=-1, keepdim=True)                      # (n, 1)
-            e = logits.sub_(m).exp_()                                  # (n, V), in place
-            sumexp = e.sum(dim=-1, keepdim=True)                       # (n, 1)
+            m = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            e = logits.sub_(m).exp_()  # (n, V), in place
+            sumexp = e.sum(dim=-1, keepdim=True)  # (n, 1)
             lse = (m + sumexp.log()).squeeze(1)
-            w_row = vc.to(e.dtype) * scale                             # ignored rows get no gradient
+            w_row = vc.to(e.dtype) * scale  # ignored rows get no gradient
             total += ((lse - tgt_logit) * vc).sum(dtype=torch.float64)
             if need_h or need_w:
-                p = e.mul_((w_row[:, None] / sumexp))                  # softmax * row weight
+                p = e.mul_(w_row[:, None] / sumexp)  # softmax * row weight
                 p[rows, tgt] -= w_row
                 if mm_dtype is None:
                     if need_h:
-                        torch.mm(p, weight, out=grad_h[s:s + n])       # (n, C)
+                        torch.mm(p, weight, out=grad_h[s : s + n])  # (n, C)
                     if need_w:
-                        grad_w.addmm_(p.t(), hc)                       # (V, C)
+                        grad_w.addmm_(p.t(), hc)  # (V, C)
                 else:
                     p = p.to(mm_dtype)
                     if need_h:
-                        grad_h[s:s + n] = torch.mm(p, wm)
+                        grad_h[s : s + n] = torch.mm(p, wm)
                     if need_w:
-                        grad_w += torch.mm(p.t(), hc)                  # bf16 product, fp32 sum over chunks
+                        grad_w += torch.mm(p.t(), hc)  # bf16 product, fp32 sum over chunks
         ctx.save_for_backward(grad_h, grad_w)
         return (total * scale).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out if grad_h is not None else None,
-                grad_w * grad_out if grad_w is not None else None, None, None, None)
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 256, mm_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 256,
+    mm_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """Mean cross-entropy of softmax(h @ weight.T) against targets (-1 = ignored), fused and chunked.
     mm_dtype=torch.bfloat16: the two matmuls take bf16 operands (CPU AMX; see chatstack.model.cpu_bf16_matmuls);
     logits, softmax, loss and gradients stay fp32."""
@@ -85,8 +97,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def _bench(reps: int = 10):
-    import time
-
     torch.manual_seed(0)
     N, C, V = 16 * 256, 128, 4096
     h = torch.randn(N, C, requires_grad=True)
@@ -95,7 +105,7 @@ def _bench(reps: int = 10):
     plain = lambda: F.cross_entropy(h @ w.t(), t).backward()
     fused = {c: (lambda c=c: linear_cross_entropy(h, w, t, c).backward()) for c in (256, 512, 1024, 2048)}
     res = {"plain": [], **{f"fused/{c}": [] for c in fused}}
-    for _ in range(reps):   # interleaved, so machine load hits all variants alike
+    for _ in range(reps):  # interleaved, so machine load hits all variants alike
         for name, fn in [("plain", plain), *[(f"fused/{c}", f) for c, f in fused.items()]]:
             h.grad = w.grad = None
             t0 = time.perf_counter()

@@ -14,36 +14,52 @@ pure function of (seed, step, micro, rank, world) (the Task's contract); the glo
 the step budget. Resuming truncates metrics.jsonl back to the checkpoint's step, so the logged curve of an
 interrupted + resumed run is the uninterrupted run's curve, bit for bit on the same machine and threads.
 """
+
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from tqdm import tqdm
 
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
+from chatstack.infer.cpu import cpu_has_amx, tune_malloc
 from chatstack.model import cpu_bf16_matmuls
 from chatstack.train import distributed as D
 from chatstack.train.optim import build_adamw, lr_at
 
 # Peak dense FLOP/s used for MFU when --peak-flops is 0. The CPU figure is the fp32 matmul peak measured
-# on the 2-core dev box (shared/DATA.md; benchmarks/train_throughput.py re-measures it); "cpu-bf16" is the
-# bf16 matmul peak of a 2-core AMX box (1024^3 in 2.15 ms, session 5), used with --dtype bf16 on CPU; GPU
+# on a 2-vCPU AVX-512 Xeon (benchmarks/train_throughput.py re-measures it); "cpu-bf16" is the
+# bf16 matmul peak of a 2-vCPU Xeon with AMX (1024^3 in 2.15 ms), used with --dtype bf16 on CPU; GPU
 # figures are the vendors' dense bf16 numbers.
-PEAK_FLOPS = {"cpu": 370e9, "cpu-bf16": 1000e9, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-              "4090": 165e12, "T4": 65e12, "cuda": 100e12}
+PEAK_FLOPS = {
+    "cpu": 370e9,
+    "cpu-bf16": 1000e9,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "T4": 65e12,
+    "cuda": 100e12,
+}
 
 
 @dataclass
 class TrainConfig:
     """Fields common to every supervised stage (a stage's config subclasses this)."""
+
     out: str = field(default="", metadata={"help": "checkpoint directory to write (and resume from)"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch (per process)"})
@@ -60,20 +76,31 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
     seed: int = field(default=1337, metadata={"help": "seed for init, batches and dropout"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 matmuls if it has AMX and the model is >= 96 wide, "
-                "else fp32) | fp32 | bf16 "
-                "(on CPU: bf16 matmuls, fp32 elsewhere) | fp16",
-        "choices": ["auto", "fp32", "bf16", "fp16"]})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (CUDA: bf16 if supported, else fp16; CPU: bf16 matmuls if it has AMX and the model is >= 96 wide, "
+            "else fp32) | fp32 | bf16 "
+            "(on CPU: bf16 matmuls, fp32 elsewhere) | fp16",
+            "choices": ["auto", "fp32", "bf16", "fp16"],
+        },
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, exactly"})
-    time_budget: float = field(default=0.0, metadata={
-        "help": "seconds of training: after 20 steps max_steps is cut to fit, re-planned after 100 (the cosine still ends at "
-                "min_lr), and training stops cleanly when time runs out (0 = no limit)"})
-    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp | fsdp",
-                                                   "choices": ["ddp", "fsdp", "none"]})
-    optimizer: str = field(default="auto", metadata={"help": "AdamW kernel: auto | fused | foreach | for",
-                                                      "choices": ["auto", "fused", "foreach", "for"]})
+    time_budget: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds of training: after 20 steps max_steps is cut to fit, re-planned after 100 (the cosine still ends at "
+            "min_lr), and training stops cleanly when time runs out (0 = no limit)"
+        },
+    )
+    parallel: str = field(
+        default="ddp", metadata={"help": "under torchrun: ddp | fsdp", "choices": ["ddp", "fsdp", "none"]}
+    )
+    optimizer: str = field(
+        default="auto",
+        metadata={"help": "AdamW kernel: auto | fused | foreach | for", "choices": ["auto", "fused", "foreach", "for"]},
+    )
     peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s per device for MFU (0 = table)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -95,17 +122,9 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module) -> dict[str, float]: ...
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (bf16 matrix instructions): Intel Sapphire Rapids and later."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except Exception:   # an older torch without the probe
-        return False
-
-
 # the narrowest model (n_embd) that --dtype auto trains with bf16 matmuls on an AMX CPU: below it the casts
 # cost more than the faster products (training step, bf16 / fp32 tokens/s: width 32 0.75x, 64 0.99x,
-# 96 1.33x, 128 1.16-1.35x; session 5, 2 threads)
+# 96 1.33x, 128 1.16-1.35x; Intel Xeon with AMX, 2 threads, docs/benchmarks.md)
 CPU_BF16_MIN_WIDTH = 96
 
 
@@ -115,7 +134,7 @@ def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) 
     auto: CUDA: bf16 where supported, else fp16 (with a GradScaler). CPU with AMX: bf16 matmuls, fp32
     everything else (chatstack.model.cpu_bf16_matmuls: 1.27-1.35x fp32's tokens/s on the tiny preset), for
     models at least CPU_BF16_MIN_WIDTH wide. Other CPUs and narrower models: fp32 (without AMX, bf16
-    autocast trained at 0.6x fp32 speed on the session-1 dev CPU)."""
+    autocast trained at 0.6x fp32 speed on an AVX-512 Xeon without AMX)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -147,7 +166,7 @@ def peak_flops(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torc
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63)
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -190,7 +209,7 @@ class Metrics:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue   # a line cut by a kill
+                continue  # a line cut by a kill
             if row.get("step", 0) <= step:
                 keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
@@ -208,7 +227,6 @@ def _full_state_for_save(model: nn.Module, shadow: Optional[nn.Module]) -> nn.Mo
     """The module to hand to save_checkpoint: the model itself, or (FSDP) a CPU copy filled from the shards."""
     if shadow is None:
         return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if shadow is not None and sd:
@@ -223,13 +241,15 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(cfg, name)}")
-    D.tune_malloc()
+    tune_malloc()
     info = D.setup(cfg.device)
     device, rank, world = info.device, info.rank, info.world
     dtype = resolve_dtype(cfg.dtype, device, getattr(getattr(model, "config", None), "n_embd", None))
     if info.is_main and cfg.progress and device.type == "cpu" and dtype == torch.bfloat16:
-        print(f"precision: bf16 matmuls, fp32 elsewhere ({'this CPU has AMX; ' if cfg.dtype == 'auto' else ''}"
-              f"--dtype fp32 for fp32 throughout)")
+        print(
+            f"precision: bf16 matmuls, fp32 elsewhere ({'this CPU has AMX; ' if cfg.dtype == 'auto' else ''}"
+            f"--dtype fp32 for fp32 throughout)"
+        )
     out = Path(cfg.out)
     metrics = Metrics(out, info.is_main)
     ckpt_config = dict(ckpt_config)
@@ -251,22 +271,22 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     elif cfg.resume and info.is_main:
         print(f"--resume: no checkpoint in {out} yet, starting from step 0")
     if info.is_main and not (cfg.resume and resumed_state):
-        metrics.path.unlink(missing_ok=True)   # a fresh run: the old curve does not belong to it
+        metrics.path.unlink(missing_ok=True)  # a fresh run: the old curve does not belong to it
     metrics.truncate_after(start_step)
 
     # FSDP shards the parameters in place; keep an unsharded CPU copy on rank 0 to gather into for saving
     shadow = None
     if info.enabled and cfg.parallel == "fsdp":
-        import copy
-
         shadow = copy.deepcopy(model).cpu() if info.is_main else nn.Module()
     wrapped = D.wrap_model(model, info, cfg.parallel)
     opt = build_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), impl=cfg.optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if resumed_state is not None:
         if not resumed_state.get("optimizer"):
-            raise CheckpointError(f"{out}/state/train.pt: no optimizer state (an FSDP run); exact --resume "
-                                  f"needs a DDP or single-process checkpoint")
+            raise CheckpointError(
+                f"{out}/state/train.pt: no optimizer state (an FSDP run); exact --resume "
+                f"needs a DDP or single-process checkpoint"
+            )
         opt.load_state_dict(resumed_state["optimizer"])
         if resumed_state.get("scaler"):
             scaler.load_state_dict(resumed_state["scaler"])
@@ -281,9 +301,16 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         opt_sd = opt.state_dict() if shadow is None else {}
         to_save = _full_state_for_save(model, shadow)
         if info.is_main:
-            state = {"train": {"step": step, "max_steps": max_steps, "cfg_max_steps": cfg.max_steps,
-                               "tokens_seen": tokens_seen,
-                               "optimizer": opt_sd, "scaler": scaler.state_dict() if scaler.is_enabled() else {}}}
+            state = {
+                "train": {
+                    "step": step,
+                    "max_steps": max_steps,
+                    "cfg_max_steps": cfg.max_steps,
+                    "tokens_seen": tokens_seen,
+                    "optimizer": opt_sd,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                }
+            }
             save_checkpoint(out, to_save, ckpt_config, tokenizer, state)
         D.barrier()
 
@@ -302,8 +329,6 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
 
     bar = None
     if info.is_main and cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, smoothing=0.1)
     model.train()
     t_start = time.perf_counter()
@@ -315,7 +340,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        torch.manual_seed(_step_seed(cfg.seed, step, rank))   # dropout masks: a function of the step alone
+        torch.manual_seed(_step_seed(cfg.seed, step, rank))  # dropout masks: a function of the step alone
         loss_sum = torch.zeros((), device=device)
         extras: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
@@ -337,7 +362,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         else:
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
         scaler.step(opt)
         scaler.update()
@@ -349,8 +374,15 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
             now = time.perf_counter()
             dt = max(now - t_log, 1e-9)
             tps = tokens_log / dt
-            row = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": float(gnorm),
-                   "tokens_per_s": round(tps, 1), "tokens": tokens_seen, "elapsed_s": round(now - t_start, 2)}
+            row = {
+                "step": step,
+                "loss": loss_avg,
+                "lr": lr,
+                "grad_norm": float(gnorm),
+                "tokens_per_s": round(tps, 1),
+                "tokens": tokens_seen,
+                "elapsed_s": round(now - t_start, 2),
+            }
             if flops_per_token:
                 row["mfu"] = round(tps * flops_per_token / (peak * world), 5)
             row.update({k: round(v, 6) for k, v in extras.items()})
@@ -358,8 +390,11 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
                 print(f"warning: loss is {loss_avg} at step {step}")
             metrics.write(**row)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_avg:.4f}", tok_s=f"{tps:,.0f}",
-                                **({"val": f"{last_eval.get('val_loss', 0):.3f}"} if last_eval else {}))
+                bar.set_postfix(
+                    loss=f"{loss_avg:.4f}",
+                    tok_s=f"{tps:,.0f}",
+                    **({"val": f"{last_eval.get('val_loss', 0):.3f}"} if last_eval else {}),
+                )
             t_log, tokens_log = now, 0
         if bar is not None:
             bar.update(1)
@@ -393,7 +428,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
         if cfg.save_every and step % cfg.save_every == 0 and not final:
             save(step)
         if stopped_early:
-            max_steps = step   # what the checkpoint records: this run ended here
+            max_steps = step  # what the checkpoint records: this run ended here
             break
     if bar is not None:
         bar.close()

@@ -6,12 +6,12 @@
 
 Decay applies to every parameter of 2+ dimensions (linear weights and embeddings); biases and norm
 gains (1-D) are never decayed, as in GPT-2/3 and nanoGPT. `impl="auto"` picks the fused kernel where it
-measured faster (CUDA, and this CPU: see `python -m chatstack.train.optim`), else foreach.
+measured faster (CUDA and CPU), else foreach.
 """
+
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -22,14 +22,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
-        seen.add(id(p))   # a tied weight (lm_head = tok_emb) is one parameter
+        seen.add(id(p))  # a tied weight (lm_head = tok_emb) is one parameter
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                impl: str = "auto") -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8, impl: str = "auto"
+) -> torch.optim.AdamW:
     """impl: "auto" | "fused" | "foreach" | "for" (the plain per-parameter loop)."""
     groups = param_groups(model, weight_decay)
     if impl == "auto":
@@ -51,26 +51,3 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup: int, max_steps: int) 
         return min_lr
     progress = (step - warmup) / max(1, max_steps - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def _bench(impl: str, model: nn.Module, steps: int = 30) -> float:
-    opt = build_adamw(model, 1e-3, 0.1, impl=impl)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    for _ in range(5):
-        opt.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    return (time.perf_counter() - t0) / steps
-
-
-if __name__ == "__main__":
-    # which AdamW implementation is fastest here, for the tiny preset's parameters
-    from chatstack.model import GPT
-    from chatstack.presets import get_preset
-
-    for preset in ("tiny", "gpt2"):
-        m = GPT(get_preset(preset))
-        for impl in ("for", "foreach", "fused"):
-            print(f"{preset:6s} {impl:8s} {_bench(impl, m, 20 if preset == 'tiny' else 3) * 1e3:8.2f} ms/step")

@@ -14,6 +14,7 @@ After training, the head's bias is shifted so the mean reward over the training 
 model's own samples: the reference responses) is 0; the shift is logged as `reward_bias_shift`.
 The loss is invariant to that shift, so it does not change training or resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,25 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from chatstack.train.loop import TrainConfig
+from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
+from chatstack.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from chatstack.data.preferences import PreferenceError, load_preferences, split_by_prompt, summary
+from chatstack.rlhf.reward_model import RewardModel, batch_loss, collate, evaluate_groups, mean_score
+from chatstack.train.loop import Metrics, TrainConfig, train
 
 
 @dataclass
 class RewardConfig(TrainConfig):
     sft: str = field(default="", metadata={"help": "SFT checkpoint to initialise the reward model from"})
     data: list[str] = field(default_factory=list, metadata={"help": "rankings / pairs JSONL file(s)"})
-    likelihood: str = field(default="mean", metadata={
-        "help": "add lik_scale x the response's mean (or sum) token log-prob under the RM's own output layer to "
-                "the head's score: 'none' is InstructGPT's RM (no output layer); see docs/rlhf.md",
-        "choices": ["none", "mean", "sum"]})
+    likelihood: str = field(
+        default="mean",
+        metadata={
+            "help": "add lik_scale x the response's mean (or sum) token log-prob under the RM's own output layer to "
+            "the head's score: 'none' is InstructGPT's RM (no output layer); see docs/rlhf.md",
+            "choices": ["none", "mean", "sum"],
+        },
+    )
     val_frac: float = field(default=0.15, metadata={"help": "fraction of prompts held out (by prompt hash)"})
     # overrides of the loop's defaults, sized for the built-in demo on a CPU (see docs/rlhf.md)
     max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
@@ -46,7 +55,9 @@ class RewardConfig(TrainConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=50, metadata={"help": "evaluate held-out accuracy every N steps"})
     log_every: int = field(default=10, metadata={"help": "write a metrics line every N steps"})
-    time_budget: float = field(default=90.0, metadata={"help": "seconds of training (0 = no limit); the whole command stays under 2 minutes"})
+    time_budget: float = field(
+        default=90.0, metadata={"help": "seconds of training (0 = no limit); the whole command stays under 2 minutes"}
+    )
 
 
 class RewardTask:
@@ -62,8 +73,6 @@ class RewardTask:
         return torch.randperm(len(self.train_groups), generator=g).tolist()
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        from chatstack.rlhf.reward_model import collate
-
         B, N = self.cfg.batch_size, len(self.train_groups)
         start = ((step * self.cfg.grad_accum + micro) * world + rank) * B
         picked, orders = [], {}
@@ -75,13 +84,9 @@ class RewardTask:
         return collate(picked, self.tok, self.block_size, self.encoded)
 
     def loss(self, model, batch):
-        from chatstack.rlhf.reward_model import batch_loss
-
         return batch_loss(model, batch)
 
     def evaluate(self, model) -> dict[str, float]:
-        from chatstack.rlhf.reward_model import evaluate_groups
-
         if not self.val_groups:
             return {}
         return evaluate_groups(model, self.val_groups, self.tok, self.block_size, encoded=self.encoded)
@@ -91,11 +96,6 @@ class RewardTask:
 
 
 def train_reward(cfg: RewardConfig) -> dict:
-    from chatstack.checkpoint import load_checkpoint, load_state, save_checkpoint
-    from chatstack.data.preferences import load_preferences, split_by_prompt, summary
-    from chatstack.rlhf.reward_model import RewardModel, evaluate_groups, mean_score
-    from chatstack.train.loop import Metrics, train
-
     if not cfg.sft:
         raise ValueError("--sft: give the SFT checkpoint to start from")
     if not cfg.data:
@@ -114,9 +114,16 @@ def train_reward(cfg: RewardConfig) -> dict:
     rm = RewardModel.from_lm(ck.model, cfg.likelihood)
     block = ck.model.config.block_size
     task = RewardTask(train_g, val_g, ck.tokenizer, block, cfg)
-    ckpt_config = {"kind": "reward", "stage": "reward", "likelihood": cfg.likelihood, "model": ck.model.config.to_dict(),
-                   "parent": str(cfg.sft), "tokenizer": ck.tokenizer.info(), "train": asdict(cfg),
-                   "data": {"files": list(cfg.data), "train": summary(train_g), "val": summary(val_g)}}
+    ckpt_config = {
+        "kind": "reward",
+        "stage": "reward",
+        "likelihood": cfg.likelihood,
+        "model": ck.model.config.to_dict(),
+        "parent": str(cfg.sft),
+        "tokenizer": ck.tokenizer.info(),
+        "train": asdict(cfg),
+        "data": {"files": list(cfg.data), "train": summary(train_g), "val": summary(val_g)},
+    }
     out = train(rm, task, cfg, ckpt_config, ck.tokenizer)
 
     # centre the rewards on the reference responses (the loss is shift-invariant: resume is unaffected)
@@ -139,23 +146,21 @@ def train_reward(cfg: RewardConfig) -> dict:
 
 
 def _cmd(args) -> int:
-    from chatstack.checkpoint import CheckpointError
-    from chatstack.cli import CLIError, dataclass_from_args
-    from chatstack.data.preferences import PreferenceError
-
     cfg = dataclass_from_args(RewardConfig, args)
     try:
         res = train_reward(cfg)
     except (ValueError, PreferenceError, CheckpointError, FileNotFoundError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     print(json.dumps(res, indent=2))
     return 0
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    p = sub.add_parser("reward", help="train a reward model on rankings / pairs (InstructGPT K-wise loss)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "reward",
+        help="train a reward model on rankings / pairs (InstructGPT K-wise loss)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_dataclass_args(p, RewardConfig)
     p.set_defaults(func=_cmd)

@@ -1,9 +1,10 @@
 """The run's report card: `report.md` + `report.json` + PNG plots, from the stage directories of a run.
 
-    python -m chatstack.report runs/speedrun        # (re)build the report of a finished speedrun
+    python -m chatstack.stages.report runs/speedrun        # (re)build the report of a finished speedrun
 
 Everything here reads what the stages wrote (config.json, metrics.jsonl, eval JSONs) — it never trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from chatstack.train.loop import resolve_dtype
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -30,7 +33,7 @@ def read_metrics(stage_dir: Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError:
-                    pass   # a line cut by a kill; the loop rewrites on resume
+                    pass  # a line cut by a kill; the loop rewrites on resume
     return rows
 
 
@@ -78,31 +81,44 @@ def environment() -> dict:
         pass
     commit = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    from chatstack.train.loop import resolve_dtype
 
     train_dtype = str(resolve_dtype("auto", torch.device("cuda" if gpu else "cpu"))).replace("torch.", "")
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "train_dtype": train_dtype,
-            "torch": torch.__version__, "python": platform.python_version(), "git_commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "train_dtype": train_dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def measure_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: Optional[torch.dtype] = None) -> float:
     """Achievable n x n matmul FLOP/s on this device (the MFU denominator), in `dtype`; by default the precision
     training uses here: bf16 on CUDA and on CPUs with AMX (where --dtype auto trains with bf16 matmuls), else fp32."""
-    from chatstack.train.loop import resolve_dtype
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = dtype or resolve_dtype("auto", torch.device(dev))
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:   # warm up: AMX bf16 ran at 1/3 of its rate for the first ~1 s
+    while time.perf_counter() - t0 < seconds:  # warm up: AMX bf16 ran at 1/3 of its rate for the first ~1 s
         a @ b
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -115,26 +131,35 @@ def measure_peak_flops(seconds: float = 1.0, n: int = 1024, dtype: Optional[torc
         if dev == "cuda":
             torch.cuda.synchronize()
         best = min(best, (time.perf_counter() - t0) / 10)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def plot(path: Path, title: str, curves: list[tuple[str, list, list]], xlabel: str = "step", ylabel: str = "") -> Optional[str]:
+def plot(
+    path: Path, title: str, curves: list[tuple[str, list, list]], xlabel: str = "step", ylabel: str = ""
+) -> Optional[str]:
     curves = [c for c in curves if c[1]]
     if not curves:
         return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (plots only; slow to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (plots only; slow to import)
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     has_trend = any("mean" in c[0] for c in curves)
     for label, xs, ys in curves:
         trend = "mean" in label
         # with a trend line, the raw per-iteration curve is drawn faint behind it
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3,
-                alpha=1.0 if trend or not has_trend else 0.4, linewidth=2.0 if trend else 1.2)
+        ax.plot(
+            xs,
+            ys,
+            label=label,
+            marker="o" if len(xs) < 30 else None,
+            markersize=3,
+            alpha=1.0 if trend or not has_trend else 0.4,
+            linewidth=2.0 if trend else 1.2,
+        )
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -174,23 +199,28 @@ def render_markdown(rep: dict) -> str:
     lines = [f"# chatstack report: {rep['name']}", ""]
     if rep.get("smoke"):
         lines += ["> **Smoke run**: tiny settings that check the pipeline's plumbing; its numbers mean nothing.", ""]
-    lines += [f"Total wall time **{rep['wall_time_s'] / 60:.1f} min**. "
-              f"{env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads)"
-              f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, Python {env['python']}, "
-              f"commit {env.get('git_commit') or '–'}, {env['date']}. Measured peak matmul "
-              f"{rep['peak_flops'] / 1e9:.0f} GFLOP/s{' (' + env['train_dtype'] + ')' if env.get('train_dtype') else ''} "
-              f"(the MFU denominator).", ""]
+    lines += [
+        f"Total wall time **{rep['wall_time_s'] / 60:.1f} min**. "
+        f"{env['cpu']} ({env['cpu_count']} CPUs, {env['torch_threads']} torch threads)"
+        f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; torch {env['torch']}, Python {env['python']}, "
+        f"commit {env.get('git_commit') or '–'}, {env['date']}. Measured peak matmul "
+        f"{rep['peak_flops'] / 1e9:.0f} GFLOP/s{' (' + env['train_dtype'] + ')' if env.get('train_dtype') else ''} "
+        f"(the MFU denominator).",
+        "",
+    ]
     lines += ["## Headline", ""]
     h = rep["headline"]
     targets = rep.get("targets", {})
     rows = []
-    for key, label in (("bits_per_char", "base: held-out bits per character"),
-                       ("sft_lift_points", "SFT lift over base few-shot (points)"),
-                       ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
-                       ("ppo_lift_points", "PPO lift over SFT (points)"),
-                       ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
-                       ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
-                       ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)")):
+    for key, label in (
+        ("bits_per_char", "base: held-out bits per character"),
+        ("sft_lift_points", "SFT lift over base few-shot (points)"),
+        ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
+        ("ppo_lift_points", "PPO lift over SFT (points)"),
+        ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
+        ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
+        ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)"),
+    ):
         t = targets.get(key, {})
         rows.append([label, h.get(key), t.get("goal", ""), t.get("met")])
     lines += [table(["what", "value", "goal", "met"], rows), ""]
@@ -200,19 +230,44 @@ def render_markdown(rep: dict) -> str:
     rm_acc = rep.get("reward_model", {}).get("val_accuracy_by_task") or {}
     rm_n = rep.get("reward_model", {}).get("val_pairs_by_task") or {}
     header = ["task"] + list(ev) + (["RM pairwise acc. (pairs)"] if rm_acc else [])
-    rows = [[t] + [ev[s].get("tasks", {}).get(t, {}).get("accuracy") for s in ev]
-            + ([f"{_fmt(rm_acc[t])} ({rm_n.get(t, '–')})" if t in rm_acc else "–"] if rm_acc else [])
-            for t in task_names]
-    rows.append(["**mean accuracy**"] + [ev[s].get("mean_accuracy") for s in ev]
-                + ([h.get("rm_val_accuracy")] if rm_acc else []))
-    lines += ["Held-out exact-match accuracy (greedy; base model few-shot, chat models zero-shot with the chat template)"
-              + ("; the last column is the reward model's held-out pairwise accuracy on each task's rankings" if rm_acc else "")
-              + ".", "", table(header, rows), ""]
+    rows = [
+        [t]
+        + [ev[s].get("tasks", {}).get(t, {}).get("accuracy") for s in ev]
+        + ([f"{_fmt(rm_acc[t])} ({rm_n.get(t, '–')})" if t in rm_acc else "–"] if rm_acc else [])
+        for t in task_names
+    ]
+    rows.append(
+        ["**mean accuracy**"]
+        + [ev[s].get("mean_accuracy") for s in ev]
+        + ([h.get("rm_val_accuracy")] if rm_acc else [])
+    )
+    lines += [
+        "Held-out exact-match accuracy (greedy; base model few-shot, chat models zero-shot with the chat template)"
+        + (
+            "; the last column is the reward model's held-out pairwise accuracy on each task's rankings"
+            if rm_acc
+            else ""
+        )
+        + ".",
+        "",
+        table(header, rows),
+        "",
+    ]
     lines += ["## Stages", ""]
     rows = []
     for name, s in rep["stages"].items():
-        rows.append([name, s.get("wall_s"), s.get("params"), s.get("tokens"), s.get("flops"), s.get("flops_per_s"),
-                     s.get("mfu"), s.get("key")])
+        rows.append(
+            [
+                name,
+                s.get("wall_s"),
+                s.get("params"),
+                s.get("tokens"),
+                s.get("flops"),
+                s.get("flops_per_s"),
+                s.get("mfu"),
+                s.get("key"),
+            ]
+        )
     lines += [table(["stage", "wall s", "params", "tokens", "FLOPs", "FLOP/s", "MFU", "key number"], rows), ""]
     if rep.get("plots"):
         lines += ["## Curves", ""]
@@ -236,14 +291,3 @@ def write_report(out: Path, rep: dict) -> None:
     tmp = out / "report.md.tmp"
     tmp.write_text(render_markdown(rep))
     tmp.replace(out / "report.md")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from chatstack.speedrun import build_report
-
-    run = Path(sys.argv[1])
-    rep = build_report(run)
-    write_report(run, rep)
-    print(f"wrote {run / 'report.md'}")

@@ -11,20 +11,29 @@ Held-out evaluation reports `val_loss` (nats/token), `val_bpb` (bits per UTF-8 b
 tokenizers) and `val_bpc` (bits per character). Periodic evals read an evenly spaced --eval-tokens subset of
 the validation split; the final eval reads all of it. The run ends with a sampled passage in metrics.jsonl.
 """
+
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
+from chatstack.checkpoint import CheckpointError
 from chatstack.data.mixture import Mixture
 from chatstack.data.shards import DataError, Split
+from chatstack.estimate import flops_per_token as estimate_flops
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPT, cpu_bf16_active
+from chatstack.presets import get_preset
+from chatstack.stages.prepare import load_tokenizer_arg
 from chatstack.train.fused_loss import linear_cross_entropy
 from chatstack.train.loop import TrainConfig, train
 
@@ -32,22 +41,27 @@ from chatstack.train.loop import TrainConfig, train
 @dataclass
 class PretrainConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "prepared dataset dir, or a mixture 'a:0.7,b:0.3' / mix.json"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer to check the shards against "
-                                                          "(default: the one saved in the data dir)"})
+    tokenizer: str = field(
+        default="", metadata={"help": "tokenizer to check the shards against (default: the one saved in the data dir)"}
+    )
     preset: str = field(default="tiny", metadata={"help": "model size (chatstack.presets)"})
     n_layer: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     n_head: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     n_embd: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     block_size: int = field(default=0, metadata={"help": "context length; override the preset (0 = keep)"})
     dropout: float = field(default=-1.0, metadata={"help": "override the preset's dropout (-1 = keep)"})
-    batch_tokens: int = field(default=0, metadata={
-        "help": "target tokens per optimizer step; sets grad_accum = batch_tokens / (batch_size*block*world)"})
+    batch_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "target tokens per optimizer step; sets grad_accum = batch_tokens / (batch_size*block*world)"
+        },
+    )
     eval_tokens: int = field(default=32768, metadata={"help": "validation tokens per periodic eval"})
     sample_tokens: int = field(default=200, metadata={"help": "tokens sampled at the end (0 = none)"})
     # defaults for the built-in run (tiny preset, Shakespeare, 2 CPU cores): 8 x 256-token rows a step at
     # lr 3e-3 learned ~1.7x more per token than 16 rows at 2e-3 (val 2.43 vs 2.51 bits/char after 1.2M tokens);
-    # 2,800 steps = 5.7M tokens ~ 5 minutes at the 16-20k tokens/s shared/DATA.md measured for this model on
-    # the idle 2-core box; --time-budget (default 300 s) shortens the schedule on a slower or busy machine.
+    # 2,800 steps = 5.7M tokens ~ 5 minutes at the 16-20k tokens/s this model trains at on an idle 2-core
+    # CPU (docs/benchmarks.md); --time-budget (default 300 s) shortens the schedule on a slower or busy machine.
     max_steps: int = field(default=2800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch (per process)"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
@@ -56,14 +70,17 @@ class PretrainConfig(TrainConfig):
     eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     out: str = field(default="runs/base", metadata={"help": "checkpoint directory to write (and resume from)"})
-    time_budget: float = field(default=300.0, metadata={
-        "help": "seconds of training per process: after 20 steps max_steps is cut to fit if needed, and "
-                "re-planned from the pace of steps 21-100 (the cosine still ends at min_lr); stops cleanly when time runs out (0 = no limit)"})
+    time_budget: float = field(
+        default=300.0,
+        metadata={
+            "help": "seconds of training per process: after 20 steps max_steps is cut to fit if needed, and "
+            "re-planned from the pace of steps 21-100 (the cosine still ends at min_lr); stops cleanly when time runs out (0 = no limit)"
+        },
+    )
 
 
 def flops_per_token(cfg) -> float:
     """Training FLOPs per token from the estimator (6N + PaLM's 12*L*h*T attention term), for MFU."""
-    from chatstack.estimate import flops_per_token as estimate_flops
 
     return float(estimate_flops(cfg))
 
@@ -74,12 +91,19 @@ class PretrainGPT(GPT):
     Inside chatstack.model.cpu_bf16_matmuls the fused loss's matmuls take bf16 operands like every Linear.
     Same parameters and names as GPT, so its checkpoints load as a plain GPT."""
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None,
-                last_only: bool = False):
-        if (targets is None or loss_mask is not None or cache is not None or last_only
-                or self.lm_head.weight.dtype != torch.float32 or torch.is_autocast_enabled(idx.device.type)):
+    def forward(
+        self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None, last_only: bool = False
+    ):
+        if (
+            targets is None
+            or loss_mask is not None
+            or cache is not None
+            or last_only
+            or self.lm_head.weight.dtype != torch.float32
+            or torch.is_autocast_enabled(idx.device.type)
+        ):
             return super().forward(idx, targets, loss_mask, cache, positions, attn_mask, last_only)
-        h = self.hidden_states(idx, positions=positions, attn_mask=attn_mask)     # (B, T, C)
+        h = self.hidden_states(idx, positions=positions, attn_mask=attn_mask)  # (B, T, C)
         mm = torch.bfloat16 if cpu_bf16_active() and idx.device.type == "cpu" else None
         return None, linear_cross_entropy(h, self.lm_head.weight, targets, mm_dtype=mm)
 
@@ -119,8 +143,8 @@ class PretrainTask:
             self._cache_rows = self.mixture.sample_rows(self.cfg.seed, step, self.rows_per_step, self.T)
             self._cache_step = step
         B = self.cfg.batch_size
-        start = (micro * world + rank) * B   # this micro-batch's slice of the global batch
-        rows = self._cache_rows[start:start + B]                 # (B, T+1)
+        start = (micro * world + rank) * B  # this micro-batch's slice of the global batch
+        rows = self._cache_rows[start : start + B]  # (B, T+1)
         return {"idx": rows[:, :-1].contiguous(), "targets": rows[:, 1:].contiguous()}
 
     def loss(self, model, batch):
@@ -135,13 +159,11 @@ class PretrainTask:
             raise DataError(f"validation split has {len(toks)} tokens, fewer than one window of {self.T + 1}")
         if n_windows is None or n_windows >= total:
             return [i * self.T for i in range(total)]
-        stride = total / n_windows   # evenly spaced over all held-out documents
+        stride = total / n_windows  # evenly spaced over all held-out documents
         return [int(i * stride) * self.T for i in range(n_windows)]
 
     @torch.no_grad()
     def _eval(self, model, n_windows: Optional[int]) -> dict[str, float]:
-        import numpy as np
-
         if self.val is None:
             return {}
         device = next(model.parameters()).device
@@ -150,20 +172,24 @@ class PretrainTask:
         n_tok = n_bytes = n_chars = 0.0
         bs = max(1, self.cfg.batch_size)
         for i in range(0, len(starts), bs):
-            rows = np.stack([self.val.tokens[s:s + self.T + 1] for s in starts[i:i + bs]]).astype(np.int64)
+            rows = np.stack([self.val.tokens[s : s + self.T + 1] for s in starts[i : i + bs]]).astype(np.int64)
             rows = torch.from_numpy(rows)
             x, y = rows[:, :-1].to(device), rows[:, 1:]
             logits = model(x).float().cpu()
             per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
             yb = self.nbytes[y.reshape(-1)]
-            text = yb > 0   # special tokens (document ends) are not text: out of every count
+            text = yb > 0  # special tokens (document ends) are not text: out of every count
             nats += per_tok.double()[text].sum()
             n_tok += float(text.sum())
             n_bytes += float(yb.sum())
             n_chars += float(self.nchars[y.reshape(-1)].sum())
         bits = float(nats) / math.log(2)
-        return {"val_loss": float(nats) / n_tok, "val_bpb": bits / n_bytes, "val_bpc": bits / n_chars,
-                "val_tokens": int(n_tok)}
+        return {
+            "val_loss": float(nats) / n_tok,
+            "val_bpb": bits / n_bytes,
+            "val_bpc": bits / n_chars,
+            "val_tokens": int(n_tok),
+        }
 
     def evaluate(self, model):
         return self._eval(model, max(1, self.cfg.eval_tokens // self.T))
@@ -171,32 +197,16 @@ class PretrainTask:
     def final_evaluate(self, model):
         return self._eval(model, None)
 
-    @torch.no_grad()
     def sample(self, model, temperature: float = 0.8, top_k: int = 50) -> str:
+        """A preview of what the model writes from a document start (through the one engine)."""
         n = min(self.cfg.sample_tokens, self.T - 1)
         if n <= 0:
             return ""
-        device = next(model.parameters()).device
-        g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        idx = torch.tensor([[self.tok.eot_id]], device=device)   # a document start
-        cache = model.new_cache(1, n + 1)
-        logits = model(idx, cache=cache)[:, -1]
-        out = []
-        for _ in range(n):
-            logits = logits.float().cpu() / temperature
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float("inf")
-            nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
-            if int(nxt) == self.tok.eot_id:
-                break
-            out.append(int(nxt))
-            logits = model(nxt.to(device), cache=cache)[:, -1]
-        return self.tok.decode(out)
+        params = SamplingParams(max_new_tokens=n, temperature=temperature, top_k=top_k, seed=self.cfg.seed)
+        return Engine(model, self.tok, max_batch_size=1).generate([[self.tok.eot_id]], params)[0].text
 
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int):
-    from chatstack.presets import get_preset
-
     over = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(cfg, k) > 0}
     if cfg.dropout >= 0:
         over["dropout"] = cfg.dropout
@@ -208,16 +218,12 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int):
 
 
 def run(cfg: PretrainConfig):
-    import os
-
     if not cfg.data:
         raise DataError("--data: give a prepared dataset directory (chatstack data prepare) or a mixture")
     mixture = Mixture.from_spec(cfg.data)
     primary = mixture.primary
     tok = primary.tokenizer()
     if cfg.tokenizer:
-        from chatstack.data.prepare import load_tokenizer_arg
-
         for ds in mixture.datasets:
             ds.check_tokenizer(load_tokenizer_arg(cfg.tokenizer), cfg.tokenizer)
     val = primary.split("val") if "val" in primary.meta["splits"] else None
@@ -226,26 +232,31 @@ def run(cfg: PretrainConfig):
     if cfg.batch_tokens:
         per_micro = cfg.batch_size * mcfg.block_size * world
         if cfg.batch_tokens % per_micro:
-            raise ValueError(f"--batch-tokens {cfg.batch_tokens} is not a multiple of batch_size*block_size*world "
-                             f"= {per_micro}")
+            raise ValueError(
+                f"--batch-tokens {cfg.batch_tokens} is not a multiple of batch_size*block_size*world = {per_micro}"
+            )
         cfg.grad_accum = cfg.batch_tokens // per_micro
-    torch.manual_seed(cfg.seed)   # the same initial weights on every rank and every run
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = PretrainGPT(mcfg)
     task = PretrainTask(mcfg, mixture, val, tok, cfg, world)
     if int(os.environ.get("RANK", "0")) == 0:
         srcs = ", ".join(f"{d['path']} ({d['train_tokens']:,} tok, w={d['weight']})" for d in mixture.describe())
-        print(f"model: {cfg.preset} {model.num_params():,} params | data: {srcs} | "
-              f"{task.rows_per_step * mcfg.block_size:,} tokens/step x {cfg.max_steps} steps")
-    ckpt_config = {"stage": "base", "parent": None, "model": mcfg.to_dict(),
-                   "tokenizer": tok.info() if hasattr(tok, "info") else {"vocab_size": tok.vocab_size},
-                   "data": mixture.describe(), "train": asdict(cfg)}
+        print(
+            f"model: {cfg.preset} {model.num_params():,} params | data: {srcs} | "
+            f"{task.rows_per_step * mcfg.block_size:,} tokens/step x {cfg.max_steps} steps"
+        )
+    ckpt_config = {
+        "stage": "base",
+        "parent": None,
+        "model": mcfg.to_dict(),
+        "tokenizer": tok.info() if hasattr(tok, "info") else {"vocab_size": tok.vocab_size},
+        "data": mixture.describe(),
+        "train": asdict(cfg),
+    }
     return train(model, task, cfg, ckpt_config, tok)
 
 
 def _cmd_pretrain(args) -> int:
-    from chatstack.checkpoint import CheckpointError
-    from chatstack.cli import CLIError, dataclass_from_args
-
     cfg = dataclass_from_args(PretrainConfig, args)
     try:
         path = run(cfg)
@@ -257,14 +268,14 @@ def _cmd_pretrain(args) -> int:
 
 
 def _print_summary(path) -> None:
-    import json
-
     rows = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
     final = [r for r in rows if r.get("final")]
     if final:
         r = final[-1]
-        print(f"final: step {r['step']} val_loss {r['val_loss']:.4f} val_bpb {r['val_bpb']:.4f} "
-              f"val_bpc {r['val_bpc']:.4f}")
+        print(
+            f"final: step {r['step']} val_loss {r['val_loss']:.4f} val_bpb {r['val_bpb']:.4f} "
+            f"val_bpc {r['val_bpc']:.4f}"
+        )
     samples = [r["sample"] for r in rows if "sample" in r]
     if samples:
         print("sample:\n" + samples[-1][:600])
@@ -272,17 +283,11 @@ def _print_summary(path) -> None:
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    p = sub.add_parser("pretrain", help="train a GPT from scratch on token shards",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "pretrain",
+        help="train a GPT from scratch on token shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=_cmd_pretrain)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from chatstack.cli import main
-
-    sys.exit(main(["pretrain", *sys.argv[1:]]))

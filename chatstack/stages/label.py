@@ -19,30 +19,41 @@ Ranking:
 Output: JSONL rankings `{"prompt": [messages], "responses": [best, ..., worst], "scores": [...], "task": ...,
 "judge": ...}` (the format chatstack.data.preferences reads; "scores" marks ties).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import torch
+
+from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
+from chatstack.checkpoint import load_checkpoint
+from chatstack.data.jsonl import iter_jsonl
 from chatstack.data.preferences import write_rankings
+from chatstack.data.tasks import TASKS
+from chatstack.infer.engine import Engine, SamplingParams
 
-JUDGE_NOTE = ("builtin judge: programmatic ranking of verifiable tasks (correct first, then well-formed, "
-              "then shorter); it stands in for human labellers only where answers can be checked")
+JUDGE_NOTE = (
+    "builtin judge: programmatic ranking of verifiable tasks (correct first, then well-formed, "
+    "then shorter); it stands in for human labellers only where answers can be checked"
+)
 
 
 @dataclass
 class LabelConfig:
     k: int = field(default=4, metadata={"help": "answers per prompt (InstructGPT used 4-9)"})
     prompts: int = field(default=400, metadata={"help": "number of prompts to label"})
-    judge: str = field(default="builtin", metadata={"help": "builtin (verifiable tasks) | human (terminal)",
-                                                    "choices": ["builtin", "human"]})
+    judge: str = field(
+        default="builtin",
+        metadata={"help": "builtin (verifiable tasks) | human (terminal)", "choices": ["builtin", "human"]},
+    )
     tasks: str = field(default="", metadata={"help": "comma-separated built-in tasks (default: all)"})
-    split: str = field(default="train", metadata={"help": "task split the prompts come from",
-                                                  "choices": ["train", "test"]})
+    split: str = field(
+        default="train", metadata={"help": "task split the prompts come from", "choices": ["train", "test"]}
+    )
     prompts_file: str = field(default="", metadata={"help": "JSONL of {'prompt'} or {'messages'} (instead of tasks)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0 = off)"})
@@ -51,16 +62,19 @@ class LabelConfig:
     batch_size: int = field(default=64, metadata={"help": "engine batch size"})
     seed: int = field(default=0, metadata={"help": "seed for prompts and sampling"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | ..."})
-    ties: str = field(default="tie", metadata={
-        "help": "builtin judge, answers of one class: 'tie' (not compared: only checkable comparisons train "
-                "the RM) | 'shorter' (the tie-break order counts as a preference; for smoke runs of untrained models)",
-        "choices": ["tie", "shorter"]})
+    ties: str = field(
+        default="tie",
+        metadata={
+            "help": "builtin judge, answers of one class: 'tie' (not compared: only checkable comparisons train "
+            "the RM) | 'shorter' (the tie-break order counts as a preference; for smoke runs of untrained models)",
+            "choices": ["tie", "shorter"],
+        },
+    )
 
 
 # ---- prompts ------------------------------------------------------------------------------------------
 def task_prompts(n: int, split: str, seed: int, names: list[str] | None = None) -> list[tuple[list[dict], object]]:
     """n (messages, Example) pairs spread evenly over the built-in tasks."""
-    from chatstack.data.tasks import TASKS
 
     names = names or list(TASKS)
     for name in names:
@@ -75,8 +89,6 @@ def task_prompts(n: int, split: str, seed: int, names: list[str] | None = None) 
 
 
 def file_prompts(path: str) -> list[tuple[list[dict], None]]:
-    from chatstack.data.jsonl import iter_jsonl
-
     out = []
     for lineno, obj in iter_jsonl(path):
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
@@ -84,7 +96,7 @@ def file_prompts(path: str) -> list[tuple[list[dict], None]]:
         elif isinstance(obj, dict) and isinstance(obj.get("prompt") or obj.get("messages"), list):
             msgs = obj.get("prompt") or obj["messages"]
             if msgs and msgs[-1].get("role") == "assistant":
-                msgs = msgs[:-1]     # a conversation: label a fresh answer to its last user turn
+                msgs = msgs[:-1]  # a conversation: label a fresh answer to its last user turn
         else:
             raise ValueError(f"{path}:{lineno}: expected {{'prompt': str | [messages]}} or {{'messages': [...]}}")
         out.append((msgs, None))
@@ -92,10 +104,19 @@ def file_prompts(path: str) -> list[tuple[list[dict], None]]:
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
-def sample_distinct(engine, tokenizer, prompts: list[list[dict]], k: int, temperature: float, max_new_tokens: int,
-                    seed: int, max_tries: int = 4, top_k: int = 0, progress: bool = True) -> list[list[str]]:
+def sample_distinct(
+    engine,
+    tokenizer,
+    prompts: list[list[dict]],
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    max_tries: int = 4,
+    top_k: int = 0,
+    progress: bool = True,
+) -> list[list[str]]:
     """Up to k distinct answers (texts, in sampling order) per prompt, sampled through the engine."""
-    from chatstack.engine import SamplingParams
 
     if temperature <= 0:
         raise ValueError("label needs temperature > 0 to get distinct answers")
@@ -112,8 +133,14 @@ def sample_distinct(engine, tokenizer, prompts: list[list[dict]], k: int, temper
         for i in need:
             for _ in range(reps[i]):
                 batch_ids.append(ids[i])
-                params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                             seed=seed * 1_000_003 + draw))
+                params.append(
+                    SamplingParams(
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_k=top_k,
+                        seed=seed * 1_000_003 + draw,
+                    )
+                )
                 owner.append(i)
                 draw += 1
         outs = engine.generate(batch_ids, params, progress=progress)
@@ -126,7 +153,6 @@ def sample_distinct(engine, tokenizer, prompts: list[list[dict]], k: int, temper
 # ---- judging ------------------------------------------------------------------------------------------
 def judge_score(answer: str, example) -> float:
     """2 correct and well-formed, 1 correct but malformed, 0 wrong but well-formed, -1 wrong and malformed."""
-    from chatstack.data.tasks import TASKS
 
     task = TASKS[example.task]
     return 2.0 * task.check(answer, example) + 1.0 * task.well_formed(answer) - 1.0
@@ -163,8 +189,14 @@ def judge_human(messages: list[dict], answers: list[str], ask=input, show=print)
     for i, a in enumerate(answers, 1):
         show(f"({i}) {a}")
     while True:
-        text = ask(f"order best->worst, e.g. '{' '.join(str(i) for i in range(1, len(answers) + 1))}' "
-                   "('=' for ties, s = skip, q = quit): ").strip().lower()
+        text = (
+            ask(
+                f"order best->worst, e.g. '{' '.join(str(i) for i in range(1, len(answers) + 1))}' "
+                "('=' for ties, s = skip, q = quit): "
+            )
+            .strip()
+            .lower()
+        )
         if text in ("s", "skip"):
             return "skip"
         if text in ("q", "quit"):
@@ -179,10 +211,6 @@ def judge_human(messages: list[dict], answers: list[str], ask=input, show=print)
 
 def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
     """Sample, rank, write. Returns a summary dict."""
-    import torch
-
-    from chatstack.checkpoint import load_checkpoint
-    from chatstack.engine import Engine
 
     if not 2 <= cfg.k <= 16:
         raise ValueError(f"--k must be between 2 and 16 (InstructGPT used 4-9), got {cfg.k}")
@@ -193,16 +221,38 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
     model = ck.model.eval()
     engine = Engine(model, ck.tokenizer, max_batch_size=cfg.batch_size)
     if cfg.prompts_file:
-        items = file_prompts(cfg.prompts_file)[:cfg.prompts]
+        items = file_prompts(cfg.prompts_file)[: cfg.prompts]
         if cfg.judge == "builtin":
-            raise ValueError("--judge builtin checks answers of the built-in tasks; with --prompts-file use --judge human")
+            raise ValueError(
+                "--judge builtin checks answers of the built-in tasks; with --prompts-file use --judge human"
+            )
     else:
         names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
         items = task_prompts(cfg.prompts, cfg.split, cfg.seed, names)
-    answers = sample_distinct(engine, ck.tokenizer, [m for m, _ in items], cfg.k, cfg.temperature,
-                              cfg.max_new_tokens, cfg.seed, cfg.max_tries, cfg.top_k, progress=True)
-    rows, stats = [], {"prompts": len(items), "written": 0, "too_few_distinct": 0, "all_tied": 0, "skipped": 0,
-                       "pairs": 0, "correct_frac": 0.0}
+    answers = sample_distinct(
+        engine,
+        ck.tokenizer,
+        [m for m, _ in items],
+        cfg.k,
+        cfg.temperature,
+        cfg.max_new_tokens,
+        cfg.seed,
+        cfg.max_tries,
+        cfg.top_k,
+        progress=True,
+    )
+    rows, stats = (
+        [],
+        {
+            "prompts": len(items),
+            "written": 0,
+            "too_few_distinct": 0,
+            "all_tied": 0,
+            "skipped": 0,
+            "pairs": 0,
+            "correct_frac": 0.0,
+        },
+    )
     n_correct = n_answers = 0
     for (messages, ex), ans in zip(items, answers):
         if len(ans) < 2:
@@ -213,7 +263,7 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
             n_correct += sum(1 for s in scores if s >= 1.0)
             n_answers += len(scores)
             if cfg.ties == "shorter":
-                scores = [float(len(scores) - i) for i in range(len(scores))]   # the full order, no ties
+                scores = [float(len(scores) - i) for i in range(len(scores))]  # the full order, no ties
         else:
             res = judge_human(messages, ans, ask, show)
             if res == "quit":
@@ -224,7 +274,7 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
             ranked, scores = res
         pairs = sum(1 for i in range(len(scores)) for j in range(i + 1, len(scores)) if scores[i] > scores[j])
         if pairs == 0:
-            stats["all_tied"] += 1      # the judge cannot tell these answers apart: no comparison to learn
+            stats["all_tied"] += 1  # the judge cannot tell these answers apart: no comparison to learn
             continue
         stats["pairs"] += pairs
         row = {"prompt": messages, "responses": ranked, "scores": scores, "judge": cfg.judge}
@@ -240,26 +290,28 @@ def label(ckpt: str, out: str, cfg: LabelConfig, ask=input, show=print) -> dict:
 
 
 def _cmd(args) -> int:
-    from chatstack.cli import CLIError, dataclass_from_args
-
     cfg = dataclass_from_args(LabelConfig, args)
     try:
         stats = label(args.ckpt, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     print(json.dumps(stats, indent=2))
     if stats["written"] == 0 and cfg.judge == "builtin":
-        raise CLIError(f"no rankings written: the judge could not tell any prompt's answers apart "
-                       f"({stats['all_tied']} all tied, {stats['too_few_distinct']} with < 2 distinct answers); "
-                       "more prompts, a better-trained model, or --ties shorter")
+        raise CLIError(
+            f"no rankings written: the judge could not tell any prompt's answers apart "
+            f"({stats['all_tied']} all tied, {stats['too_few_distinct']} with < 2 distinct answers); "
+            "more prompts, a better-trained model, or --ties shorter"
+        )
     return 0
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    p = sub.add_parser("label", help="sample K answers per prompt and rank them (human or built-in judge)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "label",
+        help="sample K answers per prompt and rank them (human or built-in judge)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("ckpt", help="checkpoint to sample from (usually the SFT model)")
     p.add_argument("--out", required=True, help="rankings JSONL to write")
     add_dataclass_args(p, LabelConfig)

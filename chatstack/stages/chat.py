@@ -4,7 +4,7 @@
     chatstack generate runs/x/base --prompt "What is 7 times 6?" --few-shot examples.jsonl --cot \\
         --paths 8 --path-temperatures 0.5 0.9      # self-consistency: majority answer + vote share
     chatstack chat runs/x/sft --system "You are a helpful assistant."
-    chatstack chat runs/smollm2 --quantize int8      # int8 weights for decoding (CPU), see chatstack/quantize.py
+    chatstack chat runs/smollm2 --quantize int8      # int8 weights for decoding (CPU), see chatstack/infer/quantize.py
     printf 'Hi!\\nWhat is 2+2?\\n' | chatstack chat runs/x/sft       # piped: one user turn per line
 
 The chat keeps the whole conversation as ChatML (system, user, assistant turns) and streams each reply.
@@ -12,6 +12,7 @@ Commands: /clear (forget the conversation, keep the system prompt), /system TEXT
 /system alone shows it, "/system -" removes it), /quit. When the conversation no longer fits the model's
 context, the oldest turns are dropped (the system prompt stays) and a note goes to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from chatstack.engine import Engine, SamplingParams
+from chatstack.args import CLIError, add_dataclass_args
+from chatstack.checkpoint import CheckpointError, load_checkpoint
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.infer.prompting import (
+    COT_TRIGGER,
+    few_shot_messages,
+    few_shot_prompt,
+    load_examples,
+    self_consistency,
+)
 
 HELP = "commands: /clear  /system [TEXT | -]  /quit"
 
@@ -34,30 +44,56 @@ class SamplingArgs:
     seed: Optional[int] = field(default=None, metadata={"help": "fixes the random draws (reproducible output)"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings (not printed)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | mps"})
-    stats: bool = field(default=False, metadata={"help": "after each completion/reply, print to stderr the time to "
-                                                      "the first token and the decode speed (tok/s)"})
-    prefix_cache_mb: float = field(default=256, metadata={"help": "keep finished replies' keys/values up to this "
-                                                                "many MB, so the next turn (or sample) prefills only "
-                                                                "what is new; 0 = off"})
-    quantize: str = field(default="", metadata={"help": "int8: decode with int8 weights (CPU; faster where decoding "
-                                                        "is bound by weight bytes: 1.25-1.65x on GPT-2 small; see "
-                                                        "chatstack/quantize.py for the measured quality cost)"})
+    stats: bool = field(
+        default=False,
+        metadata={
+            "help": "after each completion/reply, print to stderr the time to "
+            "the first token and the decode speed (tok/s)"
+        },
+    )
+    prefix_cache_mb: float = field(
+        default=256,
+        metadata={
+            "help": "keep finished replies' keys/values up to this "
+            "many MB, so the next turn (or sample) prefills only "
+            "what is new; 0 = off"
+        },
+    )
+    quantize: str = field(
+        default="",
+        metadata={
+            "help": "int8: decode with int8 weights (CPU; faster where decoding "
+            "is bound by weight bytes: 1.25-1.65x on GPT-2 small; see "
+            "chatstack/infer/quantize.py for the measured quality cost)"
+        },
+    )
 
 
 @dataclass
 class GenerateArgs:
     prompt: str = field(default="", metadata={"help": "the text to continue (or the question, with --few-shot)"})
     num_samples: int = field(default=1, metadata={"help": "independent completions (seed, seed+1, ...)"})
-    few_shot: str = field(default="", metadata={"help": "JSONL of {question, answer} examples: build a few-shot prompt"})
+    few_shot: str = field(
+        default="", metadata={"help": "JSONL of {question, answer} examples: build a few-shot prompt"}
+    )
     shots: int = field(default=0, metadata={"help": "how many of the --few-shot examples to use (0 = all)"})
-    cot: bool = field(default=False, metadata={"help": "end the prompt with \"Let's think step by step.\""})
-    chat: bool = field(default=False, metadata={"help": "for chat (SFT) models: send the prompt as a ChatML user "
-                                                       "turn (few-shot examples as earlier turns)"})
+    cot: bool = field(default=False, metadata={"help": 'end the prompt with "Let\'s think step by step."'})
+    chat: bool = field(
+        default=False,
+        metadata={
+            "help": "for chat (SFT) models: send the prompt as a ChatML user turn (few-shot examples as earlier turns)"
+        },
+    )
     system: str = field(default="", metadata={"help": "system prompt (with --chat)"})
-    paths: int = field(default=0, metadata={"help": "self-consistency: sample N reasoning paths, print the majority "
-                                                    "answer and its vote share (0 = off)"})
-    path_temperatures: list[float] = field(default_factory=lambda: [0.7],
-                                           metadata={"help": "temperatures the paths cycle through"})
+    paths: int = field(
+        default=0,
+        metadata={
+            "help": "self-consistency: sample N reasoning paths, print the majority answer and its vote share (0 = off)"
+        },
+    )
+    path_temperatures: list[float] = field(
+        default_factory=lambda: [0.7], metadata={"help": "temperatures the paths cycle through"}
+    )
 
 
 class StreamTimer:
@@ -76,31 +112,28 @@ class StreamTimer:
     def summary(self, n_prompt: int) -> str:
         if self.first is None:
             return f"({n_prompt} prompt tokens, no new token)"
-        after = self.n - 1                  # decode speed: tokens after the first (which includes the prefill)
+        after = self.n - 1  # decode speed: tokens after the first (which includes the prefill)
         dt = time.perf_counter() - self.first
         rate = f", then {after / dt:.1f} tok/s" if after and dt > 0 else ""
-        return (f"({n_prompt} prompt tokens, {self.n} new: first after "
-                f"{(self.first - self.t0) * 1e3:.0f} ms{rate})")
+        return f"({n_prompt} prompt tokens, {self.n} new: first after {(self.first - self.t0) * 1e3:.0f} ms{rate})"
 
 
 def _engine(ck, args) -> Engine:
-    from chatstack.cli import CLIError
-
     try:
         engine = Engine(ck.model, ck.tokenizer, quantize=args.quantize or None, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    engine.prepare_weights()     # now, so --stats times the first reply like the others
+    engine.prepare_weights()  # now, so --stats times the first reply like the others
     if args.stats and engine.cpu_matmul:
-        print(f"(CPU products: {engine.cpu_matmul}; CHATSTACK_CPU_MATMUL=auto|mkl|onednn chooses, "
-              f"see chatstack/cpu_matmul.py)", file=sys.stderr)
+        print(
+            f"(CPU products: {engine.cpu_matmul}; CHATSTACK_CPU_MATMUL=auto|mkl|onednn chooses, "
+            f"see chatstack/infer/cpu.py)",
+            file=sys.stderr,
+        )
     return engine
 
 
 def _load(path: str, device: str):
-    from chatstack.checkpoint import CheckpointError, load_checkpoint
-    from chatstack.cli import CLIError
-
     try:
         ck = load_checkpoint(path, device=device)
     except CheckpointError as e:
@@ -112,10 +145,14 @@ def _load(path: str, device: str):
 
 
 def _params(args, **over) -> SamplingParams:
-    from chatstack.cli import CLIError
-
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, seed=args.seed, stop=list(args.stop or []))
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=list(args.stop or []),
+    )
     kw.update(over)
     try:
         return SamplingParams(**kw)
@@ -125,9 +162,6 @@ def _params(args, **over) -> SamplingParams:
 
 # ---- generate ---------------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from chatstack.cli import CLIError
-    from chatstack.prompting import COT_TRIGGER, few_shot_messages, few_shot_prompt, load_examples, self_consistency
-
     if not args.prompt:
         raise CLIError("--prompt is required")
     ck = _load(args.checkpoint, args.device)
@@ -152,15 +186,22 @@ def cmd_generate(args) -> int:
     # few-shot continuations must stop before the model invents the next question
     stop = list(args.stop or []) + (["\n\nQ:", "\nQ:"] if args.few_shot and not args.chat else [])
     if args.paths:
-        r = self_consistency(engine, ids, paths=args.paths, temperatures=args.path_temperatures,
-                             max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
-                             seed=args.seed, stop=stop)
+        r = self_consistency(
+            engine,
+            ids,
+            paths=args.paths,
+            temperatures=args.path_temperatures,
+            max_new_tokens=args.max_new_tokens,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=stop,
+        )
         for i, p in enumerate(r.paths):
             body = p["text"].strip().replace("\n", " ")
             print(f"[path {i + 1} T={p['temperature']:g}] answer={p['answer']!r}: {body}")
         n_votes = max(r.votes.values()) if r.votes else 0
-        print(f"majority answer: {r.answer} (vote share {r.share:.2f}: {n_votes}/{args.paths} paths; "
-              f"votes {r.votes})")
+        print(f"majority answer: {r.answer} (vote share {r.share:.2f}: {n_votes}/{args.paths} paths; votes {r.votes})")
         return 0
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
@@ -182,11 +223,17 @@ def cmd_generate(args) -> int:
 class ChatSession:
     """A conversation with the model: ChatML history, slash commands, context trimming."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, system: str = "",
-                 note: Callable[[str], None] = lambda s: print(s, file=sys.stderr), stats: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        system: str = "",
+        note: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+        stats: bool = False,
+    ):
         self.engine, self.params, self.system, self.note = engine, params, system, note
-        self.stats = stats                   # note each reply's timing (StreamTimer) after it
-        self.turns: list[dict] = []          # user/assistant messages (the system prompt is kept apart)
+        self.stats = stats  # note each reply's timing (StreamTimer) after it
+        self.turns: list[dict] = []  # user/assistant messages (the system prompt is kept apart)
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -237,7 +284,7 @@ class ChatSession:
                     out.append(ev.text)
                     on_text(ev.text)
         except KeyboardInterrupt:
-            self.note("\n(interrupted)")         # keep what was said so far
+            self.note("\n(interrupted)")  # keep what was said so far
         if self.stats:
             self.note("\n" + timer.summary(len(ids)))
         text = "".join(out)
@@ -263,7 +310,7 @@ def cmd_chat(args) -> int:
         except EOFError:
             break
         if not interactive and line == "":
-            break                                 # end of piped input
+            break  # end of piped input
         line = line.rstrip("\n")
         if not line.strip():
             continue
@@ -279,17 +326,23 @@ def cmd_chat(args) -> int:
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    g = sub.add_parser("generate", help="continue a text prompt (base models); few-shot and self-consistency",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = sub.add_parser(
+        "generate",
+        help="continue a text prompt (base models); few-shot and self-consistency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g.add_argument("checkpoint", help="checkpoint directory")
     add_dataclass_args(g, GenerateArgs, group="prompt")
     add_dataclass_args(g, SamplingArgs, group="sampling")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="chat in the terminal (ChatML, streaming); reads turns from stdin when piped",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "chat",
+        help="chat in the terminal (ChatML, streaming); reads turns from stdin when piped",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("checkpoint", help="checkpoint directory")
     c.add_argument("--system", default="", help="system prompt")
     add_dataclass_args(c, SamplingArgs, group="sampling")

@@ -11,11 +11,12 @@ entry sharing the longest prefix with its prompt (at least MIN_PREFIX tokens, an
 last prompt token must run to give the first logits) is copied into the new row's slot and only the rest of
 the prompt is prefilled, as a chunk after the cached prefix. Keys and values depend only on the tokens before
 them, so the result equals a full prefill (tested: same greedy tokens, log-probabilities within 1e-4). With
-int8 decoding (chatstack.quantize) the reused keys/values of generated tokens are the int8 steps' own, as in
+int8 decoding (chatstack.infer.quantize) the reused keys/values of generated tokens are the int8 steps' own, as in
 the request that made them, where a full prefill would recompute them in fp32.
 Entries are evicted least recently used first, to stay under the memory budget; an entry that is a prefix of
 a newly stored one is dropped (the new one serves both).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,17 +25,17 @@ from typing import Optional
 
 import torch
 
-MIN_PREFIX = 16   # shorter matches are prefilled with the batch (one row at a time would cost more than it saves)
+MIN_PREFIX = 16  # shorter matches are prefilled with the batch (one row at a time would cost more than it saves)
 
 
 class PrefixCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
-        self.entries: "OrderedDict[tuple[int, ...], torch.Tensor]" = OrderedDict()   # ids -> (n_layer, 2, Hkv, L, hd)
+        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # ids -> (n_layer, 2, Hkv, L, hd)
         self.bytes = 0
         self.hits = 0
         self.tokens_reused = 0
-        self.weights = None    # what the entries were computed with (the engine's signature of the weights)
+        self.weights = None  # what the entries were computed with (the engine's signature of the weights)
 
     def check_weights(self, signature) -> None:
         """Forget every entry if the weights changed since they were stored (PPO samples from a model it trains)."""
@@ -48,8 +49,8 @@ class PrefixCache:
         if len(ids) < MIN_PREFIX or size > self.max_bytes:
             return
         key = tuple(ids)
-        for old in [k for k in self.entries if len(k) <= len(key) and key[:len(k)] == k]:
-            self._drop(old)                   # the new entry covers it (or is it: refresh)
+        for old in [k for k in self.entries if len(k) <= len(key) and key[: len(k)] == k]:
+            self._drop(old)  # the new entry covers it (or is it: refresh)
         self.entries[key] = kv
         self.bytes += size
         while self.bytes > self.max_bytes:
@@ -66,7 +67,7 @@ class PrefixCache:
         n = min(best, len(prompt) - 1)
         if n < MIN_PREFIX:
             return 0, None
-        self.entries.move_to_end(best_key)   # recently used
+        self.entries.move_to_end(best_key)  # recently used
         self.hits += 1
         self.tokens_reused += n
         return n, self.entries[best_key]

@@ -5,8 +5,8 @@ How it works
     logits at its last prompt token give the first new token.
   * Decode: every step feeds each running row its latest token (one position per row) and attends over
     that row's cached keys/values only, so each step costs one small forward for the whole batch. For a
-    chatstack GPT that forward is chatstack.decode_step (the model's ops without nn.Module calls, same logits).
-  * Continuous batching: rows live in slots 0..n-1 of a `SlotCache`; each row keeps its own length. Rows
+    chatstack GPT that forward is chatstack.infer.decode_step (the model's ops without nn.Module calls, same logits).
+  * Continuous batching: rows live in slots 0..n-1 of a `KVCache`; each row keeps its own length. Rows
     of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
     row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
     of the cache and no gather is needed) and a waiting request joins at the next `step()`.
@@ -15,8 +15,8 @@ How it works
     Identical prompts admitted together (n > 1 choices) are prefilled once and their keys/values copied.
   * Prefix caching (optional, `prefix_cache_mb`): finished rows' keys/values are kept, and a new request
     that starts with the same tokens copies them into its slot and prefills only the rest
-    (chatstack.prefix_cache).
-  * Sampling per row (greedy / temperature / top-k / top-p, see chatstack.sampling); a request's seed fixes
+    (chatstack.infer.prefix_cache).
+  * Sampling per row (greedy / temperature / top-k / top-p, see chatstack.infer.sampling); a request's seed fixes
     its random draws, whatever else is in the batch.
   * Detokenisation is incremental and UTF-8 safe: token bytes go through an incremental UTF-8 decoder, so
     a multi-byte character split over tokens is emitted once complete, never half. Stop strings are
@@ -33,16 +33,17 @@ stop string's text. `logprobs` are log-probabilities of the chosen tokens under 
 distribution (log-softmax of the logits, before temperature / top-k / top-p); `top_logprobs` the top-N
 alternatives of that same distribution, most likely first.
 
-    from chatstack.engine import Engine, SamplingParams
+    from chatstack.infer.engine import Engine, SamplingParams
     engine = Engine(model, tokenizer)
     out = engine.generate([tokenizer.encode("Once upon a time")], SamplingParams(max_new_tokens=50, temperature=0))
     for ev in engine.stream(ids, SamplingParams(temperature=0.8, seed=1)): print(ev.text, end="", flush=True)
 
 Quantised decoding (CPU): `Engine(..., quantize="int8")` runs decode steps with int8 copies of the weights
-(chatstack.quantize; prefill keeps fp32), ~1.5-2x faster where decoding is bound by weight bytes.
+(chatstack.infer.quantize; prefill keeps fp32), ~1.5-2x faster where decoding is bound by weight bytes.
 
 The engine is not thread-safe: one scheduler (the server's, or generate/stream here) drives `step()`.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -53,13 +54,15 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from tqdm import tqdm
 
-from chatstack.cpu_matmul import CPUWeight, cpu_matmul_backend
-from chatstack.decode_step import DecodeStep
+from chatstack.infer.cpu import CPUWeight, cpu_matmul_backend
+from chatstack.infer.decode_step import DecodeStep
+from chatstack.infer.kv_cache import KVCache
+from chatstack.infer.prefix_cache import PrefixCache
+from chatstack.infer.quantize import Int8Weight, check_quantize, int8_supported
+from chatstack.infer.sampling import greedy, sample
 from chatstack.model import Linear
-from chatstack.prefix_cache import PrefixCache
-from chatstack.quantize import Int8Weight, check_quantize, int8_supported
-from chatstack.sampling import greedy, sample
 
 # Optimizer steps taken anywhere in this process. Fused optimizers (AdamW(fused=True)) update weights
 # without bumping their version counters, so this count is how an engine learns that its (in, out) weight
@@ -79,14 +82,14 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 1.0                  # 0 = greedy
-    top_k: int = 0                            # 0 = off
-    top_p: float = 1.0                        # 1.0 = off
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the returned text)
     stop_token_ids: Optional[list[int]] = None  # None = the tokenizer's <|endoftext|> and <|im_end|>
-    seed: Optional[int] = None                # per-request generator: same seed -> same output
-    logprobs: bool = False                    # per-token log-probability of the chosen token
-    top_logprobs: int = 0                     # also the top-N alternatives per position
+    seed: Optional[int] = None  # per-request generator: same seed -> same output
+    logprobs: bool = False  # per-token log-probability of the chosen token
+    top_logprobs: int = 0  # also the top-N alternatives per position
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -111,10 +114,11 @@ class SamplingParams:
 @dataclass
 class Completion:
     """One finished request."""
+
     prompt_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str                        # "stop" | "length"
+    finish_reason: str  # "stop" | "length"
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
 
@@ -122,111 +126,29 @@ class Completion:
 @dataclass
 class TokenEvent:
     """One step of one request."""
+
     request_id: int
     token_id: Optional[int]
-    text: str                                 # newly completed UTF-8 text (may be "")
+    text: str  # newly completed UTF-8 text (may be "")
     logprob: Optional[float]
     top_logprobs: Optional[list[tuple[int, float]]]
     finished: bool
     finish_reason: Optional[str]
-    cached_tokens: int = 0                    # on a request's first event: prompt tokens taken from the prefix cache
-
-
-class SlotCache:
-    """KV cache with one slot per running row and per-row lengths.
-
-    kv: (n_layer, 2, slots, n_kv_head, length, head_dim); k = kv[:, 0] and v = kv[:, 1] (keys and values in
-    one tensor, so a decode step with per-row positions writes both with one index_copy_ per layer). The
-    running batch is always slots 0..B-1, so the keys a decode step attends over are a view
-    `k[layer, :B, :, :S]`. The model calls `update(layer, k, v)` and reads `.pos`; the engine says beforehand where this forward writes (`prefill` or `decode`).
-    Capacity grows on demand (doubling), so a short request doesn't allocate the whole context.
-    """
-
-    def __init__(self, cfg, device, dtype, max_slots: int):
-        self.max_slots = max_slots
-        self.n_layer, self.n_kv, self.hd = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
-        self.max_len = cfg.block_size
-        self.device, self.dtype = device, dtype
-        self.kv = self.k = self.v = None
-        self.slots = self.length = 0
-        self.pos = 0             # read by the model only when it builds default positions/masks (prefill: 0)
-        self._mode = None
-        self._base_key = self._base = None   # decode(): flat offsets of (k|v, slot, head) rows, per batch shape
-
-    def reserve(self, slots: int, length: int):
-        if slots <= self.slots and length <= self.length:
-            return
-        new_slots = max(slots, min(2 * self.slots, self.max_slots))
-        new_len = min(self.max_len, max(length, 2 * self.length))
-        kv = torch.zeros((self.n_layer, 2, new_slots, self.n_kv, new_len, self.hd),
-                         device=self.device, dtype=self.dtype)
-        if self.kv is not None:
-            kv[:, :, :self.slots, :, :self.length] = self.kv
-        self.kv, self.k, self.v, self.slots, self.length = kv, kv[:, 0], kv[:, 1], new_slots, new_len
-
-    def prefill(self, first_slot: int, B: int, start: int = 0):
-        """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions start..start+T-1
-        (start > 0: a chunk after a prefix already in the slot; B must then be 1)."""
-        self._mode = ("prefill", first_slot, B, start)
-        self.pos = start
-
-    def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
-        """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,)).
-        Returns where the keys/values go: the int, or each (k|v, row, head)'s flat row index in a layer's kv
-        viewed as (-1, head_dim) (what chatstack.decode_step takes)."""
-        if not isinstance(write_pos, int):
-            # flat row index of (k|v, slot b, head h, position p) in a layer viewed as (2*slots*Hkv*length, hd):
-            # one index_copy_ per layer writes every row's new key and value at its own position
-            if self._base_key != (B, self.slots, self.length, write_pos.device):   # same for a whole batch
-                heads = torch.arange(B * self.n_kv, device=write_pos.device).view(1, B, self.n_kv)  # b*Hkv + h
-                kv_off = torch.tensor([0, self.slots * self.n_kv], device=write_pos.device).view(2, 1, 1)
-                self._base = (heads + kv_off) * self.length                                         # (2, B, Hkv)
-                self._base_key = (B, self.slots, self.length, write_pos.device)
-            write_pos = (self._base + write_pos[:, None]).view(-1)                                  # (2*B*Hkv,)
-        self._mode = ("decode", B, write_pos, S)
-        self.pos = S - 1
-        return write_pos
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        mode = self._mode
-        if mode[0] == "prefill":
-            _, s0, B, start = mode
-            T = k.size(2)
-            self.k[layer, s0:s0 + B, :, start:start + T] = k      # (B, Hkv, T, hd)
-            self.v[layer, s0:s0 + B, :, start:start + T] = v
-            if start:   # the chunk attends over the cached prefix too
-                return self.k[layer, s0:s0 + B, :, :start + T], self.v[layer, s0:s0 + B, :, :start + T]
-            return k, v
-        _, B, wp, S = mode
-        if isinstance(wp, int):
-            self.k[layer, :B, :, wp:wp + 1] = k
-            self.v[layer, :B, :, wp:wp + 1] = v
-        else:
-            # (2, B, Hkv, 1, hd) -> (2*B*Hkv, hd), rows in the order of wp
-            self.kv[layer].view(-1, self.hd).index_copy_(0, wp, torch.stack([k, v]).view(-1, self.hd))
-        return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]  # (B, Hkv, S, hd) views
-
-    def advance(self, T: int):
-        pass  # lengths are per row; the engine tracks them
-
-    def move(self, src: int, dst: int, n: int):
-        """Copy the first n positions of slot src into slot dst (compaction after a row leaves)."""
-        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
-
-    def read(self, slot: int, n: int) -> torch.Tensor:
-        """A copy of the first n positions of a slot: (n_layer, 2, Hkv, n, hd)."""
-        return self.kv[:, :, slot, :, :n].clone()
-
-    def write(self, slot: int, kv: torch.Tensor, n: int):
-        """Put the first n positions of `kv` (as `read` returns it) into a slot."""
-        self.kv[:, :, slot, :, :n] = kv[:, :, :, :n]
+    cached_tokens: int = 0  # on a request's first event: prompt tokens taken from the prefix cache
 
 
 class _Row:
     """A request's state while it runs."""
 
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 uniforms: Optional[list[float]], collect: bool):
+    def __init__(
+        self,
+        rid: int,
+        prompt: list[int],
+        params: SamplingParams,
+        stop_ids: set[int],
+        uniforms: Optional[list[float]],
+        collect: bool,
+    ):
         self.rid, self.prompt, self.params, self.stop_ids = rid, prompt, params, stop_ids
         self.uniforms = uniforms
         self.collect = collect
@@ -234,13 +156,13 @@ class _Row:
         self.logprobs: Optional[list[float]] = [] if params.logprobs else None
         self.top: Optional[list] = [] if params.top_logprobs else None
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""            # decoded so far (may extend past a stop string until it is found)
-        self.emitted = 0          # chars of self.text already handed out
+        self.text = ""  # decoded so far (may extend past a stop string until it is found)
+        self.emitted = 0  # chars of self.text already handed out
         self.finished = False
         self.reason: Optional[str] = None
-        self.staged: Optional["SlotCache"] = None   # chunked prefill: the prompt's keys/values so far
-        self.staged_len = 0                         # ... and how many prompt tokens they cover
-        self.cached = 0                             # prompt tokens taken from the prefix cache
+        self.staged: Optional[KVCache] = None  # chunked prefill: the prompt's keys/values so far
+        self.staged_len = 0  # ... and how many prompt tokens they cover
+        self.cached = 0  # prompt tokens taken from the prefix cache
 
     @property
     def cache_len(self) -> int:
@@ -248,23 +170,32 @@ class _Row:
         return len(self.prompt) + len(self.out) - 1
 
 
-TRANSPOSED_MAX_BYTES = 1 << 30     # default cap for the engine's (in, out) weight copies (see Engine)
-STREAMING_BYTES = 64 << 20         # a model with more weight bytes than this streams them from memory every step
+TRANSPOSED_MAX_BYTES = 1 << 30  # default cap for the engine's (in, out) weight copies (see Engine)
+STREAMING_BYTES = 64 << 20  # a model with more weight bytes than this streams them from memory every step
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, device=None,
-                 transposed_weights: Optional[bool] = None, quantize: Optional[str] = None,
-                 prefix_cache_mb: float = 0, prefill_chunk: int = 0, cpu_matmul: Optional[str] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 32,
+        device=None,
+        transposed_weights: Optional[bool] = None,
+        quantize: Optional[str] = None,
+        prefix_cache_mb: float = 0,
+        prefill_chunk: int = 0,
+        cpu_matmul: Optional[str] = None,
+    ):
         """prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
         while the running rows go on decoding (a long prompt would otherwise stall every stream for its whole
         prefill). 0 = off: a prompt is prefilled in one forward.
 
         prefix_cache_mb: keep finished requests' keys/values, up to this many MB, so a request that starts with
-        the same tokens (a chat resending its history) prefills only the rest (chatstack.prefix_cache). 0 = off.
+        the same tokens (a chat resending its history) prefills only the rest (chatstack.infer.prefix_cache). 0 = off.
 
         quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
-        chatstack.quantize: what it costs is measured by benchmarks/quantize_quality.py); prompts are still
+        chatstack.infer.quantize: what it costs is measured by benchmarks/quantize_quality.py); prompts are still
         prefilled with the fp32 weights. The int8 copies are kept and re-made like the transposed ones below.
 
         transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
@@ -280,7 +211,7 @@ class Engine:
         on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
         larger model loaded for CPU chat never needs twice its memory), off elsewhere.
 
-        cpu_matmul: which kernels those copies are made for (chatstack.cpu_matmul): "mkl" (the (in, out) copies
+        cpu_matmul: which kernels those copies are made for (chatstack.infer.cpu): "mkl" (the (in, out) copies
         above), "onednn" (a oneDNN-packed copy per weight, and a one-row product split over the threads when the
         weights stream from memory: 1.5-4x faster products where MKL is slow, i.e. on x86 CPUs that are not
         Intel's), or "auto"; None = the CHATSTACK_CPU_MATMUL environment variable, else auto."""
@@ -296,13 +227,14 @@ class Engine:
         # a model may have more output rows than the tokenizer has tokens (padded vocab): never sample those
         tv = getattr(tokenizer, "vocab_size", self.cfg.vocab_size)
         self.n_vocab = min(tv, self.cfg.vocab_size)
-        self.default_stop_ids = sorted({i for i in (getattr(tokenizer, "eot_id", None),
-                                                    getattr(tokenizer, "im_end_id", None)) if i is not None})
+        self.default_stop_ids = sorted(
+            {i for i in (getattr(tokenizer, "eot_id", None), getattr(tokenizer, "im_end_id", None)) if i is not None}
+        )
         weight_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
         if transposed_weights is None:
             transposed_weights = self.device.type == "cpu" and weight_bytes <= TRANSPOSED_MAX_BYTES
         self.transposed = transposed_weights
-        # which kernels the copies are for (chatstack.cpu_matmul): MKL from (in, out) copies, or, on CPUs MKL is
+        # which kernels the copies are for (chatstack.infer.cpu): MKL from (in, out) copies, or, on CPUs MKL is
         # slow on (x86 that isn't Intel's), oneDNN-packed copies and a one-row product split over the threads
         self.cpu_matmul = cpu_matmul_backend(cpu_matmul) if self.device.type == "cpu" else None
         # weights that can't stay in the caches between steps: a one-row product is bound by memory bandwidth
@@ -312,16 +244,16 @@ class Engine:
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0 = off), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
-        self.prefilling: list[_Row] = []   # long prompts being prefilled chunk by chunk, oldest first
-        self._linears: Optional[list] = None   # the model's chatstack.model.Linear modules (found once)
-        # decode steps of a chatstack GPT skip the nn.Module calls (chatstack.decode_step); None: hidden_states
+        self.prefilling: list[_Row] = []  # long prompts being prefilled chunk by chunk, oldest first
+        self._linears: Optional[list] = None  # the model's chatstack.model.Linear modules (found once)
+        # decode steps of a chatstack GPT skip the nn.Module calls (chatstack.infer.decode_step); None: hidden_states
         self._decode_step = DecodeStep.for_model(model)
-        self._wt_steps = _optimizer_steps       # optimizer steps seen when the copies in _wt were made
+        self._wt_steps = _optimizer_steps  # optimizer steps seen when the copies in _wt were made
         # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
         self._wt: dict = {}
-        self._int8_ok: set = set()              # the Linears the int8 kernel takes (chatstack.quantize)
-        self.cache = SlotCache(self.cfg, self.device, p.dtype, max_batch_size)
-        self._key_pos = torch.arange(self.block_size, device=self.device)   # key positions, for decode masks
+        self._int8_ok: set = set()  # the Linears the int8 kernel takes (chatstack.infer.quantize)
+        self.cache = KVCache(self.cfg, self.device, p.dtype, max_batch_size)
+        self._key_pos = torch.arange(self.block_size, device=self.device)  # key positions, for decode masks
         # decode masks come per head when every head has its own keys: the model's batched-GEMV attention then
         # reads them as (B*H, 1, S) without a copy per layer; with grouped keys (GQA) one row per batch row
         self._mask_heads = self.cfg.n_head if self.cfg.n_kv_head == self.cfg.n_head else 1
@@ -339,15 +271,18 @@ class Engine:
         if not ids:
             raise ValueError("empty prompt: generation needs at least one prompt token")
         if len(ids) >= self.block_size:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context length "
-                             f"{self.block_size} (it must leave room for at least one new token)")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens does not fit the model's context length "
+                f"{self.block_size} (it must leave room for at least one new token)"
+            )
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
         return ids
 
-    def add_request(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-                    _collect: bool = False) -> int:
+    def add_request(
+        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, _collect: bool = False
+    ) -> int:
         """Queue a request; it joins the running batch at the next `step()`. Returns its request id."""
         params = params or SamplingParams()
         ids = self.check_prompt(prompt_ids)
@@ -358,12 +293,12 @@ class Engine:
             # all of this request's random draws come from its own generator, fixed by its seed
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             g = torch.Generator().manual_seed(seed)
-            n = min(params.max_new_tokens, self.block_size - len(ids))   # never more draws than tokens it can get
+            n = min(params.max_new_tokens, self.block_size - len(ids))  # never more draws than tokens it can get
             uniforms = torch.rand(n, generator=g, dtype=torch.float64).tolist()
         self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect))
         return rid
 
-    @torch.inference_mode()      # compaction writes the cache, which step() created in inference mode
+    @torch.inference_mode()  # compaction writes the cache, which step() created in inference mode
     def cancel(self, rid: int) -> bool:
         """Drop a request (queued or running) and free its slot. True if it was found."""
         for rows in (self.pending, self.prefilling):
@@ -383,7 +318,7 @@ class Engine:
         re-makes them."""
         self._wt = {}
         self._linears = None
-        self._decode_step = DecodeStep.for_model(self.model)   # modules may have been replaced too
+        self._decode_step = DecodeStep.for_model(self.model)  # modules may have been replaced too
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -407,12 +342,12 @@ class Engine:
         if self._linears is None:
             self._linears = [m for m in self.model.modules() if isinstance(m, Linear)]
             self._int8_ok = {m for m in self._linears if int8_supported(m.in_features, self.device)}
-        if self._wt_steps != _optimizer_steps:     # some optimizer stepped: any weight may have moved
+        if self._wt_steps != _optimizer_steps:  # some optimizer stepped: any weight may have moved
             self._wt, self._wt_steps = {}, _optimizer_steps
         wt = self._wt
         bound = []
         for m in self._linears:
-            w = m._parameters["weight"]            # (what m.weight returns, without Module.__getattr__)
+            w = m._parameters["weight"]  # (what m.weight returns, without Module.__getattr__)
             # in-place updates (load_state_dict, manual no_grad edits) bump _version; new storage moves data_ptr
             key = (w.data_ptr(), w._version)
             entry = wt.get(m)
@@ -424,14 +359,14 @@ class Engine:
                 fast = entry[2]
             elif self.transposed:
                 if entry[1] is None:
-                    if self.cpu_matmul == "onednn" and w.dtype == torch.float32:   # (what was measured)
+                    if self.cpu_matmul == "onednn" and w.dtype == torch.float32:  # (what was measured)
                         entry[1] = CPUWeight(w, streaming=self._streaming)
                     else:
-                        entry[1] = w.detach().t().contiguous().t()    # (out, in) view of an (in, out) copy
+                        entry[1] = w.detach().t().contiguous().t()  # (out, in) view of an (in, out) copy
                 fast = entry[1]
             else:
                 continue
-            m.__dict__["fast_weight"] = fast       # instance attribute over the class default None; no Module hooks
+            m.__dict__["fast_weight"] = fast  # instance attribute over the class default None; no Module hooks
             bound.append(m)
         return bound
 
@@ -449,7 +384,7 @@ class Engine:
         """One decode step for every running row, then prefill of newly admitted rows (one token each)."""
         was_training = self.model.training
         if was_training:
-            self.model.eval()     # no dropout while generating (PPO generates with a model it trains)
+            self.model.eval()  # no dropout while generating (PPO generates with a model it trains)
         try:
             events = []
             if self.running:
@@ -490,7 +425,7 @@ class Engine:
         # Slot order: rows prefilled from scratch (one batched forward over contiguous slots), then copies of
         # them (a prompt admitted several times at once: n > 1 choices, self-consistency paths; prefilled once,
         # its keys/values copied), then rows that continue a cached prefix, one at a time (each has its own past)
-        first: dict[tuple, int] = {}                     # prompt -> index of its first fresh row
+        first: dict[tuple, int] = {}  # prompt -> index of its first fresh row
         fresh, copies = [], []
         for r in rows:
             if r.rid in hits:
@@ -514,19 +449,19 @@ class Engine:
                 lens = [len(r.prompt) for r in fresh]
                 T = max(lens)
                 idx = torch.zeros(B, T, dtype=torch.long)
-                for i, r in enumerate(fresh):                    # right-padded; padding is never attended
-                    idx[i, :lens[i]] = torch.tensor(r.prompt)
+                for i, r in enumerate(fresh):  # right-padded; padding is never attended
+                    idx[i, : lens[i]] = torch.tensor(r.prompt)
                 idx = idx.to(self.device)
                 positions = torch.arange(T, device=self.device)[None]  # (1, T)
                 self.cache.prefill(s0, B)
-                h = self.model.hidden_states(idx, cache=self.cache, positions=positions)   # (B, T, h)
+                h = self.model.hidden_states(idx, cache=self.cache, positions=positions)  # (B, T, h)
                 last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
-                logits = self._logits(last)                                                # (B, V)
+                logits = self._logits(last)  # (B, V)
                 if copies:
                     src = [j for _, j in copies]
                     for i, j in enumerate(src):
                         self.cache.move(s0 + j, s0 + B + i, lens[j])
-                    logits = torch.cat([logits, logits[src]])                              # (B + copies, V)
+                    logits = torch.cat([logits, logits[src]])  # (B + copies, V)
                 events += self._accept(fresh + [r for r, _ in copies], logits)
             n_done = len(fresh) + len(copies)
             for i, r in enumerate(rows[n_done:]):
@@ -534,13 +469,13 @@ class Engine:
                 n, kv = hits[r.rid]
                 self.cache.write(slot, kv, n)
                 self.cache.prefill(slot, 1, start=n)
-                idx = torch.tensor([r.prompt[n:]], device=self.device)                   # (1, T - n)
-                h = self.model.hidden_states(idx, cache=self.cache)                       # positions n.. (from pos)
+                idx = torch.tensor([r.prompt[n:]], device=self.device)  # (1, T - n)
+                h = self.model.hidden_states(idx, cache=self.cache)  # positions n.. (from pos)
                 ev = self._accept([r], self._logits(h[:, -1]))
                 ev[0].cached_tokens = r.cached = n
                 events += ev
         finally:
-            self._unbind_weights(bound)   # outside a forward the model is untouched (training, evals, saving)
+            self._unbind_weights(bound)  # outside a forward the model is untouched (training, evals, saving)
         return events
 
     def _prefill_next_chunk(self) -> list[TokenEvent]:
@@ -548,7 +483,7 @@ class Engine:
         joins the running batch (its keys/values copied into a slot) with its first token."""
         r = self.prefilling[0]
         if r.staged is None:
-            r.staged = SlotCache(self.cfg, self.device, self.cache.dtype, 1)
+            r.staged = KVCache(self.cfg, self.device, self.cache.dtype, 1)
             r.staged.reserve(1, len(r.prompt))
             for n, kv in self._cached_prefixes([r]).values():
                 r.staged.write(0, kv, n)
@@ -558,8 +493,9 @@ class Engine:
         r.staged.prefill(0, 1, start=start)
         bound = self._bind_weights()
         try:
-            h = self.model.hidden_states(torch.tensor([r.prompt[start:end]], device=self.device),
-                                         cache=r.staged)                       # (1, end - start, h); positions start..
+            h = self.model.hidden_states(
+                torch.tensor([r.prompt[start:end]], device=self.device), cache=r.staged
+            )  # (1, end - start, h); positions start..
             logits = self._logits(h[:, -1]) if end == len(r.prompt) else None
         finally:
             self._unbind_weights(bound)
@@ -580,7 +516,7 @@ class Engine:
         rows = self.running
         B = len(rows)
         # each row feeds its latest token (not cached yet) at the position = how many its slot holds
-        pos = [len(r.prompt) + len(r.out) - 1 for r in rows]          # r.cache_len, inlined (hot loop)
+        pos = [len(r.prompt) + len(r.out) - 1 for r in rows]  # r.cache_len, inlined (hot loop)
         S = max(pos) + 1
         idx = torch.tensor([r.out[-1] for r in rows], device=self.device).view(B, 1)
         if min(pos) == S - 1:
@@ -593,14 +529,15 @@ class Engine:
             positions = wp.view(B, 1)
             # additive float mask (0 = attend, -inf = not this row's key): SDPA adds it as is, where a bool
             # mask is converted in every layer (measured ~20% slower per attention call at 16 rows)
-            hide = self._key_pos[:S] > positions                                               # (B, S)
+            hide = self._key_pos[:S] > positions  # (B, S)
             mask = torch.zeros(B, self._mask_heads, 1, S, device=self.device, dtype=self.cache.dtype).masked_fill_(
-                hide.view(B, 1, 1, S), float("-inf"))                                          # (B, Hm, 1, S)
+                hide.view(B, 1, 1, S), float("-inf")
+            )  # (B, Hm, 1, S)
             write = self.cache.decode(B, wp, S)
         bound = self._bind_weights(quantized=True)
         try:
-            if self._decode_step is not None:     # a chatstack GPT: the module-free decode forward
-                logits = self._decode_step(idx.view(B), positions, self.cache.kv, write, S, mask)   # (B, V)
+            if self._decode_step is not None:  # a chatstack GPT: the module-free decode forward
+                logits = self._decode_step(idx.view(B), positions, self.cache.kv, write, S, mask)  # (B, V)
             else:
                 h = self.model.hidden_states(idx, cache=self.cache, positions=positions, attn_mask=mask)  # (B, 1, h)
                 logits = self._logits(h[:, -1])
@@ -629,7 +566,7 @@ class Engine:
         return self._batch_tensors
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
-        logits = logits[:, :self.n_vocab]
+        logits = logits[:, : self.n_vocab]
         temp, top_k, top_p, all_greedy, k_limit, want_lp, n_top = self._sampling_tensors(rows)
         if all_greedy:
             next_ids = greedy(logits)
@@ -638,19 +575,26 @@ class Engine:
             next_ids = sample(logits, temp, top_k, top_p, u, k_limit)
         lp = top_vals = top_ids = None
         if want_lp:
-            logp = logits.float().log_softmax(dim=-1)                        # (B, V)
+            logp = logits.float().log_softmax(dim=-1)  # (B, V)
             lp = logp.gather(1, next_ids[:, None])[:, 0].tolist()
             if n_top:
                 tv, ti = logp.topk(min(n_top, logp.size(1)), dim=-1)
                 top_vals, top_ids = tv.tolist(), ti.tolist()
-        if lp is None:                                   # the common case: one plain call per row
+        if lp is None:  # the common case: one plain call per row
             adv = self._advance_row
             return [adv(r, tid, None, None) for r, tid in zip(rows, next_ids.tolist())]
         events = []
         for i, (r, tid) in enumerate(zip(rows, next_ids.tolist())):
-            events.append(self._advance_row(r, tid, lp[i],
-                                            list(zip(top_ids[i], top_vals[i]))[:r.params.top_logprobs]
-                                            if top_ids is not None and r.params.top_logprobs else None))
+            events.append(
+                self._advance_row(
+                    r,
+                    tid,
+                    lp[i],
+                    list(zip(top_ids[i], top_vals[i]))[: r.params.top_logprobs]
+                    if top_ids is not None and r.params.top_logprobs
+                    else None,
+                )
+            )
         return events
 
     def _advance_row(self, r: _Row, tid: int, lp, top) -> TokenEvent:
@@ -664,28 +608,36 @@ class Engine:
             self._finish(r, "stop")
         else:
             r.text += r.decoder.decode(self.tok.token_bytes(tid))
-            if not (p.stop and self._find_stop(r)) and (len(r.out) >= p.max_new_tokens
-                                           or len(r.prompt) + len(r.out) >= self.block_size):
+            if not (p.stop and self._find_stop(r)) and (
+                len(r.out) >= p.max_new_tokens or len(r.prompt) + len(r.out) >= self.block_size
+            ):
                 self._finish(r, "length")
         if r.finished:
             end = len(r.text)
         else:
             end = len(r.text) - self._holdback(r)
-        piece = r.text[r.emitted:end] if end > r.emitted else ""
+        piece = r.text[r.emitted : end] if end > r.emitted else ""
         r.emitted = max(r.emitted, end)
-        return TokenEvent(r.rid, tid, piece, lp if p.logprobs else None, top if p.top_logprobs else None,
-                          r.finished, r.reason if r.finished else None)
+        return TokenEvent(
+            r.rid,
+            tid,
+            piece,
+            lp if p.logprobs else None,
+            top if p.top_logprobs else None,
+            r.finished,
+            r.reason if r.finished else None,
+        )
 
     def _find_stop(self, r: _Row) -> bool:
         """Cut the text at the first stop string, if one has appeared; True when the row stopped."""
         if not r.params.stop:
             return False
         longest = max(len(s) for s in r.params.stop)
-        start = max(0, r.emitted - longest)    # a match may begin inside text held back earlier
+        start = max(0, r.emitted - longest)  # a match may begin inside text held back earlier
         hits = [j for j in (r.text.find(s, start) for s in r.params.stop) if j >= 0]
         if not hits:
             return False
-        r.text = r.text[:min(hits)]
+        r.text = r.text[: min(hits)]
         self._finish(r, "stop", flush=False)
         return True
 
@@ -694,7 +646,7 @@ class Engine:
         """Chars at the end of the text that could begin a stop string: not emitted yet."""
         if not r.params.stop:
             return 0
-        tail = r.text[r.emitted:]
+        tail = r.text[r.emitted :]
         for n in range(min(len(tail), max((len(s) for s in r.params.stop), default=1) - 1), 0, -1):
             if any(s.startswith(tail[-n:]) for s in r.params.stop):
                 return n
@@ -719,7 +671,7 @@ class Engine:
                     if sig is None:
                         sig = self._weights_signature()
                         self.prefix_cache.check_weights(sig)
-                    n = r.cache_len          # every token the row fed: its prompt and all but its last new token
+                    n = r.cache_len  # every token the row fed: its prompt and all but its last new token
                     self.prefix_cache.add((r.prompt + r.out)[:n], self.cache.read(slot, n))
         i = 0
         while i < len(running):
@@ -727,15 +679,19 @@ class Engine:
                 i += 1
                 continue
             while len(running) - 1 > i and running[-1].finished:
-                running.pop()                 # a finished row at the end just leaves: nothing to copy
+                running.pop()  # a finished row at the end just leaves: nothing to copy
             last = running.pop()
-            if i < len(running):              # last is unfinished: move it (and its cache slot) into the hole
+            if i < len(running):  # last is unfinished: move it (and its cache slot) into the hole
                 self.cache.move(len(running), i, max(last.cache_len, 0))
                 running[i] = last
 
     # ---- conveniences built on the primitives ----------------------------------------------------------------
-    def generate(self, prompts: Sequence[Sequence[int]], params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 progress: bool = False) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        progress: bool = False,
+    ) -> list[Completion]:
         """Complete many prompts (batched, continuous); results in prompt order."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
@@ -749,7 +705,6 @@ class Engine:
         rids = [self.add_request(pr, pa, _collect=True) for pr, pa in zip(prompts, params)]
         bar = None
         if progress:
-            from tqdm import tqdm
             bar = tqdm(total=len(rids), desc="generate", unit="seq")
         wanted = set(rids)
         try:

@@ -16,6 +16,7 @@ Data: `--data` JSONL files ({"messages": [...]}; see chatstack.data.conversation
 the built-in mix (chatstack.data.chat_builtin): chit-chat, chatterbot Q&A, identity, verifiable tasks.
 Held-out loss (`val_loss`) is measured on --val-data, or on the built-in held-out split, or on 5% of --data.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,32 +26,62 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 
-from chatstack.data.conversations import (ConversationError, LoadSummary, PackedRows, encode_conversations,
-                                          make_batch, pack, read_jsonl)
+from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
+from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config
+from chatstack.data.chat_builtin import builtin_mix
+from chatstack.data.conversations import (
+    ConversationError,
+    LoadSummary,
+    PackedRows,
+    encode_conversations,
+    make_batch,
+    pack,
+    read_jsonl,
+)
+from chatstack.evals.tasks_eval import conversation_loss
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.stages.pretrain import flops_per_token
 from chatstack.train.loop import TrainConfig, train
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     base: str = field(default="", metadata={"help": "base checkpoint to fine-tune (its tokenizer is used)"})
-    data: list[str] = field(default_factory=list, metadata={
-        "help": "conversation JSONL files {\"messages\": [...]} (none = the built-in mix)"})
-    val_data: list[str] = field(default_factory=list, metadata={
-        "help": "held-out conversation JSONL (default: built-in held-out split, or 5%% of --data)"})
+    data: list[str] = field(
+        default_factory=list,
+        metadata={"help": 'conversation JSONL files {"messages": [...]} (none = the built-in mix)'},
+    )
+    val_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "held-out conversation JSONL (default: built-in held-out split, or 5%% of --data)"},
+    )
     system: str = field(default="", metadata={"help": "system prompt added to every conversation without one"})
-    epochs: float = field(default=0.0, metadata={"help": "train this many passes over the data (overrides --max-steps)"})
-    mix: str = field(default="", metadata={
-        "help": "built-in source weights (repeats per epoch); default 'chitchat=0.3,chatterbot=0.5,identity=2,tasks=6'"})
-    task_mix: str = field(default="", metadata={
-        "help": "built-in per-task shares, e.g. 'add3=2,compare=0.5' (default: chatstack.data.chat_builtin."
-                "DEFAULT_TASK_WEIGHTS)"})
+    epochs: float = field(
+        default=0.0, metadata={"help": "train this many passes over the data (overrides --max-steps)"}
+    )
+    mix: str = field(
+        default="",
+        metadata={
+            "help": "built-in source weights (repeats per epoch); default 'chitchat=0.3,chatterbot=0.5,identity=2,tasks=6'"
+        },
+    )
+    task_mix: str = field(
+        default="",
+        metadata={
+            "help": "built-in per-task shares, e.g. 'add3=2,compare=0.5' (default: chatstack.data.chat_builtin."
+            "DEFAULT_TASK_WEIGHTS)"
+        },
+    )
     chitchat: int = field(default=2000, metadata={"help": "built-in: chit-chat conversations to use"})
     tasks_per_task: int = field(default=4000, metadata={"help": "built-in: training examples per verifiable task"})
-    on_long: str = field(default="truncate", metadata={
-        "help": "conversations longer than the context: truncate at a turn boundary, or drop",
-        "choices": ["truncate", "drop"]})
+    on_long: str = field(
+        default="truncate",
+        metadata={
+            "help": "conversations longer than the context: truncate at a turn boundary, or drop",
+            "choices": ["truncate", "drop"],
+        },
+    )
     packing: bool = field(default=True, metadata={"help": "pack several conversations per row"})
     strict: bool = field(default=True, metadata={"help": "stop at the first invalid line (else skip and count)"})
     # fine-tuning defaults: lower learning rate than pretraining, a short run (see docs/sft.md)
@@ -62,8 +93,9 @@ class SFTConfig(TrainConfig):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    time_budget: float = field(default=225.0, metadata={
-        "help": "seconds of training; max_steps is cut to fit (0 = no limit)"})
+    time_budget: float = field(
+        default=225.0, metadata={"help": "seconds of training; max_steps is cut to fit (0 = no limit)"}
+    )
     out: str = field(default="runs/sft", metadata={"help": "checkpoint directory to write (and resume from)"})
 
 
@@ -81,8 +113,9 @@ def parse_mix(spec: str) -> dict[str, float]:
 class SFTTask:
     """Batches of packed conversation rows; loss on assistant tokens; held-out conversation loss."""
 
-    def __init__(self, train_rows: PackedRows, val_rows: PackedRows, batch_size: int, grad_accum: int,
-                 seed: int, tokenizer=None):
+    def __init__(
+        self, train_rows: PackedRows, val_rows: PackedRows, batch_size: int, grad_accum: int, seed: int, tokenizer=None
+    ):
         if len(train_rows) == 0:
             raise ValueError("no training conversations left after validation/length filtering")
         self.train_rows, self.val_rows = train_rows, val_rows
@@ -93,7 +126,7 @@ class SFTTask:
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-            self._perms = {epoch: torch.randperm(len(self.train_rows), generator=g)}   # keep one epoch
+            self._perms = {epoch: torch.randperm(len(self.train_rows), generator=g)}  # keep one epoch
         return self._perms[epoch]
 
     def rows_for(self, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
@@ -109,7 +142,7 @@ class SFTTask:
         return make_batch(self.train_rows, self.rows_for(step, micro, rank, world))
 
     def count_tokens(self, batch) -> int:
-        return int(batch["n_tokens"])      # real tokens, not padding: what packing is measured by
+        return int(batch["n_tokens"])  # real tokens, not padding: what packing is measured by
 
     def loss(self, model, batch):
         _, loss = model(batch["idx"], batch["targets"], positions=batch["positions"], attn_mask=batch["attn_mask"])
@@ -119,7 +152,6 @@ class SFTTask:
     def evaluate(self, model) -> dict[str, float]:
         if self.val_rows is None or len(self.val_rows) == 0:
             return {}
-        from chatstack.evals.tasks_eval import conversation_loss
 
         return {"val_loss": conversation_loss(model, self.val_rows, self.batch_size)[0]}
 
@@ -127,7 +159,6 @@ class SFTTask:
     def sample(self, model) -> str:
         if self.tokenizer is None:
             return ""
-        from chatstack.engine import Engine, SamplingParams
 
         eng = Engine(model, self.tokenizer, max_batch_size=4)
         lines = []
@@ -161,8 +192,6 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
             convs = [c for i, c in enumerate(convs) if i not in held]
             va_sum = LoadSummary()
     else:
-        from chatstack.data.chat_builtin import builtin_mix
-
         mix = parse_mix(cfg.mix)
         sizes = {"chitchat": cfg.chitchat, "tasks_per_task": cfg.tasks_per_task}
         train_mix = builtin_mix("train", seed=cfg.seed, mix=mix, sizes=sizes, task_weights=parse_mix(cfg.task_mix))
@@ -183,8 +212,6 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
 
 
 def run_sft(cfg: SFTConfig, log=print):
-    from chatstack.checkpoint import load_checkpoint, read_config
-
     if not cfg.base:
         raise ValueError("--base: give the base checkpoint directory")
     torch.manual_seed(cfg.seed)
@@ -193,7 +220,7 @@ def run_sft(cfg: SFTConfig, log=print):
         raise ValueError(f"{cfg.base}: the base checkpoint has no tokenizer.json")
     model, tok = ck.model, ck.tokenizer
     T = model.config.block_size
-    row_len = T + 1          # inputs are row[:-1], targets row[1:]: a row holds block_size + 1 tokens
+    row_len = T + 1  # inputs are row[:-1], targets row[1:]: a row holds block_size + 1 tokens
     train_enc, val_enc, tr_sum, va_sum = load_sft_data(cfg, tok, row_len, log)
     train_rows = pack(train_enc, row_len, tok.eot_id, seed=cfg.seed, packed=cfg.packing)
     val_rows = pack(val_enc, row_len, tok.eot_id, seed=cfg.seed, packed=True)
@@ -201,35 +228,44 @@ def run_sft(cfg: SFTConfig, log=print):
     if tr_sum.sources:
         log("  sources: " + ", ".join(f"{k} {v:,}" for k, v in tr_sum.sources.items()))
     log(f"  held-out {va_sum.line()}")
-    log(f"  {len(train_rows):,} train rows of {row_len} tokens ({train_rows.fill():.1%} full"
-        f"{', packed' if cfg.packing else ', one conversation per row'}), {len(val_rows):,} held-out rows")
+    log(
+        f"  {len(train_rows):,} train rows of {row_len} tokens ({train_rows.fill():.1%} full"
+        f"{', packed' if cfg.packing else ', one conversation per row'}), {len(val_rows):,} held-out rows"
+    )
     rows_per_step = cfg.batch_size * cfg.grad_accum
     if cfg.epochs > 0:
         cfg.max_steps = max(1, math.ceil(cfg.epochs * len(train_rows) / rows_per_step))
-    log(f"  {cfg.max_steps} steps x {rows_per_step} rows = {cfg.max_steps * rows_per_step / len(train_rows):.2f} "
-        f"epochs (time budget {cfg.time_budget:.0f}s)")
+    log(
+        f"  {cfg.max_steps} steps x {rows_per_step} rows = {cfg.max_steps * rows_per_step / len(train_rows):.2f} "
+        f"epochs (time budget {cfg.time_budget:.0f}s)"
+    )
     base_cfg = read_config(cfg.base)
     task = SFTTask(train_rows, val_rows, cfg.batch_size, cfg.grad_accum, cfg.seed, tok)
     try:
-        from chatstack.train.pretrain import flops_per_token
         task.flops_per_token = flops_per_token(model.config)
     except ImportError:
         pass
     ckpt_config = {
-        "stage": "sft", "parent": str(cfg.base), "model": model.config.to_dict(), "tokenizer": tok.info(),
-        "base_stage": base_cfg.get("stage"), "train": asdict(cfg),
-        "data": {"train": asdict(tr_sum), "val": asdict(va_sum), "rows": len(train_rows),
-                 "fill": round(train_rows.fill(), 4), "builtin": not cfg.data},
+        "stage": "sft",
+        "parent": str(cfg.base),
+        "model": model.config.to_dict(),
+        "tokenizer": tok.info(),
+        "base_stage": base_cfg.get("stage"),
+        "train": asdict(cfg),
+        "data": {
+            "train": asdict(tr_sum),
+            "val": asdict(va_sum),
+            "rows": len(train_rows),
+            "fill": round(train_rows.fill(), 4),
+            "builtin": not cfg.data,
+        },
     }
     return train(model, task, cfg, ckpt_config, tok)
 
 
 def _cmd_sft(args) -> int:
-    from chatstack.checkpoint import CheckpointError
-    from chatstack.cli import CLIError, dataclass_from_args
-
     cfg = dataclass_from_args(SFTConfig, args)
-    main_rank = int(os.environ.get("RANK", "0")) == 0       # under torchrun only rank 0 talks
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 talks
     try:
         path = run_sft(cfg, log=(lambda s: print(s, file=sys.stderr)) if main_rank else (lambda s: None))
     except (ConversationError, CheckpointError, ValueError, FileNotFoundError) as e:
@@ -240,9 +276,10 @@ def _cmd_sft(args) -> int:
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (assistant-only loss)",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on conversations (assistant-only loss)",
+        description=__doc__.split("\n\n")[0],
+    )
     add_dataclass_args(p, SFTConfig)
     p.set_defaults(func=_cmd_sft)

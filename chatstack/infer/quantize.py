@@ -10,7 +10,7 @@ by streaming weights from memory (GPT-2 small: ~500 MB of fp32 per token). int8 
 those bytes. Only the weights are quantised: with dynamic int8 activations as well (torch.ao's
 quantize_dynamic) SmolLM2-135M's perplexity rose 68% (activation outliers); weight-only int8, +0.3%.
 
-The engine (chatstack.engine, `Engine(..., quantize="int8")`) binds these weights for its decode steps only.
+The engine (chatstack.infer.engine, `Engine(..., quantize="int8")`) binds these weights for its decode steps only.
 Prompts are prefilled with the fp32 weights: the kernel is made for a few rows, and at 16 rows and more
 fp32 sgemm is faster (measured 768->3072: 16 rows 856 vs 683 us; 256 rows 12.4 vs 5.6 ms). Linears whose
 input width is not a multiple of 16 stay fp32: torch 2.13's kernel crashed on such widths (e.g. 30, 100).
@@ -19,6 +19,7 @@ Measured and not shipped: 4-bit weights (torch's _weight_int4pack_mm_for_cpu, as
 stream 2.4x faster than fp32 per matrix (int8: 1.45x), but cost SmolLM2-135M +7.5% perplexity with groups of
 32 along the input (+16% with 128) and 83% top-1 agreement, against int8's +1.2% and 94%.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,8 @@ class Int8Weight:
 
     def linear(self, x: torch.Tensor, bias) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)                           # (N, in)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)              # (N, out) bf16
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (N, in)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)  # (N, out) bf16
         y = y.float().view(*shape[:-1], -1)
         if bias is not None:
             y += bias
@@ -78,6 +79,7 @@ def check_quantize(kind, device: torch.device):
     if kind not in QUANTIZE_KINDS:
         raise ValueError(f"quantize: unknown kind {kind!r} (choose from: {', '.join(QUANTIZE_KINDS)})")
     if device.type != "cpu":
-        raise ValueError(f"quantize={kind}: int8 weights are for CPU decoding (device is {device.type}); "
-                         "on a GPU use bf16")
+        raise ValueError(
+            f"quantize={kind}: int8 weights are for CPU decoding (device is {device.type}); on a GPU use bf16"
+        )
     return kind

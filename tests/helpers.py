@@ -1,14 +1,17 @@
-"""Shared fixtures for the engine / chat / prompting tests: tiny models, tokenizers, checkpoints.
+"""The tests' one place for tiny models, tokenizers, datasets and checkpoints.
 
-    from tests.helpers_engine import nano_model, small_tokenizer, ByteTokenizer, reference_greedy
+from helpers import nano_model, small_tokenizer, ByteTokenizer, reference_greedy, make_dataset
 """
+
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from chatstack.infer.kv_cache import KVCache
 from chatstack.model import GPT, GPTConfig
 from chatstack.presets import get_preset
 
@@ -76,7 +79,7 @@ class ScriptedLM(nn.Module):
         if positions is None:
             positions = torch.arange(T)[None]
         pos = positions.expand(B, T)
-        nxt = self.script[pos % len(self.script)]                  # (B, T)
+        nxt = self.script[pos % len(self.script)]  # (B, T)
         return torch.nn.functional.one_hot(nxt, self.config.vocab_size).float() * 10.0
 
     def forward(self, idx, cache=None, positions=None, attn_mask=None, last_only=False):
@@ -90,7 +93,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def reference_logprobs(model, prompt: list[int], out: list[int]) -> list[float]:
@@ -110,3 +113,65 @@ def make_checkpoint(path, family: str = "nano", seed: int = 0, **over):
     model = nano_model(family, vocab_size=tok.vocab_size, seed=seed, **over)
     save_checkpoint(path, model, {"model": model.config.to_dict(), "stage": "test", "tokenizer": tok.info()}, tok)
     return model, tok
+
+
+# ---- a tiny text corpus and prepared dataset (data, loop and pretraining tests)
+LINES = [
+    "To be, or not to be, that is the question:",
+    "Whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles",
+    "And by opposing end them. To die: to sleep;",
+    "No more; and by a sleep to say we end",
+    "The heart-ache and the thousand natural shocks",
+    "That flesh is heir to, 'tis a consummation",
+    "Devoutly to be wish'd. To die, to sleep;",
+    "To sleep: perchance to dream: ay, there's the rub;",
+]
+
+
+def doc(i: int, n_lines: int = 40) -> str:
+    """A deterministic pseudo-document: the lines above in a document-specific order."""
+    return "\n".join(LINES[(i * 7 + j * (i + 3)) % len(LINES)] for j in range(n_lines)) + "\n"
+
+
+@functools.cache
+def tiny_tokenizer(vocab_size: int = 300):
+    from chatstack.tokenizer import Tokenizer
+
+    return Tokenizer.train([doc(i) for i in range(6)], vocab_size=vocab_size, show_progress=False)
+
+
+def make_dataset(tmp: Path, name: str = "data", n_docs: int = 12, vocab_size: int = 300) -> Path:
+    """Text files in a folder -> a prepared dataset (every 4th document held out)."""
+    from chatstack.stages.prepare import iter_documents, prepare, split_documents
+
+    src = tmp / f"{name}_src"
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (src / f"doc{i:02d}.txt").write_text(doc(i))
+    tok = tiny_tokenizer(vocab_size)
+    train, val = split_documents(list(iter_documents([src])), 0.25)
+    return prepare(tmp / name, tok, train, val, [{"name": str(src)}])
+
+
+def cached_forward(model, batch: int, max_len: int):
+    """A function feeding `model` successive chunks of `batch` rows through the engine's KV cache, as one long
+    sequence: chunks of several tokens prefill, single tokens decode. Returns (forward, cache)."""
+    p = next(model.parameters())
+    cache = KVCache(model.config, p.device, p.dtype, max_slots=batch)
+    cache.reserve(batch, max_len)
+    pos = 0
+
+    def forward(x, **kw):
+        nonlocal pos
+        T = x.size(1)
+        if T == 1 and pos > 0:
+            cache.decode(batch, pos, pos + 1)
+        else:
+            cache.prefill(0, batch, start=pos)
+        out = model(x, cache=cache, **kw)
+        pos += T
+        return out
+
+    return forward, cache

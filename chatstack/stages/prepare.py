@@ -12,6 +12,7 @@ Documents are tokenized in parallel (the Rust tokenizer's thread pool, batches o
 document is followed by <|endoftext|>. Any bad input stops the run with its file and line named, before
 anything is written; the output directory is replaced atomically.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,16 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from chatstack.data.shards import (FORMAT, META, DataError, ShardWriter, dtype_for_vocab,
-                                   tokenizer_fingerprint)
+from tqdm import tqdm
+
+from chatstack.args import CLIError
+from chatstack.data.builtin import builtin_documents
+from chatstack.data.shards import FORMAT, META, DataError, ShardWriter, dtype_for_vocab, tokenizer_fingerprint
+from chatstack.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-CHUNK_CHARS = 1 << 20   # documents longer than this are encoded in paragraph-aligned pieces (parallelism)
+CHUNK_CHARS = 1 << 20  # documents longer than this are encoded in paragraph-aligned pieces (parallelism)
 
 
 # ---- reading inputs -------------------------------------------------------------------------------------
@@ -34,9 +39,10 @@ def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: undecodable bytes at offset {e.start} ({e.reason}); "
-                        f"the corpus must be UTF-8 text") from None
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: undecodable bytes at offset {e.start} ({e.reason}); the corpus must be UTF-8 text"
+        ) from None
 
 
 def read_text_file(path: Path) -> str:
@@ -65,8 +71,11 @@ def iter_documents(paths: Iterable[str | os.PathLike], field: str = "text") -> I
         if not p.exists():
             raise DataError(f"{p}: no such file or directory")
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                           and f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+            files = sorted(
+                f
+                for f in p.rglob("*")
+                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
+            )
             if not files:
                 raise DataError(f"{p}: folder holds no text (.txt/.md) or .jsonl files")
         else:
@@ -87,13 +96,14 @@ def split_documents(docs: list[tuple[str, str]], val_fraction: float) -> tuple[l
         lines = text.splitlines(keepends=True)
         cut = max(1, int(len(lines) * (1 - val_fraction)))
         if cut >= len(lines):
-            raise DataError(f"{name}: too short to hold out {val_fraction:.0%} for validation; "
-                            f"pass --val-input or --val-fraction 0")
+            raise DataError(
+                f"{name}: too short to hold out {val_fraction:.0%} for validation; pass --val-input or --val-fraction 0"
+            )
         return [(name, "".join(lines[:cut]))], [(name + "#val", "".join(lines[cut:]))]
     k = max(2, round(1 / val_fraction))
     train = [d for i, d in enumerate(docs) if i % k != k - 1]
     val = [d for i, d in enumerate(docs) if i % k == k - 1]
-    if not val:   # fewer than k documents: the last one is the validation set
+    if not val:  # fewer than k documents: the last one is the validation set
         train, val = docs[:-1], docs[-1:]
     return train, val
 
@@ -116,23 +126,21 @@ def _pieces(text: str) -> list[str]:
 
 # ---- tokenizing -----------------------------------------------------------------------------------------
 def _utf8_chars(b: bytes) -> int:
-    return sum(1 for x in b if x & 0xC0 != 0x80)   # one lead byte per character
+    return sum(1 for x in b if x & 0xC0 != 0x80)  # one lead byte per character
 
 
 def tokenize_split(tok, docs: list[tuple[str, str]], writer: ShardWriter, desc: str, batch_docs: int = 16) -> dict:
-    from tqdm import tqdm
-
     n_bytes = n_chars = 0
     total = sum(len(t) for _, t in docs)
     with tqdm(total=total, desc=f"tokenize {desc}", unit="char", unit_scale=True, dynamic_ncols=True) as bar:
         for i in range(0, len(docs), batch_docs):
-            batch = docs[i:i + batch_docs]
+            batch = docs[i : i + batch_docs]
             pieces, owners = [], []
             for j, (_, text) in enumerate(batch):
                 for piece in _pieces(text):
                     pieces.append(piece)
                     owners.append(j)
-            encoded = tok.encode_batch(pieces)   # the Rust encoder runs the batch on all cores
+            encoded = tok.encode_batch(pieces)  # the Rust encoder runs the batch on all cores
             for j, (name, text) in enumerate(batch):
                 ids = [t for piece_ids, o in zip(encoded, owners) if o == j for t in piece_ids]
                 writer.add(ids + [tok.eot_id])
@@ -144,8 +152,6 @@ def tokenize_split(tok, docs: list[tuple[str, str]], writer: ShardWriter, desc: 
 
 
 def load_tokenizer_arg(path: str):
-    from chatstack.tokenizer import Tokenizer
-
     p = Path(path)
     f = p / "tokenizer.json" if p.is_dir() else p
     if not f.exists():
@@ -156,8 +162,9 @@ def load_tokenizer_arg(path: str):
         raise DataError(f"{f}: cannot load tokenizer ({type(e).__name__}: {e})") from e
 
 
-def prepare(out: str | os.PathLike, tok, train_docs: list, val_docs: list, sources: list[dict],
-            shard_tokens: int = 1 << 26) -> Path:
+def prepare(
+    out: str | os.PathLike, tok, train_docs: list, val_docs: list, sources: list[dict], shard_tokens: int = 1 << 26
+) -> Path:
     """Tokenize the documents and write the dataset directory `out` atomically."""
     out = Path(out)
     if not train_docs or sum(len(t) for _, t in train_docs) == 0:
@@ -176,13 +183,22 @@ def prepare(out: str | os.PathLike, tok, train_docs: list, val_docs: list, sourc
             stats = tokenize_split(tok, docs, w, name)
             splits[name] = {"shards": w.close(), "tokens": w.tokens, **stats}
         tok.save(tmp / "tokenizer.json")
-        meta = {"format": FORMAT, "dtype": dtype.name,
-                "tokenizer": {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": tok.vocab_size,
-                              "eot_id": tok.eot_id, **(tok.info() if hasattr(tok, "info") else {})},
-                "splits": splits, "sources": sources, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        meta = {
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "tokenizer": {
+                "fingerprint": tokenizer_fingerprint(tok),
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                **(tok.info() if hasattr(tok, "info") else {}),
+            },
+            "splits": splits,
+            "sources": sources,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         (tmp / META).write_text(json.dumps(meta, indent=2))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # never leave half a dataset behind
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a dataset behind
         raise
     old = out.parent / f".{out.name}.old"
     if out.exists():
@@ -195,13 +211,9 @@ def prepare(out: str | os.PathLike, tok, train_docs: list, val_docs: list, sourc
 
 
 def _cmd_prepare(args) -> int:
-    from chatstack.cli import CLIError
-
     try:
         tok = load_tokenizer_arg(args.tokenizer)
         if args.builtin:
-            from chatstack.data.builtin import builtin_documents
-
             try:
                 train_docs = list(builtin_documents(args.builtin, "train"))
                 val_docs = list(builtin_documents(args.builtin, "val"))
@@ -224,8 +236,10 @@ def _cmd_prepare(args) -> int:
         raise CLIError(str(e)) from None
     meta = json.loads((path / META).read_text())
     for name, s in meta["splits"].items():
-        print(f"{name:5s} {s['documents']:6,} docs {s['chars']:>12,} chars {s['tokens']:>11,} tokens "
-              f"({s['chars'] / max(1, s['tokens']):.2f} chars/token) in {len(s['shards'])} shard(s)")
+        print(
+            f"{name:5s} {s['documents']:6,} docs {s['chars']:>12,} chars {s['tokens']:>11,} tokens "
+            f"({s['chars'] / max(1, s['tokens']):.2f} chars/token) in {len(s['shards'])} shard(s)"
+        )
     print(f"wrote {path}")
     return 0
 
@@ -233,8 +247,12 @@ def _cmd_prepare(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("data", help="prepare token shards from text corpora")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
-    pp = dsub.add_parser("prepare", help="tokenize corpora into shards",
-                         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    pp = dsub.add_parser(
+        "prepare",
+        help="tokenize corpora into shards",
+        description=__doc__,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
     src = pp.add_argument_group("sources")
     src.add_argument("--builtin", help="a built-in corpus: shakespeare")
     src.add_argument("--input", nargs="+", help="text files, folders, JSONL files (one document a line)")

@@ -22,37 +22,69 @@ iterations also held-out exact-match accuracy on the built-in tasks and the held
 (`ptx_val_loss`: the "alignment tax"). The checkpoint in OUT is a plain language-model checkpoint (stage
 "ppo"); the value head, optimizer and KL controller are in OUT/state for exact resume.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
+from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
+from chatstack.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state,
+    load_weights,
+    read_config,
+    recover,
+    save_checkpoint,
+)
+from chatstack.data.builtin import builtin_texts
+from chatstack.data.shards import TokenDataset
+from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.rlhf import ppo_core as pc
+from chatstack.rlhf.reward_model import load_reward_model
+from chatstack.rlhf.rollout import PolicyWithValue, rollout, task_accuracy
+from chatstack.stages.label import LabelConfig, file_prompts, judge_score, label, task_prompts
+from chatstack.stages.reward import RewardConfig, train_reward
+from chatstack.train.loop import Metrics
+from chatstack.train.optim import build_adamw, lr_at
 
 
 @dataclass
 class PPOConfig:
     policy: str = field(default="", metadata={"help": "SFT checkpoint: the initial policy and the KL reference"})
-    reward: str = field(default="", metadata={"help": "reward-model checkpoint (chatstack reward), or 'judge': the "
-                                                      "built-in judge's score of each answer (verifiable tasks only; "
-                                                      "the ceiling a perfect reward model would give)"})
+    reward: str = field(
+        default="",
+        metadata={
+            "help": "reward-model checkpoint (chatstack reward), or 'judge': the "
+            "built-in judge's score of each answer (verifiable tasks only; "
+            "the ceiling a perfect reward model would give)"
+        },
+    )
     reference: str = field(default="", metadata={"help": "frozen KL reference (default: --policy)"})
     out: str = field(default="", metadata={"help": "checkpoint directory to write (and resume from)"})
-    prompts: str = field(default="", metadata={"help": "JSONL of {'prompt'} / {'messages'} (default: built-in task prompts)"})
-    tasks: str = field(default="", metadata={"help": "comma-separated built-in tasks for prompts and eval (default: all)"})
+    prompts: str = field(
+        default="", metadata={"help": "JSONL of {'prompt'} / {'messages'} (default: built-in task prompts)"}
+    )
+    tasks: str = field(
+        default="", metadata={"help": "comma-separated built-in tasks for prompts and eval (default: all)"}
+    )
     # -- schedule
     iterations: int = field(default=300, metadata={"help": "PPO iterations (rollout + update)"})
     time_budget: float = field(default=270.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
     rollout_batch: int = field(default=64, metadata={"help": "prompts (one answer each) per iteration"})
-    max_new_tokens: int = field(default=48, metadata={"help": "answer length cap during rollouts and evals (48 as chatstack eval)"})
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "answer length cap during rollouts and evals (48 as chatstack eval)"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch"})
     minibatch: int = field(default=32, metadata={"help": "answers per PPO minibatch"})
@@ -63,9 +95,13 @@ class PPOConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     # -- PPO
     kl_coef: float = field(default=0.2, metadata={"help": "beta: KL penalty per token (initial value if adaptive)"})
-    target_kl: float = field(default=0.0, metadata={"help": "adaptive beta toward this KL per answer, nats (0 = fixed)"})
+    target_kl: float = field(
+        default=0.0, metadata={"help": "adaptive beta toward this KL per answer, nats (0 = fixed)"}
+    )
     kl_horizon: int = field(default=10000, metadata={"help": "adaptive KL controller horizon (answers)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimate in the reward", "choices": ["k1", "k3"]})
+    kl_estimator: str = field(
+        default="k1", metadata={"help": "per-token KL estimate in the reward", "choices": ["k1", "k3"]}
+    )
     gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
@@ -75,16 +111,24 @@ class PPOConfig:
     no_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of answers that never end"})
     # -- PPO-ptx
     ptx_coef: float = field(default=0.0, metadata={"help": "gamma_ptx: weight of the pretraining loss (0 = plain PPO)"})
-    ptx_data: str = field(default="", metadata={"help": "prepared pretraining data dir (default: the base model's, "
-                                                        "else built-in Shakespeare)"})
+    ptx_data: str = field(
+        default="",
+        metadata={"help": "prepared pretraining data dir (default: the base model's, else built-in Shakespeare)"},
+    )
     ptx_batch: int = field(default=8, metadata={"help": "pretraining rows per PPO minibatch"})
     ptx_len: int = field(default=128, metadata={"help": "tokens per pretraining row"})
-    ptx_mode: str = field(default="relative", metadata={
-        "help": "relative: penalise only the pretraining loss above the frozen reference's on the same batch, "
-                "max(0, L_pi - L_ref) (stable, see docs/rlhf.md); absolute: plain L_pi (InstructGPT's form)",
-        "choices": ["relative", "absolute"]})
+    ptx_mode: str = field(
+        default="relative",
+        metadata={
+            "help": "relative: penalise only the pretraining loss above the frozen reference's on the same batch, "
+            "max(0, L_pi - L_ref) (stable, see docs/rlhf.md); absolute: plain L_pi (InstructGPT's form)",
+            "choices": ["relative", "absolute"],
+        },
+    )
     # -- bookkeeping
-    eval_every: int = field(default=20, metadata={"help": "held-out accuracy + pretraining loss every N iterations (0 = ends only)"})
+    eval_every: int = field(
+        default=20, metadata={"help": "held-out accuracy + pretraining loss every N iterations (0 = ends only)"}
+    )
     eval_n: int = field(default=30, metadata={"help": "held-out examples per task per eval"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N iterations (0 = end only)"})
     seed: int = field(default=1337, metadata={"help": "seed for prompts, sampling and minibatches"})
@@ -100,7 +144,6 @@ class PPOConfig:
 # ---- prompts and pretraining data ------------------------------------------------------------------------
 def prompt_pool(cfg: PPOConfig, tokenizer) -> list[tuple[list[int], object]]:
     """(prompt token ids, its task Example or None) for every rollout prompt."""
-    from chatstack.data.label import file_prompts, task_prompts
 
     if cfg.prompts:
         items = file_prompts(cfg.prompts)
@@ -118,20 +161,20 @@ class JudgeReward(torch.nn.Module):
     SFT policy's mean, measured on the first rollout, as a reward model is centred on reference answers).
 
     Not RLHF: no labeller and no reward model. It is reinforcement learning from a verifiable reward, and here
-    it measures what PPO could do with a perfect reward model (docs/rlhf.md, "Session 4"). Same interface as a
+    it measures what PPO could do with a perfect reward model (docs/rlhf.md, "What limits PPO here"). Same interface as a
     reward model: (idx (B, L), lengths (B,), starts (B,)) -> (B,) scores."""
 
     def __init__(self, tokenizer, pool: list[tuple[list[int], object]]):
         super().__init__()
         if any(ex is None for _, ex in pool):
-            raise ValueError("--reward judge scores the built-in verifiable tasks only; it cannot be used with --prompts")
+            raise ValueError(
+                "--reward judge scores the built-in verifiable tasks only; it cannot be used with --prompts"
+            )
         self.tok = tokenizer
         self.examples = {tuple(ids): ex for ids, ex in pool}
         self.centre: float | None = None
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        from chatstack.data.label import judge_score
-
         specials = self.tok.special_ids
         out = []
         for row, n, s in zip(idx.tolist(), lengths.tolist(), starts.tolist()):
@@ -145,7 +188,6 @@ class JudgeReward(torch.nn.Module):
 
 def _lineage_data(policy_path: str) -> str | None:
     """The prepared pretraining data dir of the policy's ancestors (SFT -> base), if recorded and present."""
-    from chatstack.checkpoint import read_config
 
     path = policy_path
     for _ in range(4):
@@ -164,30 +206,26 @@ def _lineage_data(policy_path: str) -> str | None:
 
 def pretraining_tokens(cfg: PPOConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(train tokens, held-out tokens, source) for PPO-ptx and the alignment-tax measurement."""
-    import numpy as np
 
     src = cfg.ptx_data or _lineage_data(cfg.policy)
     if src:
-        from chatstack.data.shards import TokenDataset
-
         ds = TokenDataset(src)
         ds.check_tokenizer(tokenizer, f"{cfg.policy}/tokenizer.json")
         tr = torch.from_numpy(np.asarray(ds.split("train").tokens, dtype=np.int64))
         va = torch.from_numpy(np.asarray(ds.split("val").tokens, dtype=np.int64))
         return tr, va, src
-    from chatstack.data.builtin import builtin_texts
 
     # the built-in corpus, tokenised here (a ~1M-character sample of train is plenty for ptx batches);
     # chunks of lines go through the tokenizer's batch encoder (parallel, in Rust)
     def enc(split, max_chars):
         text, n = [], 0
         for t in builtin_texts("shakespeare", split):
-            text.append(t[:max_chars - n])
+            text.append(t[: max_chars - n])
             n += len(text[-1])
             if n >= max_chars:
                 break
         lines = "\n".join(text).splitlines(keepends=True)
-        chunks = ["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]
+        chunks = ["".join(lines[i : i + 200]) for i in range(0, len(lines), 200)]
         return torch.tensor([i for ids in tokenizer.encode_batch(chunks) for i in ids], dtype=torch.long)
 
     return enc("train", 1_000_000), enc("val", 200_000), "builtin:shakespeare"
@@ -195,7 +233,7 @@ def pretraining_tokens(cfg: PPOConfig, tokenizer) -> tuple[torch.Tensor, torch.T
 
 def ptx_batch(tokens: torch.Tensor, B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     starts = torch.randint(0, tokens.numel() - T - 1, (B,), generator=g)
-    rows = torch.stack([tokens[s:s + T + 1] for s in starts.tolist()])     # (B, T+1)
+    rows = torch.stack([tokens[s : s + T + 1] for s in starts.tolist()])  # (B, T+1)
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -205,8 +243,8 @@ def ptx_val_loss(lm, val_tokens: torch.Tensor, T: int, n_rows: int = 32) -> floa
     T = min(T, lm.config.block_size)
     n = val_tokens.numel()
     starts = torch.linspace(0, n - T - 2, n_rows).long().tolist()
-    x = torch.stack([val_tokens[s:s + T] for s in starts])
-    y = torch.stack([val_tokens[s + 1:s + T + 1] for s in starts])
+    x = torch.stack([val_tokens[s : s + T] for s in starts])
+    y = torch.stack([val_tokens[s + 1 : s + T + 1] for s in starts])
     dev = next(lm.parameters()).device
     was = lm.training
     lm.eval()
@@ -219,15 +257,26 @@ def ptx_val_loss(lm, val_tokens: torch.Tensor, T: int, n_rows: int = 32) -> floa
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2 ** 61 - 1)
+        s = (s * 1_000_003 + int(p)) % (2**61 - 1)
     return s
 
 
-def ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, prompts: list[list[int]], params, cfg: PPOConfig,
-                  g: torch.Generator, ptx_tokens: torch.Tensor | None = None) -> dict[str, float]:
+def ppo_iteration(
+    policy,
+    ref,
+    rm,
+    engine,
+    tok,
+    opt,
+    kl_ctl,
+    prompts: list[list[int]],
+    params,
+    cfg: PPOConfig,
+    g: torch.Generator,
+    ptx_tokens: torch.Tensor | None = None,
+) -> dict[str, float]:
     """One PPO iteration: rollout -> rewards (score - KL penalty) -> GAE -> `ppo_epochs` of minibatch updates.
     `rm` is any module rm(idx, lengths, starts) -> (B,) scores. Returns the iteration's metrics."""
-    from chatstack.rlhf.rollout import rollout
 
     t0 = time.perf_counter()
     ro = rollout(engine, policy, ref, rm, tok, prompts, params)
@@ -240,14 +289,14 @@ def ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, prompts: list[list[
     adv, ret = pc.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         adv = pc.whiten(adv, ro.mask)
-    kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)               # k1 per answer (B,)
+    kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)  # k1 per answer (B,)
 
     acc: dict[str, float] = {}
     n_mb = 0
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=g).tolist()
         for s in range(0, B, cfg.minibatch):
-            mb = torch.tensor(perm[s:s + cfg.minibatch], device=device)
+            mb = torch.tensor(perm[s : s + cfg.minibatch], device=device)
             # trim the minibatch to its own longest row
             R = int(ro.mask[mb].sum(1).max().item())
             L = int((ro.prompt_lens[mb] + ro.mask[mb].sum(1).long()).max().item())
@@ -286,7 +335,9 @@ def ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, prompts: list[list[
                 loss = loss + cfg.ptx_coef * ptx
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            gn = torch.nn.utils.clip_grad_norm_(
+                policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            )
             opt.step()
             parts["grad_norm"] = float(gn)
             for k, v in parts.items():
@@ -294,21 +345,21 @@ def ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, prompts: list[list[
             n_mb += 1
     kl_mean = kl_seq.mean().item()
     kl_ctl.update(kl_mean, B)
-    return {"reward": ro.score.mean().item(), "reward_penalised": score.mean().item(),
-            "kl": kl_mean, "kl_per_token": pc.masked_mean(ro.logp - ro.ref_logp, ro.mask).item(),
-            "kl_coef": kl_ctl.value, "response_length": ro.mask.sum(1).mean().item(),
-            "ended_frac": ro.ended.mean().item(), "engine_logprob_err": ro.engine_logprob_err,
-            **{k: v / max(n_mb, 1) for k, v in acc.items()}, "rollout_s": round(t_roll, 3)}
+    return {
+        "reward": ro.score.mean().item(),
+        "reward_penalised": score.mean().item(),
+        "kl": kl_mean,
+        "kl_per_token": pc.masked_mean(ro.logp - ro.ref_logp, ro.mask).item(),
+        "kl_coef": kl_ctl.value,
+        "response_length": ro.mask.sum(1).mean().item(),
+        "ended_frac": ro.ended.mean().item(),
+        "engine_logprob_err": ro.engine_logprob_err,
+        **{k: v / max(n_mb, 1) for k, v in acc.items()},
+        "rollout_s": round(t_roll, 3),
+    }
 
 
 def run_ppo(cfg: PPOConfig) -> Path:
-    from chatstack.checkpoint import load_checkpoint, load_state, load_weights, recover, save_checkpoint
-    from chatstack.engine import Engine, SamplingParams
-    from chatstack.rlhf.reward_model import load_reward_model
-    from chatstack.rlhf.rollout import PolicyWithValue, task_accuracy
-    from chatstack.train.loop import Metrics
-    from chatstack.train.optim import build_adamw, lr_at
-
     for name in ("policy", "reward", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name}: required")
@@ -327,12 +378,17 @@ def run_ppo(cfg: PPOConfig) -> Path:
     else:
         rm, rm_cfg = load_reward_model(cfg.reward, device=device)
     if rm_cfg.get("tokenizer", {}).get("vocab_size") not in (None, tok.vocab_size):
-        raise ValueError(f"{cfg.reward}: reward model's tokenizer (vocab {rm_cfg['tokenizer']['vocab_size']}) "
-                         f"differs from the policy's ({tok.vocab_size})")
+        raise ValueError(
+            f"{cfg.reward}: reward model's tokenizer (vocab {rm_cfg['tokenizer']['vocab_size']}) "
+            f"differs from the policy's ({tok.vocab_size})"
+        )
     for p in rm.parameters():
         p.requires_grad_(False)
-    ref = (copy.deepcopy(ck.model) if not cfg.reference or cfg.reference == cfg.policy
-           else load_checkpoint(cfg.reference, device=device).model).eval()
+    ref = (
+        copy.deepcopy(ck.model)
+        if not cfg.reference or cfg.reference == cfg.policy
+        else load_checkpoint(cfg.reference, device=device).model
+    ).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     policy = PolicyWithValue(ck.model).to(device)
@@ -365,10 +421,18 @@ def run_ppo(cfg: PPOConfig) -> Path:
     # always sample from the policy being trained; engine_logprob_err in metrics.jsonl checks it
     engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch, 8), device=device)
     task_names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
-    ckpt_config = {"kind": "lm", "stage": "ppo", "model": ck.model.config.to_dict(), "parent": str(cfg.policy),
-                   "reference": str(cfg.reference or cfg.policy), "reward_model": str(cfg.reward), "tokenizer": tok.info(), "train": asdict(cfg),
-                   "ptx_source": ptx_src,
-                   "value_function": "scalar head on the policy's trunk (shared), zero-initialised"}
+    ckpt_config = {
+        "kind": "lm",
+        "stage": "ppo",
+        "model": ck.model.config.to_dict(),
+        "parent": str(cfg.policy),
+        "reference": str(cfg.reference or cfg.policy),
+        "reward_model": str(cfg.reward),
+        "tokenizer": tok.info(),
+        "train": asdict(cfg),
+        "ptx_source": ptx_src,
+        "value_function": "scalar head on the policy's trunk (shared), zero-initialised",
+    }
 
     def evaluate(it: int, final: bool = False) -> dict:
         t0 = time.perf_counter()
@@ -381,9 +445,16 @@ def run_ppo(cfg: PPOConfig) -> Path:
         return res
 
     def save(it: int, final_eval: dict | None = None):
-        state = {"ppo": {"iter": it, "max_iters": max_iters, "optimizer": opt.state_dict(),
-                         "value_head": policy.value_head.state_dict(), "kl_ctl": kl_ctl.state_dict(),
-                         "judge_centre": getattr(rm, "centre", None)}}
+        state = {
+            "ppo": {
+                "iter": it,
+                "max_iters": max_iters,
+                "optimizer": opt.state_dict(),
+                "value_head": policy.value_head.state_dict(),
+                "kl_ctl": kl_ctl.state_dict(),
+                "judge_centre": getattr(rm, "centre", None),
+            }
+        }
         conf = dict(ckpt_config)
         if final_eval:
             conf["eval"] = final_eval
@@ -396,8 +467,6 @@ def run_ppo(cfg: PPOConfig) -> Path:
         print(f"SFT policy: {json.dumps({k: round(v, 4) for k, v in first.items()})}")
     bar = None
     if cfg.progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=max_iters, initial=start_it, desc="ppo", dynamic_ncols=True)
     it = start_it
     t_loop = time.perf_counter()
@@ -409,13 +478,38 @@ def run_ppo(cfg: PPOConfig) -> Path:
             gr["lr"] = lr
         g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
-        params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, logprobs=True,
-                                 seed=_seed(cfg.seed, it, 3, i)) for i in range(cfg.rollout_batch)]
-        row = ppo_iteration(policy, ref, rm, engine, tok, opt, kl_ctl, [pool[j][0] for j in pick], params, cfg, g,
-                            tr_tokens if cfg.ptx_coef > 0 else None)
+        params = [
+            SamplingParams(
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                logprobs=True,
+                seed=_seed(cfg.seed, it, 3, i),
+            )
+            for i in range(cfg.rollout_batch)
+        ]
+        row = ppo_iteration(
+            policy,
+            ref,
+            rm,
+            engine,
+            tok,
+            opt,
+            kl_ctl,
+            [pool[j][0] for j in pick],
+            params,
+            cfg,
+            g,
+            tr_tokens if cfg.ptx_coef > 0 else None,
+        )
         it += 1
-        row = {"step": it, "iter": it, "lr": lr, **row, "iter_s": round(time.perf_counter() - t_it, 3),
-               "elapsed_s": round(time.perf_counter() - t_start, 2)}
+        row = {
+            "step": it,
+            "iter": it,
+            "lr": lr,
+            **row,
+            "iter_s": round(time.perf_counter() - t_it, 3),
+            "elapsed_s": round(time.perf_counter() - t_start, 2),
+        }
         kl_mean = row["kl"]
         metrics.write(**row)
         if bar is not None:
@@ -437,8 +531,10 @@ def run_ppo(cfg: PPOConfig) -> Path:
         bar.close()
     final = evaluate(it, final=True) if it > start_it or not (out / "state" / "ppo.pt").exists() else {}
     save(it, final)
-    print(f"PPO done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
-          f"{json.dumps({k: round(v, 4) for k, v in final.items()})}")
+    print(
+        f"PPO done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
+        f"{json.dumps({k: round(v, 4) for k, v in final.items()})}"
+    )
     return out
 
 
@@ -447,9 +543,6 @@ def run_rounds(cfg: PPOConfig) -> Path:
     """Round 1 is PPO with the given reward model; each later round labels the newest policy's answers with
     the built-in judge, trains a fresh reward model on them (from the newest policy) and runs PPO again
     (the KL reference stays the original SFT policy). Earlier rounds live in OUT.rounds/."""
-    from chatstack.data.label import LabelConfig, label
-    from chatstack.train.reward import RewardConfig, train_reward
-
     if cfg.rounds <= 1:
         return run_ppo(cfg)
     if cfg.reward == "judge":
@@ -461,36 +554,51 @@ def run_rounds(cfg: PPOConfig) -> Path:
         if r > 1:
             ranks = rdir / "ranks.jsonl"
             print(f"round {r}: labelling answers of {policy}")
-            print(json.dumps(label(policy, str(ranks), LabelConfig(k=cfg.label_k, prompts=cfg.label_prompts,
-                                                                  seed=cfg.seed + r, device=cfg.device))))
-            rcfg = RewardConfig(sft=policy, data=[str(ranks)], out=str(rdir / "rm"), seed=cfg.seed + r,
-                                progress=cfg.progress)
+            print(
+                json.dumps(
+                    label(
+                        policy,
+                        str(ranks),
+                        LabelConfig(k=cfg.label_k, prompts=cfg.label_prompts, seed=cfg.seed + r, device=cfg.device),
+                    )
+                )
+            )
+            rcfg = RewardConfig(
+                sft=policy, data=[str(ranks)], out=str(rdir / "rm"), seed=cfg.seed + r, progress=cfg.progress
+            )
             print(json.dumps(train_reward(rcfg)))
             reward = str(rdir / "rm")
         target = cfg.out if r == cfg.rounds else str(rdir / "ppo")
-        rc = PPOConfig(**{**asdict(cfg), "policy": policy, "reward": reward, "out": target, "rounds": 1,
-                          "reference": cfg.reference or cfg.policy})
+        rc = PPOConfig(
+            **{
+                **asdict(cfg),
+                "policy": policy,
+                "reward": reward,
+                "out": target,
+                "rounds": 1,
+                "reference": cfg.reference or cfg.policy,
+            }
+        )
         run_ppo(rc)
         policy = target
     return Path(cfg.out)
 
 
 def _cmd(args) -> int:
-    from chatstack.checkpoint import CheckpointError
-    from chatstack.cli import CLIError, dataclass_from_args
-
     cfg = dataclass_from_args(PPOConfig, args)
     try:
         run_rounds(cfg)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
-        raise CLIError(str(e))
+        raise CLIError(str(e)) from e
     return 0
 
 
 def register(sub) -> None:
-    from chatstack.cli import add_dataclass_args
-
-    p = sub.add_parser("ppo", help="RLHF: PPO against a reward model with a KL penalty (and PPO-ptx)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "ppo",
+        help="RLHF: PPO against a reward model with a KL penalty (and PPO-ptx)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_dataclass_args(p, PPOConfig)
     p.set_defaults(func=_cmd)

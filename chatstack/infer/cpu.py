@@ -1,0 +1,171 @@
+"""Platform-specific CPU code, in one place: which kernel runs the engine's matrix products (and the weight
+copies it wants), whether the CPU has AMX for bf16 training, and the allocator settings training runs with.
+
+  * `cpu_matmul_backend()`: "onednn" on x86 CPUs that are not Intel's (MKL takes slower code paths there: its
+    one-row product runs on one core and its few-row products run 2-4x slower than oneDNN's on a packed weight),
+    "mkl" elsewhere. `CHATSTACK_CPU_MATMUL` = auto | mkl | onednn overrides it.
+  * `CPUWeight`: what the engine (chatstack.infer.engine) binds as a Linear's fast_weight under "onednn": a
+    oneDNN-packed copy for 2+ rows; for one row of a weight that streams from memory, `torch.bmm` over the weight
+    split into one chunk per thread; small weights at few rows keep an (in, out) copy. Results equal F.linear's
+    to float rounding.
+  * `cpu_has_amx()`: bf16 matrix instructions (the training loop's --dtype auto uses bf16 matmuls only with AMX).
+  * `tune_malloc()`: glibc malloc thresholds that keep freed activations in the heap (called by the loop).
+
+Measured by benchmarks/cpu_matmul.py and benchmarks/train_throughput.py; numbers in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "mkl", "onednn")
+SMALL_BYTES = 1 << 20  # weights below this keep MKL (from an (in, out) copy) at few rows
+SMALL_MAX_ROWS = 32  # ... up to this many rows; from here oneDNN is faster for them too
+PACK_ROWS = 16  # the row count oneDNN packs for (measured: as fast as packing per row count, 1-256)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), or "" where it can't be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_linear_works() -> bool:
+    """torch has oneDNN's linear ops and they give F.linear's result (checked once on a small product)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        w, x = torch.randn(48, 32), torch.randn(3, 32)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(y, F.linear(x, w), atol=1e-5))
+    except Exception:  # an older or differently built torch: stay with MKL
+        return False
+
+
+def cpu_matmul_backend(choice: str | None = None) -> str:
+    """ "onednn" or "mkl": the kernel family for the engine's CPU products. choice (default: the
+    CHATSTACK_CPU_MATMUL environment variable, else "auto"): auto = oneDNN on x86 CPUs that are not Intel's."""
+    choice = (choice if choice is not None else os.environ.get("CHATSTACK_CPU_MATMUL", "auto")).strip().lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"CHATSTACK_CPU_MATMUL={choice!r}: choose one of {', '.join(BACKENDS)}")
+    if choice == "mkl":
+        return "mkl"
+    if not onednn_linear_works():
+        if choice == "onednn":
+            warnings.warn("CHATSTACK_CPU_MATMUL=onednn, but this torch has no working oneDNN linear; using MKL")
+        return "mkl"
+    if choice == "onednn":
+        return "onednn"
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if x86 and cpu_vendor() not in ("GenuineIntel", "") else "mkl"
+
+
+class CPUWeight:
+    """One Linear's weight as the engine's CPU products want it under the "onednn" backend; chatstack.model.Linear
+    (and chatstack.infer.decode_step) call `linear(x, bias)` when the engine binds one as its fast_weight.
+
+    weight: the Linear's (out, in) parameter (kept by reference: the one-row path reads it). streaming: the
+    model's weights don't fit in the caches (the engine decides), so a one-row product is bound by memory
+    bandwidth and is split over the threads."""
+
+    __slots__ = ("w", "t", "packed", "chunks", "main", "small")
+
+    def __init__(self, weight: torch.Tensor, streaming: bool, threads: int | None = None):
+        w = weight.detach()
+        self.w = w
+        out, d_in = w.shape
+        self.small = w.numel() * w.element_size() < SMALL_BYTES
+        # MKL's path for one row of a weight that stays in cache and for small weights at few rows
+        self.t = w.t().contiguous().t() if self.small or not streaming else None  # (out, in) view of (in, out)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        n = threads or torch.get_num_threads()
+        self.chunks = self.main = None
+        if streaming and not self.small and n > 1 and out >= 2 * n:
+            self.main = out - out % n
+            self.chunks = w[: self.main].view(n, self.main // n, d_in)  # (n, out // n, in): a view
+        # (bmm runs one chunk per thread; rows past the last whole chunk, fewer than n, are one small product)
+
+    def linear(self, x: torch.Tensor, bias) -> torch.Tensor:
+        d_in = x.size(-1)
+        rows = x.numel() // d_in
+        if rows == 1:
+            if self.chunks is not None:
+                return self._one_row(x, bias)
+            if self.t is not None:
+                return F.linear(x, self.t, bias)
+        elif self.small and rows < SMALL_MAX_ROWS:
+            return F.linear(x, self.t, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+    def _one_row(self, x: torch.Tensor, bias) -> torch.Tensor:
+        out = self.w.size(0)
+        n, c, d_in = self.chunks.shape
+        x1 = x.reshape(1, d_in)
+        y = torch.empty(1, out, dtype=x.dtype, device=x.device)
+        torch.bmm(self.chunks, x1.t().unsqueeze(0).expand(n, d_in, 1), out=y[0, : self.main].view(n, c, 1))
+        if self.main < out:
+            y[:, self.main :] = F.linear(x1, self.w[self.main :])
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], out)
+
+
+# ---- training precision: AMX
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matrix instructions): Intel Sapphire Rapids and later."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # an older torch without the probe
+        return False
+
+
+# ---- the allocator
+
+
+# glibc malloc: the default trims and mmaps large blocks eagerly, so every training step page-faults its
+# activations back in. Raising the thresholds keeps freed memory in the heap. Measured by
+# benchmarks/train_throughput.py --malloc both (docs/benchmarks.md).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_malloc() -> bool:
+    """Apply the allocator settings through mallopt (glibc only). Returns True if applied.
+
+    Same effect as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824
+    in the environment, but works from inside an already-running process (for allocations from now on).
+    Set CHATSTACK_NO_MALLOC_TUNING=1 to skip it.
+    """
+    if os.environ.get("CHATSTACK_NO_MALLOC_TUNING") == "1":
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl, macOS): nothing to do
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # int: the largest value mallopt takes (~2 GiB)
+    ok &= mallopt(_M_TOP_PAD, 1024 * 1024 * 1024)
+    return bool(ok)
