@@ -209,6 +209,36 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    """Attention of one new query per row over that row's cached keys: the one decode-attention path (GPT's
+    Attention at T == 1 with a cache, and the engine's decode step, chatstack.infer.decode_step).
+
+    q: (B, H, 1, hd); k, v: (B, Hkv, S, hd); mask: None when every row has S valid keys, else a key mask (bool,
+    or additive 0/-inf) broadcastable to (B, H, 1, S). Returns (B, H*hd).
+    """
+    B, H, _, hd = q.shape
+    Hkv, S = k.size(1), k.size(2)
+    if Hkv != H:
+        # grouped keys: fold each group's query heads into the query axis, so each kv head is read once instead
+        # of being copied H/Hkv times per step (the copy grows with the context)
+        if mask is not None and mask.dim() == 4 and mask.size(1) != 1:
+            mask = mask[:, :1]  # a key mask is the same for every head
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, attn_mask=mask)
+    elif mask is not None and mask.dim() == 4 and mask.dtype == q.dtype:
+        # rows of different lengths: batched matrix-vector products per (row, head); SDPA's per-call setup costs
+        # more at one query per row (benchmarks/decode.py)
+        s = torch.baddbmm(
+            mask.expand(B, H, 1, S).reshape(B * H, 1, S),
+            q.reshape(B * H, 1, hd),
+            k.reshape(B * H, S, hd).transpose(1, 2),
+            alpha=hd**-0.5,
+        )  # (B*H, 1, S)
+        y = torch.bmm(s.softmax(-1), v.reshape(B * H, S, hd))  # (B*H, 1, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, hd)
+    return y.reshape(B, H * hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer_idx: int):
         super().__init__()
@@ -236,45 +266,13 @@ class Attention(nn.Module):
             past = cache.pos
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past+T, hd)
         drop = self.dropout if self.training else 0.0
-        if (
-            self.n_kv_head != self.n_head
-            and T == 1
-            and cache is not None
-            and (attn_mask is None or attn_mask.dim() <= 2 or (attn_mask.dim() == 4 and attn_mask.size(1) == 1))
-        ):
-            # GQA decode (one new token): fold each group's query heads into the query axis, so attention
-            # reads the cached keys/values once per kv head instead of copying them n_head/n_kv_head times
-            # per step (the copy grows with the context: ~20x slower at 2k tokens, measured)
-            rep = self.n_head // self.n_kv_head
-            qg = q.reshape(B, self.n_kv_head, rep, hd)  # (B, Hkv, rep, hd): head g*rep+r -> group g
-            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_mask, dropout_p=drop)
-            return self.proj(y.reshape(B, self.n_head * hd))[:, None]  # (B, 1, h)
+        if T == 1 and cache is not None and drop == 0.0:
+            return self.proj(decode_attention(q, k, v, attn_mask))[:, None]  # (B, 1, h)
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             S = k.size(2)
             k = k[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
             v = v[:, :, None].expand(B, self.n_kv_head, rep, S, hd).reshape(B, self.n_head, S, hd)
-        if (
-            attn_mask is not None
-            and T == 1
-            and cache is not None
-            and drop == 0.0
-            and attn_mask.dtype == q.dtype
-            and attn_mask.dim() == 4
-        ):
-            # batched decode, rows of different lengths (an additive key mask, (B, 1|H, 1, S); the engine makes it
-            # (B, H, 1, S) so the reshape below is a view): one batched GEMV per (row, head) for q.K^T and for
-            # p.V; measured 67 vs 82 us per call for SDPA's CPU kernel at 16 rows x 4 heads x 75 keys (its
-            # per-call setup dominates at one query per row)
-            S = k.size(2)
-            s = torch.baddbmm(
-                attn_mask.expand(B, self.n_head, 1, S).reshape(B * self.n_head, 1, S),
-                q.reshape(B * self.n_head, 1, hd),
-                k.reshape(B * self.n_head, S, hd).transpose(1, 2),
-                alpha=hd**-0.5,
-            )  # (B*H, 1, S)
-            y = torch.bmm(s.softmax(-1), v.reshape(B * self.n_head, S, hd))  # (B*H, 1, hd)
-            return self.proj(y.view(B, 1, self.n_head * hd))
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif T == 1:

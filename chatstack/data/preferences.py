@@ -16,7 +16,6 @@ Everything is grouped per prompt into one `Comparison` (responses + the (winner,
 them): the reward model's batch element, so a prompt's comparisons are never split across batches
 (InstructGPT, Ouyang et al. 2022, section 3.5). Pairs lines that share a prompt join one group.
 
-    python -m chatstack.data.preferences RANKS.jsonl      # summary: prompts, responses, pairs
 """
 
 from __future__ import annotations
@@ -227,9 +226,3 @@ def summary(groups: list[Comparison]) -> dict:
         "responses": sum(len(g.responses) for g in groups),
         "pairs": sum(len(g.pairs) for g in groups),
     }
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(summary(load_preferences(sys.argv[1:])), indent=2))

@@ -12,7 +12,6 @@ held-out bucket never appear in the train split, so held-out accuracy measures g
     ex.final      # "85"             (what is checked)
     task.check("85", ex), task.well_formed("eighty")   # True, False
 
-    python -m chatstack.data.tasks          # prints two examples of each task
 
 Answer format (the same for every task, so an RL judge can rank any response):
 - a reply is a single line; short tasks answer with the final value alone ("85", "t a c");
@@ -259,9 +258,3 @@ def task_conversations(
 
 def check_any(task_name: str, reply: str, example: Example) -> bool:
     return get_task(task_name).check(reply, example)
-
-
-if __name__ == "__main__":
-    for t in TASKS.values():
-        for ex in t.examples("train", 2, seed=0):
-            print(f"[{t.name}] {ex.prompt!r} -> {ex.answer!r}  (final {ex.final!r})")

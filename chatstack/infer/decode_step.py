@@ -3,12 +3,8 @@
 `GPT.hidden_states` (chatstack.model) is the reference forward: training, prefill, evals. A decode step runs the
 same operations, in the same order and on the same weights, for one position per row, but without nn.Module
 calls, dropout modules, 3-D reshapes or the cache object's generic `update`. At one row on a small model that
-Python overhead costs more than the arithmetic. Measured on a 2-vCPU Xeon (2 threads, forward + output layer +
-greedy pick, in the same rounds; `python benchmarks/decode.py` measures the whole engine):
-
-    tiny preset (4 x 128), batch 1     784-906 us a step here vs 1,539-1,657 us through the modules
-    tiny preset, 16 rows               2,017 vs 3,061 us
-    GPT-2 small, batch 1               ~1 ms less per 21-27 ms token (the products take ~80% of it)
+Python overhead costs more than the arithmetic (benchmarks/decode.py and
+benchmarks/decode_breakdown.py measure it; docs/benchmarks.md has the numbers).
 
 The logits are the same as `model.lm_head(model.hidden_states(...))` bit for bit on CPU: the same kernels see the
 same values. tests/test_engine.py pins the engine (which uses this for every decode step of a GPT) to full forward
@@ -30,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from chatstack.kernels import gelu_tanh
-from chatstack.model import GPT, apply_rope
+from chatstack.model import GPT, apply_rope, decode_attention
 
 
 def _linear(m, x: torch.Tensor) -> torch.Tensor:
@@ -126,21 +122,8 @@ class DecodeStep:
             else:
                 kvl[:, :B, :, write] = new
             k, v = kvl[0, :B, :, :S], kvl[1, :B, :, :S]  # (B, Hkv, S, hd) views
-            if Hkv != H:
-                # grouped keys: each group's query heads along the query axis (as GPT's Attention does at T = 1)
-                y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, attn_mask=mask)
-            elif mask is not None and mask.dim() == 4 and mask.dtype == q.dtype:
-                # rows of different lengths: batched matrix-vector products (see GPT's Attention)
-                s = torch.baddbmm(
-                    mask.expand(B, H, 1, S).reshape(B * H, 1, S),
-                    q.reshape(B * H, 1, hd),
-                    k.reshape(B * H, S, hd).transpose(1, 2),
-                    alpha=hd**-0.5,
-                )  # (B*H, 1, S)
-                y = torch.bmm(s.softmax(-1), v.reshape(B * H, S, hd))  # (B*H, 1, hd)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, hd)
-            x = x + _linear(proj_m, y.reshape(B, qd))
+            y = decode_attention(q, k, v, mask)  # (B, H*hd)
+            x = x + _linear(proj_m, y)
             u = _linear(fc_m, self._norm(n2, x))
             if self.gelu:
                 u = gelu_tanh(u)

@@ -199,22 +199,16 @@ class Engine:
         prefilled with the fp32 weights. The int8 copies are kept and re-made like the transposed ones below.
 
         transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
-        chatstack.model.Linear: q/k/v, projections, MLP, output layer; see Linear.fast_weight). On CPU a
-        few-row product runs 1.3-2.5x faster that way than with nn.Linear's (out, in) layout (tiny model,
-        16 rows: 512->128 43 -> 17 us, 128->384 21 -> 14 us); GPT-2 small at batch 1 is bound by streaming
-        its weights from memory and gains little. Costs one extra copy of those weights (GPT-2 small:
-        ~500 MB), held by the engine. The copies are bound to the model only inside step() and re-made
-        when a weight's version counter or storage moves (in-place updates, load_state_dict) and after
-        any torch.optim optimizer step in this process (fused optimizers update weights without bumping
-        the version counter). Writes through `.data` are seen by neither: call refresh_weights() after
-        those. Making them is a full transposing copy (GPT-2 small: ~0.45 s), so it is done only then, not
-        on every generate() call. Default: on for CPU when the model's weights take at most 1 GiB (so a
-        larger model loaded for CPU chat never needs twice its memory), off elsewhere.
+        chatstack.model.Linear; see Linear.fast_weight): on CPU a few-row product runs faster from that layout
+        (benchmarks/decode.py). Costs one extra copy of the weights, held by the engine and bound to the model
+        only inside step(); re-made when a weight's version counter or storage moves and after any torch.optim
+        optimizer step in this process (fused optimizers update weights without bumping the version counter).
+        Writes through `.data` are seen by neither: call refresh_weights() after those. Default: on for CPU when
+        the weights take at most 1 GiB (a larger model loaded for CPU chat never needs twice its memory).
 
         cpu_matmul: which kernels those copies are made for (chatstack.infer.cpu): "mkl" (the (in, out) copies
         above), "onednn" (a oneDNN-packed copy per weight, and a one-row product split over the threads when the
-        weights stream from memory: 1.5-4x faster products where MKL is slow, i.e. on x86 CPUs that are not
-        Intel's), or "auto"; None = the CHATSTACK_CPU_MATMUL environment variable, else auto."""
+        weights stream from memory: faster where MKL is slow, i.e. on x86 CPUs that are not Intel's), or "auto"; None = the CHATSTACK_CPU_MATMUL environment variable, else auto."""
         self.model = model
         self.tok = tokenizer
         self.cfg = model.config

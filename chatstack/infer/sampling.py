@@ -22,20 +22,11 @@ import torch
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """argmax over the last dim (first index on ties), (B, V) -> (B,).
 
-    CPU's max(dim)/argmax kernels walk a row one element at a time, while amax is vectorised. So for many rows
-    of a large vocabulary, each row is cut into blocks of 64 (the last one may be shorter): the vectorised amax
-    of each block, the first block holding the row's maximum, then the first maximum inside that one block.
-    Same answer, ties included: the first block with the maximum holds its first occurrence.
-
-    Where it pays was measured where greedy runs, right after the output layer's product (2-vCPU Xeon, median
-    of 30; `max` = max(dim)): 16 x 50,257 blocks 797-917 vs max 1,069-1,094 us. Below that the extra small ops
-    cost more than the scan: 1 x 50,257 (GPT-2's vocabulary at batch 1) max 222-244 vs blocks 413-487 us,
-    4 x 50,257 299-332 vs 445-463, 16 x 4,096 105-126 vs 132-142. (With warm caches, in a loop of its own, the
-    blocks win from 16 x 4,096 up: 48 vs 88 us; that is not how a decode step calls it.)
-
-    Below the threshold it is `argmax`, which gives max(dim)'s index (first on ties, a NaN's index where there is
-    one) without writing the values: on a 2-vCPU AMD EPYC (Zen 5), right after the output layer, median of 40,
-    1 x 50,257 56 vs 103 us for max(dim), 1 x 4,096 8.6 vs 10.6, 16 x 4,096 44 vs 48."""
+    CPU's argmax walks a row one element at a time, while amax is vectorised: for many rows of a large
+    vocabulary (B * V >= 2**19), each row is cut into blocks of 64, the vectorised amax of each block picks the
+    first block holding the row's maximum, then argmax inside that one block. Same answer, ties included.
+    Below the threshold plain argmax is faster where a decode step calls it (right after the output layer's
+    product, caches cold); docs/benchmarks.md has the measurements."""
     B, V = logits.shape
     blk = 64
     if B * V < 2**19 or logits.stride(-1) != 1:

@@ -4,7 +4,6 @@
     chatstack import gguf path/to/model.gguf --out runs/m    # any llama-architecture GGUF
     chatstack chat runs/smollm2
 
-    python -m chatstack.interop.gguf [PATH] OUT              # the same without the CLI
 
 What a GGUF holds and how it maps:
 - `llama.*` metadata -> GPTConfig (RoPE, RMSNorm, SwiGLU, no biases, GQA; tied when there is no
@@ -23,7 +22,6 @@ never imported (the module needs the `llm` package).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -264,13 +262,3 @@ def import_gguf(path: Optional[str | os.PathLike], out: str | os.PathLike, progr
         "train": None,
     }
     return save_checkpoint(out, model, config, tokenizer=tok)
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = sys.argv[1:]
-    if len(args) not in (1, 2):
-        sys.exit("usage: python -m chatstack.interop.gguf [PATH.gguf] OUT_DIR")
-    src, dst = (None, args[0]) if len(args) == 1 else args
-    print(json.dumps({"checkpoint": str(import_gguf(src, dst))}))

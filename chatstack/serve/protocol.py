@@ -8,7 +8,7 @@ answered 400 in OpenAI's error envelope with `param` naming the offending field
 Accepted but ignored (as llama.cpp does): presence_penalty, frequency_penalty, logit_bias, user,
 response_format {"type": "text"}. Extensions (as vLLM): top_k.
 
-    python -m chatstack.serve.protocol     # prints the JSON schema of a chat request
+    GET /openapi.json on a running server  # the JSON schema of every request
 """
 
 from __future__ import annotations
@@ -332,9 +332,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(ChatCompletionRequest.model_json_schema(), indent=2))

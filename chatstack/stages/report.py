@@ -1,6 +1,6 @@
 """The run's report card: `report.md` + `report.json` + PNG plots, from the stage directories of a run.
 
-    python -m chatstack.stages.report runs/speedrun        # (re)build the report of a finished speedrun
+    chatstack speedrun --out runs/speedrun    # on a finished run: skips every stage and rebuilds the report
 
 Everything here reads what the stages wrote (config.json, metrics.jsonl, eval JSONs) — it never trains.
 """

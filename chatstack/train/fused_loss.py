@@ -12,16 +12,14 @@ dL/dW. The backward pass then only scales the saved gradients. Same FLOPs, far l
 Used in CPU training: fp32, or with bf16 matmuls (mm_dtype) under chatstack.model.cpu_bf16_matmuls. Under
 torch.autocast (bf16/fp16 on GPU) the plain path keeps autocast's numerics.
 
-    python -m chatstack.train.fused_loss        # times plain vs fused on the tiny preset's shapes
+    python benchmarks/fused_loss.py              # times plain vs fused on the tiny preset's shapes
 """
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -94,26 +92,3 @@ def linear_cross_entropy(
     mm_dtype=torch.bfloat16: the two matmuls take bf16 operands (CPU AMX; see chatstack.model.cpu_bf16_matmuls);
     logits, softmax, loss and gradients stay fp32."""
     return _LinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), weight, targets.reshape(-1), chunk, mm_dtype)
-
-
-def _bench(reps: int = 10):
-    torch.manual_seed(0)
-    N, C, V = 16 * 256, 128, 4096
-    h = torch.randn(N, C, requires_grad=True)
-    w = (torch.randn(V, C) * 0.02).requires_grad_()
-    t = torch.randint(0, V, (N,))
-    plain = lambda: F.cross_entropy(h @ w.t(), t).backward()
-    fused = {c: (lambda c=c: linear_cross_entropy(h, w, t, c).backward()) for c in (256, 512, 1024, 2048)}
-    res = {"plain": [], **{f"fused/{c}": [] for c in fused}}
-    for _ in range(reps):  # interleaved, so machine load hits all variants alike
-        for name, fn in [("plain", plain), *[(f"fused/{c}", f) for c, f in fused.items()]]:
-            h.grad = w.grad = None
-            t0 = time.perf_counter()
-            fn()
-            res[name].append(time.perf_counter() - t0)
-    for name, ts in res.items():
-        print(f"{name:12s} {sorted(ts)[len(ts) // 2] * 1e3:8.1f} ms (median)")
-
-
-if __name__ == "__main__":
-    _bench()
