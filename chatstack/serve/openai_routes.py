@@ -111,9 +111,25 @@ async def _drain(queue: asyncio.Queue) -> list:
 
 
 def _sse(obj: Union[dict, Any]) -> str:
+    """One server-sent event. Chunks are dicts dumped with json (C) rather than through pydantic: this runs once
+    per token per client, the server's hot path."""
     if hasattr(obj, "model_dump_json"):
         return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
     return f"data: {json.dumps(obj)}\n\n"
+
+
+class _Chunks:
+    """The SSE chunks of one streamed response: chat.completion.chunk (deltas) or text_completion (text)."""
+
+    def __init__(self, obj: str, rid: str, created: int, model: str):
+        self.head = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
+        self.field = "delta" if obj == "chat.completion.chunk" else "text"
+
+    def __call__(self, choices: list, usage: Optional[dict] = None) -> str:
+        return _sse({**self.head, "choices": choices, "usage": usage})
+
+    def choice(self, idx: int, content, logprobs=None, finish: Optional[str] = None) -> dict:
+        return {"index": idx, self.field: content, "logprobs": logprobs, "finish_reason": finish}
 
 
 def check_context(st, prompt_ids: list[int], param: str) -> None:
@@ -232,21 +248,8 @@ def add_openai_routes(app: FastAPI, st) -> None:
     async def _chat_stream(
         rows, queue, n, rid, created, want_logprobs, n_prompt, include_usage, special
     ) -> AsyncIterator[str]:
-        # chunks are built as dicts and dumped with json (C) rather than through pydantic: this runs once
-        # per token per client, and it is the server's hot path
-        head = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": st.model_id,
-            "system_fingerprint": None,
-        }
-
-        def chunk(choices, usage=None):
-            return "data: " + json.dumps({**head, "choices": choices, "usage": usage}) + "\n\n"
-
-        def choice(idx, delta, logprobs=None, finish=None):
-            return {"index": idx, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        chunk = _Chunks("chat.completion.chunk", rid, created, st.model_id)
+        choice = chunk.choice
 
         try:
             yield "".join(chunk([choice(i, {"role": "assistant", "content": ""})]) for i in range(n))
@@ -404,19 +407,8 @@ def add_openai_routes(app: FastAPI, st) -> None:
         return out
 
     async def _completion_stream(rows, queue, total, rid, created, req, idx_prompt, echo_text, n_prompt, special):
-        head = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": st.model_id,
-            "system_fingerprint": None,
-        }
-
-        def chunk(choices, usage=None):
-            return "data: " + json.dumps({**head, "choices": choices, "usage": usage}) + "\n\n"
-
-        def choice(idx, text, logprobs=None, finish=None):
-            return {"index": idx, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        chunk = _Chunks("text_completion", rid, created, st.model_id)
+        choice = chunk.choice
 
         offsets = [len(echo_text[idx_prompt[i]]) for i in range(total)]
         try:
