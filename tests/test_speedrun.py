@@ -1,11 +1,14 @@
 """The speedrun's smoke variant: every stage runs through the CLI, the report has the documented layout,
-and a second invocation skips what is done."""
+and a second invocation skips what is done. Ten subprocesses, about a minute on an idle 2-core machine and
+several under load: marked slow, and .ci/run runs them after the fast suite."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
