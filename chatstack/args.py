@@ -15,7 +15,7 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _unwrap_optional(tp):
+def _unwrap_optional(tp: typing.Any) -> tuple[typing.Any, bool]:
     if typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
@@ -23,7 +23,9 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), group: str | None = None):
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), group: str | None = None
+) -> argparse.ArgumentParser:
     """One `--field-name` flag per dataclass field, typed, defaulting to the field's default."""
     hints = typing.get_type_hints(cls)
     target = parser.add_argument_group(group) if group else parser
@@ -82,7 +84,7 @@ def _int_like(s: str) -> int:
         return int(v)
 
 
-def dataclass_from_args(cls, args: argparse.Namespace, **overrides):
+def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: typing.Any) -> typing.Any:
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     kw.update(overrides)
     return cls(**kw)

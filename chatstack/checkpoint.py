@@ -67,7 +67,11 @@ def recover(path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: nn.Module, config: dict, tokenizer=None, state: Optional[dict] = None
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: dict,
+    tokenizer: Tokenizer | None = None,
+    state: Optional[dict] = None,
 ) -> Path:
     """Write `model` (any nn.Module), `config` (JSON-able) and optional tokenizer/state atomically to `path`.
 
@@ -153,7 +157,7 @@ def load_state(path: str | os.PathLike) -> dict:
     return state
 
 
-def load_tokenizer(path: str | os.PathLike):
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     tpath = Path(path) / "tokenizer.json"
     if not tpath.exists():
         raise CheckpointError(f"{tpath}: missing")

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import warnings
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,12 @@ _A = 2.0 * math.sqrt(2.0 / math.pi)  # 2z = x * (_A + _B x^2)
 _B = _A * 0.044715
 
 
-def _gelu_fwd(x):
+def _gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.sigmoid(xf * (_A + _B * xf * xf))).to(x.dtype)
 
 
-def _gelu_bwd(g, x):
+def _gelu_bwd(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # d/dx [x s(u)], u = x (A + B x^2):  s + x s (1 - s) (A + 3 B x^2)
     xf = x.float()
     x2 = xf * xf
@@ -53,7 +54,9 @@ def fused_available() -> bool:
     return _enabled
 
 
-def _run(name: str, fn, fallback, *args):
+def _run(
+    name: str, fn: Callable[..., torch.Tensor], fallback: Callable[..., torch.Tensor], *args: torch.Tensor
+) -> torch.Tensor:
     """fn compiled (once per process; Inductor's dynamic shapes cover every size), or the aten fallback."""
     global _enabled
     if _enabled:
@@ -79,18 +82,18 @@ def _run(name: str, fn, fallback, *args):
     return fallback(*args)
 
 
-def _aten_gelu_bwd(g, x):
+def _aten_gelu_bwd(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
 
 
 class _GeluTanh(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)  # the pre-activation, as aten's GELU keeps it
         return _run("gelu_fwd", _gelu_fwd, _aten_gelu, x)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return _run("gelu_bwd", _gelu_bwd, _aten_gelu_bwd, g.contiguous(), x)
 
@@ -108,7 +111,7 @@ def use_fused(x: torch.Tensor) -> bool:
     )
 
 
-def _aten_gelu(x):
+def _aten_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.ffn_hidden is None:
@@ -100,7 +100,7 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 
 
-def rope_tables(head_dim: int, max_pos: int, base: float):
+def rope_tables(head_dim: int, max_pos: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     t = torch.arange(max_pos, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)  # (T, hd/2)
@@ -138,7 +138,7 @@ def cpu_bf16_active() -> bool:
 
 
 @contextlib.contextmanager
-def cpu_bf16_matmuls(enabled: bool = True):
+def cpu_bf16_matmuls(enabled: bool = True) -> Iterator[None]:
     """Inside: every chatstack Linear on CPU (and the fused pretraining loss) multiplies in bf16."""
     token = _cpu_bf16.set(enabled)
     try:
@@ -152,7 +152,9 @@ class _BF16Linear(torch.autograd.Function):
     gradient comes back in the input's dtype, the weight's and bias's in fp32."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_bf16: bool):
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_bf16: bool
+    ) -> torch.Tensor:
         x16 = x.reshape(-1, x.size(-1)).to(torch.bfloat16)  # (N, in)
         w16 = weight.to(torch.bfloat16)  # (out, in)
         if out_bf16:
@@ -166,7 +168,7 @@ class _BF16Linear(torch.autograd.Function):
         return y.view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x16, w16 = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.size(-1))  # (N, out)
         g16 = g.to(torch.bfloat16)
@@ -198,7 +200,7 @@ class Linear(nn.Linear):
     # activation, or a residual add, which promotes to fp32 inside its own kernel) instead of casting it to fp32
     bf16_out: bool = False
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fast_weight
         if w is not None:
             if isinstance(w, torch.Tensor):
@@ -209,7 +211,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None):
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Attention of one new query per row over that row's cached keys: the one decode-attention path (GPT's
     Attention at T == 1 with a cache, and the engine's decode step, chatstack.infer.decode_step).
 
@@ -240,7 +244,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int):
+    def __init__(self, cfg: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
@@ -251,7 +255,13 @@ class Attention(nn.Module):
         self.proj.bf16_out = True  # feeds the residual add
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, cache=None, attn_mask=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Any = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1)
@@ -289,7 +299,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
         f = cfg.ffn_hidden
@@ -298,7 +308,7 @@ class MLP(nn.Module):
         self.proj = Linear(f, cfg.n_embd, bias=cfg.bias)
         self.fc.bf16_out = self.proj.bf16_out = True  # activation, then the residual add
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.kind == "gelu":
             h = gelu_tanh(h)  # aten's, or a fused kernel in CPU training steps (chatstack.kernels)
@@ -309,7 +319,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer_idx: int):
+    def __init__(self, cfg: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
@@ -317,14 +327,20 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, attn_mask=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Any = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, attn_mask))  # Add & Norm (pre-norm)
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -345,7 +361,7 @@ class GPT(nn.Module):
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def _init_weights(self, m):
+    def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
             if m.bias is not None:
@@ -359,7 +375,13 @@ class GPT(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
-    def hidden_states(self, idx, cache=None, positions=None, attn_mask=None):
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        cache: Any = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final-normed hidden states (B, T, n_embd): what the LM head, a reward head or a value head read."""
         cfg = self.config
         B, T = idx.shape
@@ -382,8 +404,15 @@ class GPT(nn.Module):
         return self.norm_f(x)
 
     def forward(
-        self, idx, targets=None, loss_mask=None, cache=None, positions=None, attn_mask=None, last_only: bool = False
-    ):
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        cache: Any = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) (or (B, 1, V) with last_only); with targets also the mean cross-entropy.
 
         targets: (B, T) next tokens, -1 = ignore. loss_mask: optional (B, T) weights (1 = count).
@@ -398,7 +427,7 @@ class GPT(nn.Module):
         return logits, loss
 
 
-def lm_loss(logits, targets, loss_mask=None):
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over counted positions (targets == -1 never count)."""
     V = logits.size(-1)
     if loss_mask is None:

@@ -107,7 +107,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def get_preset(name: str, **overrides) -> GPTConfig:
+def get_preset(name: str, **overrides: object) -> GPTConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return GPTConfig(**{**PRESETS[name], **overrides})

@@ -54,7 +54,7 @@ def enumerate_bytes_to_unicode() -> dict[int, str]:
 class Tokenizer:
     """A byte-level BPE vocabulary plus the ChatML renderer. Build with `train`, `load` or `gpt2`."""
 
-    def __init__(self, hf: HFTokenizer, name: str = "bpe"):
+    def __init__(self, hf: HFTokenizer, name: str = "bpe") -> None:
         self.hf = hf
         self.name = name
         # special-token strings typed by a user are plain text, never control tokens
@@ -155,7 +155,7 @@ class Tokenizer:
         return table
 
     # ---- ChatML ------------------------------------------------------------------------------------
-    def _check_messages(self, messages) -> None:
+    def _check_messages(self, messages: Sequence[dict]) -> None:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content}")
         for i, m in enumerate(messages):
@@ -173,7 +173,7 @@ class Tokenizer:
         m = 1 if (train and role == "assistant") else 0
         return head + body + tail, [0] * len(head) + [m] * len(body) + [0] * len(tail)
 
-    def render_chat(self, messages) -> tuple[list[int], list[int]]:
+    def render_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
         """ChatML ids for a whole conversation and a loss mask (1 = assistant content and its <|im_end|>)."""
         self._check_messages(messages)
         ids, mask = [], []
@@ -183,7 +183,7 @@ class Tokenizer:
             mask += k
         return ids, mask
 
-    def render_prompt(self, messages) -> list[int]:
+    def render_prompt(self, messages: Sequence[dict]) -> list[int]:
         """ChatML ids of the conversation so far, ending in `<|im_start|>assistant\\n` for generation."""
         self._check_messages(messages)
         ids = []

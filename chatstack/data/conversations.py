@@ -29,6 +29,8 @@ from typing import Iterable
 
 import torch
 
+from chatstack.tokenizer import Tokenizer
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -56,7 +58,7 @@ class LoadSummary:
         return s
 
 
-def validate_messages(obj, where: str) -> list[dict]:
+def validate_messages(obj: object, where: str) -> list[dict]:
     """Check one record; returns its messages or raises ConversationError("{where}: problem")."""
     if not isinstance(obj, dict):
         raise ConversationError(f"{where}: expected a JSON object with a 'messages' list, got {type(obj).__name__}")
@@ -120,7 +122,9 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] + messages
 
 
-def render(tokenizer, messages: list[dict], max_len: int, on_long: str = "truncate"):
+def render(
+    tokenizer: Tokenizer, messages: list[dict], max_len: int, on_long: str = "truncate"
+) -> tuple[list[int], list[int], bool] | None:
     """ChatML (ids, mask) of one conversation fitting `max_len` tokens, or None if it must be dropped.
 
     Returns (ids, mask, truncated: bool)."""
@@ -145,13 +149,13 @@ def render(tokenizer, messages: list[dict], max_len: int, on_long: str = "trunca
 
 
 def encode_conversations(
-    tokenizer,
+    tokenizer: Tokenizer,
     conversations: list[list[dict]],
     max_len: int,
     system: str | None = None,
     on_long: str = "truncate",
     summary: LoadSummary | None = None,
-):
+) -> tuple[list[tuple[list[int], list[int]]], LoadSummary]:
     """Render every conversation; returns [(ids, mask)] and fills `summary`."""
     if on_long not in ("truncate", "drop"):
         raise ValueError(f"on_long must be 'truncate' or 'drop', got {on_long!r}")
@@ -182,7 +186,7 @@ class PackedRows:
     mask: torch.Tensor  # (N, L) uint8
     doc: torch.Tensor  # (N, L) int16/long
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.ids.size(0)
 
     def fill(self) -> float:
@@ -269,12 +273,12 @@ def make_batch(rows: PackedRows, index: torch.Tensor, trim: bool = True) -> dict
 
 def load_conversations(
     paths: list[str | Path],
-    tokenizer,
+    tokenizer: Tokenizer,
     max_len: int,
     system: str | None = None,
     on_long: str = "truncate",
     strict: bool = True,
-):
+) -> tuple[list[tuple[list[int], list[int]]], LoadSummary]:
     """Read, validate and render JSONL files; returns ([(ids, mask)], LoadSummary)."""
     summary = LoadSummary()
     convs = []

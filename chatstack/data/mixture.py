@@ -73,7 +73,7 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
 
 
 class Mixture:
-    def __init__(self, sources: list[tuple[str, float]]):
+    def __init__(self, sources: list[tuple[str, float]]) -> None:
         if not sources:
             raise DataError("no data sources given")
         self.datasets = [TokenDataset(p) for p, _ in sources]

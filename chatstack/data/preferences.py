@@ -50,11 +50,11 @@ def prompt_key(prompt: list[dict]) -> str:
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
-def _where(path, lineno) -> str:
+def _where(path: str | os.PathLike, lineno: int) -> str:
     return f"{path}:{lineno}"
 
 
-def _messages(value, where: str, fld: str) -> list[dict]:
+def _messages(value: object, where: str, fld: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise PreferenceError(f"{where}: field '{fld}' is empty")
@@ -73,7 +73,7 @@ def _messages(value, where: str, fld: str) -> list[dict]:
     return out
 
 
-def _answer(value, where: str, fld: str) -> tuple[str, list[dict] | None]:
+def _answer(value: object, where: str, fld: str) -> tuple[str, list[dict] | None]:
     """An answer as text; a TRL conversational answer (message list) also returns its leading messages."""
     if isinstance(value, str):
         return value, None
@@ -83,7 +83,7 @@ def _answer(value, where: str, fld: str) -> tuple[str, list[dict] | None]:
     return msgs[-1]["content"], msgs[:-1]
 
 
-def parse_record(obj, where: str) -> tuple[list[dict], list[str], list[tuple[int, int]]]:
+def parse_record(obj: object, where: str) -> tuple[list[dict], list[str], list[tuple[int, int]]]:
     """One JSON line -> (prompt messages, responses, pairs)."""
     if not isinstance(obj, dict):
         raise PreferenceError(f"{where}: expected a JSON object, got {type(obj).__name__}")

@@ -34,7 +34,7 @@ class DataError(Exception):
     """A dataset directory or input file is missing, malformed, or does not match; the message names it."""
 
 
-def tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
     """sha256 over the bytes of every token id plus the special ids: equal iff the id -> bytes maps agree."""
     h = hashlib.sha256()
     h.update(f"{tok.vocab_size}:{tok.eot_id}".encode())
@@ -60,14 +60,14 @@ def write_array_atomic(path: Path, arr: np.ndarray) -> None:
 class ShardWriter:
     """Append token arrays of one split; cut into shards of `shard_tokens` ids."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.dir, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
         self.buf: list[np.ndarray] = []
         self.n_buf = 0
         self.shards: list[dict] = []
         self.tokens = 0
 
-    def add(self, ids) -> None:
+    def add(self, ids: list[int] | np.ndarray) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
         self.buf.append(arr)
         self.n_buf += arr.size
@@ -104,7 +104,7 @@ class Split:
 class TokenDataset:
     """A prepared dataset directory (see the module docstring)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         meta_path = self.path / META
         if not self.path.is_dir():
@@ -129,7 +129,7 @@ class TokenDataset:
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
 
-    def check_tokenizer(self, tok, where: str = "tokenizer") -> None:
+    def check_tokenizer(self, tok: Tokenizer, where: str = "tokenizer") -> None:
         fp = tokenizer_fingerprint(tok)
         if fp != self.fingerprint:
             raise DataError(
@@ -138,7 +138,7 @@ class TokenDataset:
                 f"re-run `chatstack data prepare` with this tokenizer"
             )
 
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         p = self.path / "tokenizer.json"
         if not p.exists():
             raise DataError(f"{p}: missing (pass --tokenizer)")

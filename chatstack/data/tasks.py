@@ -53,7 +53,7 @@ class Example:
         return self.messages + [{"role": "assistant", "content": self.answer}]
 
 
-def _split_of(task: str, key) -> str:
+def _split_of(task: str, key: object) -> str:
     h = hashlib.blake2b(f"{task}|{key!r}".encode(), digest_size=8).digest()
     return "test" if int.from_bytes(h, "little") % HELDOUT_BUCKETS == 0 else "train"
 
@@ -83,7 +83,7 @@ class Task:
     difficulty: str = "easy"
     _pattern: re.Pattern = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._pattern = re.compile(self.final_pattern)
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
@@ -147,29 +147,29 @@ def _spaced(word: str) -> str:
     return " ".join(word)
 
 
-def _add(rng):
+def _add(rng: random.Random) -> tuple[object, str, str, str]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     return (a, b), f"What is {a} + {b}?", str(a + b), str(a + b)
 
 
-def _sub(rng):
+def _sub(rng: random.Random) -> tuple[object, str, str, str]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     a, b = max(a, b), min(a, b)
     return (a, b), f"What is {a} - {b}?", str(a - b), str(a - b)
 
 
-def _compare(rng):
+def _compare(rng: random.Random) -> tuple[object, str, str, str]:
     a, b = rng.sample(range(100, 1000), 2)
     return (a, b), f"Which is larger, {a} or {b}?", str(max(a, b)), str(max(a, b))
 
 
-def _reverse(rng):
+def _reverse(rng: random.Random) -> tuple[object, str, str, str]:
     w = rng.choice(WORDS)
     rev = _spaced(w[::-1])
     return w, f"Reverse the letters: {_spaced(w)}", rev, rev
 
 
-def _count(rng):
+def _count(rng: random.Random) -> tuple[object, str, str, str]:
     w = rng.choice(WORDS)
     # ask about a letter in the word most of the time, sometimes one that is absent (answer 0)
     letters = sorted(set(w))
@@ -178,7 +178,7 @@ def _count(rng):
     return (w, ch), f"How many times does {ch} appear in: {_spaced(w)}?", str(n), str(n)
 
 
-def _add3(rng):
+def _add3(rng: random.Random) -> tuple[object, str, str, str]:
     a, b = rng.randint(100, 999), rng.randint(100, 999)
     # column addition, ones first: the chain of thought a tiny model can follow digit by digit
     da, db = str(a)[::-1], str(b)[::-1]
@@ -192,7 +192,7 @@ def _add3(rng):
     return (a, b), f"What is {a} + {b}? Think step by step.", answer, str(a + b)
 
 
-def _word_problem(rng):
+def _word_problem(rng: random.Random) -> tuple[object, str, str, str]:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     a = rng.randint(2, 20)
     if rng.random() < 0.5:

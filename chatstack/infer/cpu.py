@@ -87,7 +87,7 @@ class CPUWeight:
 
     __slots__ = ("w", "t", "packed", "chunks", "main", "small")
 
-    def __init__(self, weight: torch.Tensor, streaming: bool, threads: int | None = None):
+    def __init__(self, weight: torch.Tensor, streaming: bool, threads: int | None = None) -> None:
         w = weight.detach()
         self.w = w
         out, d_in = w.shape
@@ -102,7 +102,7 @@ class CPUWeight:
             self.chunks = w[: self.main].view(n, self.main // n, d_in)  # (n, out // n, in): a view
         # (bmm runs one chunk per thread; rows past the last whole chunk, fewer than n, are one small product)
 
-    def linear(self, x: torch.Tensor, bias) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         d_in = x.size(-1)
         rows = x.numel() // d_in
         if rows == 1:
@@ -114,7 +114,7 @@ class CPUWeight:
             return F.linear(x, self.t, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
-    def _one_row(self, x: torch.Tensor, bias) -> torch.Tensor:
+    def _one_row(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = self.w.size(0)
         n, c, d_in = self.chunks.shape
         x1 = x.reshape(1, d_in)

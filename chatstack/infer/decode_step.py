@@ -29,7 +29,7 @@ from chatstack.kernels import gelu_tanh
 from chatstack.model import GPT, apply_rope, decode_attention
 
 
-def _linear(m, x: torch.Tensor) -> torch.Tensor:
+def _linear(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What chatstack.model.Linear.forward computes, without the Module call: the bound fast_weight (an (in, out)
     copy's transposed view, an Int8Weight or a CPUWeight) when the engine bound one, else the Linear's own forward."""
     w = m.__dict__.get("fast_weight")
@@ -44,7 +44,7 @@ class DecodeStep:
     """Callable decode forward for one GPT. Holds the model's layer modules (found once); weights are read from
     them at every call, so in-place updates, new storage and the engine's bound copies are always seen."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT) -> None:
         cfg = model.config
         self.model = model
         self.H, self.Hkv, self.hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -68,11 +68,11 @@ class DecodeStep:
         self.norm_f, self.lm_head = model._modules["norm_f"], model._modules["lm_head"]
 
     @classmethod
-    def for_model(cls, model) -> Optional[DecodeStep]:
+    def for_model(cls, model: torch.nn.Module) -> Optional[DecodeStep]:
         """A DecodeStep for a chatstack GPT; None for anything else (the engine then uses model.hidden_states)."""
         return cls(model) if isinstance(model, GPT) else None
 
-    def _norm(self, m, x: torch.Tensor) -> torch.Tensor:
+    def _norm(self, m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         p = m._parameters
         if self.layernorm:
             return F.layer_norm(x, m.normalized_shape, p["weight"], p.get("bias"), m.eps)

@@ -63,6 +63,7 @@ from chatstack.infer.prefix_cache import PrefixCache
 from chatstack.infer.quantize import Int8Weight, check_quantize, int8_supported
 from chatstack.infer.sampling import greedy, sample
 from chatstack.model import Linear
+from chatstack.tokenizer import Tokenizer
 
 # Optimizer steps taken anywhere in this process. Fused optimizers (AdamW(fused=True)) update weights
 # without bumping their version counters, so this count is how an engine learns that its (in, out) weight
@@ -71,7 +72,7 @@ from chatstack.model import Linear
 _optimizer_steps = 0
 
 
-def _count_optimizer_step(optimizer, args, kwargs):
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
     global _optimizer_steps
     _optimizer_steps += 1
 
@@ -91,7 +92,7 @@ class SamplingParams:
     logprobs: bool = False  # per-token log-probability of the chosen token
     top_logprobs: int = 0  # also the top-N alternatives per position
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         problems = []
@@ -148,7 +149,7 @@ class _Row:
         stop_ids: set[int],
         uniforms: Optional[list[float]],
         collect: bool,
-    ):
+    ) -> None:
         self.rid, self.prompt, self.params, self.stop_ids = rid, prompt, params, stop_ids
         self.uniforms = uniforms
         self.collect = collect
@@ -177,16 +178,16 @@ STREAMING_BYTES = 64 << 20  # a model with more weight bytes than this streams t
 class Engine:
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
         max_batch_size: int = 32,
-        device=None,
+        device: str | torch.device | None = None,
         transposed_weights: Optional[bool] = None,
         quantize: Optional[str] = None,
         prefix_cache_mb: float = 0,
         prefill_chunk: int = 0,
         cpu_matmul: Optional[str] = None,
-    ):
+    ) -> None:
         """prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
         while the running rows go on decoding (a long prompt would otherwise stall every stream for its whole
         prefill). 0 = off: a prompt is prefilled in one forward.
@@ -544,7 +545,9 @@ class Engine:
         return self.model.lm_head(h)
 
     # ---- sampling and bookkeeping --------------------------------------------------------------------------
-    def _sampling_tensors(self, rows: list[_Row]):
+    def _sampling_tensors(
+        self, rows: list[_Row]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, int, bool, int]:
         key = tuple(r.rid for r in rows)
         if key != self._batch_key:
             ps = [r.params for r in rows]
@@ -591,7 +594,7 @@ class Engine:
             )
         return events
 
-    def _advance_row(self, r: _Row, tid: int, lp, top) -> TokenEvent:
+    def _advance_row(self, r: _Row, tid: int, lp: float | None, top: list[tuple[int, float]] | None) -> TokenEvent:
         p = r.params
         r.out.append(tid)
         if r.logprobs is not None:
@@ -646,7 +649,7 @@ class Engine:
                 return n
         return 0
 
-    def _finish(self, r: _Row, reason: str, flush: bool = True):
+    def _finish(self, r: _Row, reason: str, flush: bool = True) -> None:
         if flush:
             r.text += r.decoder.decode(b"", final=True)  # an incomplete trailing character becomes U+FFFD
             if reason == "length" and self._find_stop(r):
@@ -655,7 +658,7 @@ class Engine:
         if r.collect:
             self.done[r.rid] = Completion(r.prompt, r.out, r.text, reason, r.logprobs, r.top)
 
-    def _compact(self):
+    def _compact(self) -> None:
         """Remove finished rows; the last running row moves into each hole so slots stay 0..B-1."""
         running = self.running
         if self.prefix_cache is not None:

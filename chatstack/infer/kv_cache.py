@@ -14,6 +14,8 @@ from typing import Union
 
 import torch
 
+from chatstack.model import GPTConfig
+
 
 class KVCache:
     """KV cache with one slot per running row and per-row lengths.
@@ -25,7 +27,7 @@ class KVCache:
     Capacity grows on demand (doubling), so a short request doesn't allocate the whole context.
     """
 
-    def __init__(self, cfg, device, dtype, max_slots: int):
+    def __init__(self, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, max_slots: int) -> None:
         self.max_slots = max_slots
         self.n_layer, self.n_kv, self.hd = cfg.n_layer, cfg.n_kv_head, cfg.head_dim
         self.max_len = cfg.block_size
@@ -36,7 +38,7 @@ class KVCache:
         self._mode = None
         self._base_key = self._base = None  # decode(): flat offsets of (k|v, slot, head) rows, per batch shape
 
-    def reserve(self, slots: int, length: int):
+    def reserve(self, slots: int, length: int) -> None:
         if slots <= self.slots and length <= self.length:
             return
         new_slots = max(slots, min(2 * self.slots, self.max_slots))
@@ -48,13 +50,13 @@ class KVCache:
             kv[:, :, : self.slots, :, : self.length] = self.kv
         self.kv, self.k, self.v, self.slots, self.length = kv, kv[:, 0], kv[:, 1], new_slots, new_len
 
-    def prefill(self, first_slot: int, B: int, start: int = 0):
+    def prefill(self, first_slot: int, B: int, start: int = 0) -> None:
         """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions start..start+T-1
         (start > 0: a chunk after a prefix already in the slot; B must then be 1)."""
         self._mode = ("prefill", first_slot, B, start)
         self.pos = start
 
-    def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int):
+    def decode(self, B: int, write_pos: Union[int, torch.Tensor], S: int) -> Union[int, torch.Tensor]:
         """Next forward: one token for rows 0..B-1, written at write_pos (an int when all rows agree, else (B,)).
         Returns where the keys/values go: the int, or each (k|v, row, head)'s flat row index in a layer's kv
         viewed as (-1, head_dim) (what chatstack.infer.decode_step takes)."""
@@ -71,7 +73,7 @@ class KVCache:
         self.pos = S - 1
         return write_pos
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self._mode
         if mode[0] == "prefill":
             _, s0, B, start = mode
@@ -90,10 +92,10 @@ class KVCache:
             self.kv[layer].view(-1, self.hd).index_copy_(0, wp, torch.stack([k, v]).view(-1, self.hd))
         return self.k[layer, :B, :, :S], self.v[layer, :B, :, :S]  # (B, Hkv, S, hd) views
 
-    def advance(self, T: int):
+    def advance(self, T: int) -> None:
         pass  # lengths are per row; the engine tracks them
 
-    def move(self, src: int, dst: int, n: int):
+    def move(self, src: int, dst: int, n: int) -> None:
         """Copy the first n positions of slot src into slot dst (compaction after a row leaves)."""
         self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
 
@@ -101,6 +103,6 @@ class KVCache:
         """A copy of the first n positions of a slot: (n_layer, 2, Hkv, n, hd)."""
         return self.kv[:, :, slot, :, :n].clone()
 
-    def write(self, slot: int, kv: torch.Tensor, n: int):
+    def write(self, slot: int, kv: torch.Tensor, n: int) -> None:
         """Put the first n positions of `kv` (as `read` returns it) into a slot."""
         self.kv[:, :, slot, :, :n] = kv[:, :, :, :n]

@@ -29,7 +29,7 @@ MIN_PREFIX = 16  # shorter matches are prefilled with the batch (one row at a ti
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = int(max_bytes)
         self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()  # ids -> (n_layer, 2, Hkv, L, hd)
         self.bytes = 0
@@ -37,7 +37,7 @@ class PrefixCache:
         self.tokens_reused = 0
         self.weights = None  # what the entries were computed with (the engine's signature of the weights)
 
-    def check_weights(self, signature) -> None:
+    def check_weights(self, signature: object) -> None:
         """Forget every entry if the weights changed since they were stored (PPO samples from a model it trains)."""
         if signature != self.weights:
             self.clear()
@@ -76,6 +76,6 @@ class PrefixCache:
         self.entries.clear()
         self.bytes = 0
 
-    def _drop(self, key) -> None:
+    def _drop(self, key: tuple[int, ...]) -> None:
         kv = self.entries.pop(key)
         self.bytes -= kv.numel() * kv.element_size()

@@ -20,10 +20,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from chatstack.data.jsonl import iter_jsonl
-from chatstack.infer.engine import SamplingParams
+from chatstack.infer.engine import Engine, SamplingParams
 
 COT_TRIGGER = "Let's think step by step."
 
@@ -146,7 +146,7 @@ class SelfConsistency:
 
 
 def self_consistency(
-    engine,
+    engine: Engine,
     prompt_ids: list[int],
     paths: int = 8,
     temperatures: Sequence[float] = (0.7,),
@@ -155,7 +155,7 @@ def self_consistency(
     top_k: int = 0,
     seed: Optional[int] = None,
     stop: Sequence[str] = (),
-    extract=extract_answer,
+    extract: Callable[[str], Optional[str]] = extract_answer,
 ) -> SelfConsistency:
     """Sample `paths` completions of one prompt (temperatures assigned round-robin, all in one batch),
     extract each final answer, majority-vote. With `seed`, path i uses seed + i (reproducible)."""

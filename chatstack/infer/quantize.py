@@ -56,10 +56,10 @@ class Int8Weight:
 
     __slots__ = ("q", "scale")
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor) -> None:
         self.q, self.scale = quantize_int8(weight)
 
-    def linear(self, x: torch.Tensor, bias) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # (N, in)
         y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)  # (N, out) bf16
@@ -72,7 +72,7 @@ class Int8Weight:
         return dequantize_int8(self.q, self.scale)
 
 
-def check_quantize(kind, device: torch.device):
+def check_quantize(kind: str | None, device: torch.device) -> str | None:
     """None/"" -> None; "int8" on CPU -> "int8"; anything else a ValueError that says what is possible."""
     if not kind:
         return None

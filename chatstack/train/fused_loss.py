@@ -17,14 +17,21 @@ torch.autocast (bf16/fp16 on GPU) the plain path keeps autocast's numerics.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int, mm_dtype):
+    def forward(
+        ctx: Any,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        mm_dtype: Optional[torch.dtype],
+    ) -> torch.Tensor:
         # h: (N, C)   weight: (V, C)   targets: (N,) long, -1 = ignored
         # mm_dtype: None = fp32 matmuls; torch.bfloat16 = bf16 operands, fp32 accumulation and fp32 softmax
         N = h.size(0)
@@ -70,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (total * scale).to(h.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         return (
             grad_h * grad_out if grad_h is not None else None,

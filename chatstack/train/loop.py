@@ -35,6 +35,7 @@ from tqdm import tqdm
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
 from chatstack.infer.cpu import cpu_has_amx, tune_malloc
 from chatstack.model import cpu_bf16_matmuls
+from chatstack.tokenizer import Tokenizer
 from chatstack.train import distributed as D
 from chatstack.train.optim import build_adamw, lr_at
 
@@ -144,7 +145,7 @@ def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """The mixed-precision context of a forward pass. bf16 on CPU means bf16 matmuls only (see resolve_dtype)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -176,7 +177,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _count_tokens(task, batch) -> int:
+def _count_tokens(task: Task, batch: dict) -> int:
     if hasattr(task, "count_tokens"):
         return int(task.count_tokens(batch))
     for key in ("idx", "input_ids", "ids"):
@@ -189,18 +190,18 @@ class Metrics:
     """metrics.jsonl in the run directory; one JSON object a line. Opened per write: the checkpoint save
     renames the directory, and a kept file handle would point into the old copy."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool) -> None:
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
 
-    def write(self, **row):
+    def write(self, **row: object) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def truncate_after(self, step: int):
+    def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (an interrupted run may have logged past its last checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
@@ -234,7 +235,9 @@ def _full_state_for_save(model: nn.Module, shadow: Optional[nn.Module]) -> nn.Mo
     return shadow
 
 
-def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tokenizer=None) -> Path:
+def train(
+    model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tokenizer: Tokenizer | None = None
+) -> Path:
     """Train `model` on `task`; write checkpoints to cfg.out; return the final checkpoint's path."""
     if not cfg.out:
         raise ValueError("TrainConfig.out: give the checkpoint directory to write")
@@ -295,7 +298,7 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, ckpt_config: dict, tok
     flops_per_token = float(getattr(task, "flops_per_token", 0.0) or 0.0)
     peak = peak_flops(cfg, device, dtype)
 
-    def save(step: int):
+    def save(step: int) -> None:
         # FSDP: the checkpoint holds the gathered full weights only; its optimizer moments stay sharded and
         # are not saved (torch's full optimizer-state gather failed here), so FSDP runs cannot --resume
         opt_sd = opt.state_dict() if shadow is None else {}

@@ -28,7 +28,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(
-    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8, impl: str = "auto"
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    impl: str = "auto",
 ) -> torch.optim.AdamW:
     """impl: "auto" | "fused" | "foreach" | "for" (the plain per-parameter loop)."""
     groups = param_groups(model, weight_decay)
