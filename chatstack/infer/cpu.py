@@ -10,6 +10,10 @@ copies it wants), whether the CPU has AMX for bf16 training, and the allocator s
     to float rounding.
   * `cpu_has_amx()`: bf16 matrix instructions (the training loop's --dtype auto uses bf16 matmuls only with AMX).
   * `tune_malloc()`: glibc malloc thresholds that keep freed activations in the heap (called by the loop).
+  * `release_free_memory()`, `available_memory_bytes()`: the engine's KV budget default and giving memory back.
+  * `apply_thread_policy()`: torch's thread count capped at the CPUs this process may use, with OpenMP threads that
+    sleep rather than spin while they wait (set in chatstack/__init__.py), so speed on a busy machine falls in
+    proportion to the CPU share instead of collapsing (called by the engine and the training loop).
 
 Measured by benchmarks/cpu_matmul.py and benchmarks/train_throughput.py; numbers in docs/benchmarks.md.
 """
@@ -169,3 +173,93 @@ def tune_malloc() -> bool:
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # int: the largest value mallopt takes (~2 GiB)
     ok &= mallopt(_M_TOP_PAD, 1024 * 1024 * 1024)
     return bool(ok)
+
+
+# ---- memory: the engine's KV budget and giving freed memory back
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or None where it can't be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return freed heap memory to the OS (glibc's malloc_trim). glibc keeps freed blocks below its mmap threshold
+    (which grows to 32 MB as large blocks are freed, and tune_malloc raises) in its heaps, so without this a
+    server's resident size stays at its peak after its KV cache shrinks. False where there is no glibc."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+# ---- threads: speed in proportion to the CPU share on a busy machine
+#
+# torch runs each op's parallel region on its OpenMP threads and waits at a barrier for all of them. GNU OpenMP's
+# default wait spins (GOMP_SPINCOUNT, 300k iterations) before it sleeps; on a machine whose cores are also busy
+# with other processes, a thread that finished its share spins on a core its descheduled partner needs, and every
+# one of the hundreds of regions in a step waits for a scheduler time slice. Measured on a 2-core host at load ~10
+# (`python benchmarks/contention.py`; docs/benchmarks.md): a tiny-preset training step took 3.6 s with 2 spinning
+# threads against 1.3 s with OMP_WAIT_POLICY=PASSIVE and 0.85 s with one thread. The wait policy is read once, when
+# torch loads its OpenMP runtime, so chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE in the environment before
+# anything imports torch (unless the variable is set, or CHATSTACK_THREAD_POLICY=0); apply_thread_policy() then
+# caps the thread count at the CPUs this process may run on (affinity, cgroup quota), which torch does not.
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (containers) if one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def apply_thread_policy(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: `threads`, else $CHATSTACK_THREADS, else torch's current count capped at
+    available_cpus() (so an explicit torch.set_num_threads(1) before it stays). Called when the engine and the
+    training loop start. Returns the count. CHATSTACK_THREAD_POLICY=0 leaves torch as it is."""
+    if os.environ.get("CHATSTACK_THREAD_POLICY") == "0":
+        return torch.get_num_threads()
+    if threads is None and os.environ.get("CHATSTACK_THREADS", "").strip():
+        try:
+            threads = int(os.environ["CHATSTACK_THREADS"])
+        except ValueError:
+            raise ValueError(f"CHATSTACK_THREADS={os.environ['CHATSTACK_THREADS']!r}: expected an integer") from None
+    if not threads:
+        threads = min(torch.get_num_threads(), available_cpus())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
+def thread_policy_summary() -> str:
+    """One line for logs: threads, CPUs available, and the OpenMP wait policy in force."""
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
+    return f"{torch.get_num_threads()} threads on {available_cpus()} available CPUs, OMP_WAIT_POLICY={wait}"

@@ -6,7 +6,7 @@ How it works
   * Decode: every step feeds each running row its latest token (one position per row) and attends over
     that row's cached keys/values only, so each step costs one small forward for the whole batch. For a
     chatstack GPT that forward is chatstack.infer.decode_step (the model's ops without nn.Module calls, same logits).
-  * Continuous batching: rows live in slots 0..n-1 of a `KVCache`; each row keeps its own length. Rows
+  * Continuous batching: rows live in slots 0..n-1 of a `KVCache` (chatstack.infer.kv_cache); each row keeps its own length. Rows
     of different prompt lengths decode together (per-row positions + a key mask); a finished or cancelled
     row frees its slot at once (the last row moves into the hole, so the batch stays a contiguous view
     of the cache and no gather is needed) and a waiting request joins at the next `step()`.
@@ -56,13 +56,19 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm import tqdm
 
-from chatstack.infer.cpu import CPUWeight, cpu_matmul_backend
+from chatstack.infer.cpu import (
+    CPUWeight,
+    apply_thread_policy,
+    available_memory_bytes,
+    cpu_matmul_backend,
+    release_free_memory,
+)
 from chatstack.infer.decode_step import DecodeStep
-from chatstack.infer.kv_cache import KVCache
+from chatstack.infer.kv_cache import KV_BLOCK, KVCache, round_up
 from chatstack.infer.prefix_cache import PrefixCache
 from chatstack.infer.quantize import Int8Weight, check_quantize, int8_supported
 from chatstack.infer.sampling import greedy, sample
-from chatstack.model import Linear
+from chatstack.model import GPTConfig, Linear
 from chatstack.tokenizer import Tokenizer
 
 # Optimizer steps taken anywhere in this process. Fused optimizers (AdamW(fused=True)) update weights
@@ -164,6 +170,7 @@ class _Row:
         self.staged: Optional[KVCache] = None  # chunked prefill: the prompt's keys/values so far
         self.staged_len = 0  # ... and how many prompt tokens they cover
         self.cached = 0  # prompt tokens taken from the prefix cache
+        self.admitted = 0  # admission order: the latest admitted is preempted first
 
     @property
     def cache_len(self) -> int:
@@ -172,6 +179,17 @@ class _Row:
 
 
 TRANSPOSED_MAX_BYTES = 1 << 30  # default cap for the engine's (in, out) weight copies (see Engine)
+DEFAULT_KV_MAX_MB = 4096  # default KV budget: a quarter of the available memory, at most this ...
+
+
+def default_kv_cache_mb(cfg: GPTConfig, bytes_per_position: int) -> float:
+    """The default KV cache budget in MB: a quarter of the memory available now, at most DEFAULT_KV_MAX_MB, and at
+    least what one row of the full context takes (so any prompt the model takes can be answered)."""
+    avail = available_memory_bytes()
+    mb = DEFAULT_KV_MAX_MB if avail is None else min(DEFAULT_KV_MAX_MB, avail / 4 / 2**20)
+    return max(mb, cfg.block_size * bytes_per_position / 2**20)
+
+
 STREAMING_BYTES = 64 << 20  # a model with more weight bytes than this streams them from memory every step
 
 
@@ -187,8 +205,16 @@ class Engine:
         prefix_cache_mb: float = 0,
         prefill_chunk: int = 0,
         cpu_matmul: Optional[str] = None,
+        kv_cache_mb: Optional[float] = None,
     ) -> None:
-        """prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
+        """kv_cache_mb: the most memory the keys/values may take, running rows, staged prompts and the prefix cache
+        together (None: default_kv_cache_mb, from the model and the free memory). The cache grows a block of
+        KV_BLOCK positions at a time as tokens are produced and shrinks as rows leave; a request waits in
+        `pending` until its prompt fits; when the running rows outgrow the budget, the latest admitted are
+        preempted (their keys/values dropped, recomputed when they are re-admitted; their output is unchanged).
+        A prompt that could not fit alone is a ValueError; a row that alone reaches the budget ends with "length".
+
+        prefill_chunk: prefill prompts longer than this many tokens in chunks of it, one chunk per step,
         while the running rows go on decoding (a long prompt would otherwise stall every stream for its whole
         prefill). 0 = off: a prompt is prefilled in one forward.
 
@@ -232,10 +258,29 @@ class Engine:
         # which kernels the copies are for (chatstack.infer.cpu): MKL from (in, out) copies, or, on CPUs MKL is
         # slow on (x86 that isn't Intel's), oneDNN-packed copies and a one-row product split over the threads
         self.cpu_matmul = cpu_matmul_backend(cpu_matmul) if self.device.type == "cpu" else None
+        if self.device.type == "cpu":
+            apply_thread_policy()  # threads capped at the CPUs available (chatstack.infer.cpu)
         # weights that can't stay in the caches between steps: a one-row product is bound by memory bandwidth
         self._streaming = weight_bytes > STREAMING_BYTES
         self.quantize = check_quantize(quantize, self.device)
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.cache = KVCache(self.cfg, self.device, p.dtype, max_batch_size)
+        if kv_cache_mb is None:
+            kv_cache_mb = default_kv_cache_mb(self.cfg, self.cache.bytes_per_position)
+        if not kv_cache_mb > 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {kv_cache_mb}")
+        self.kv_budget = int(kv_cache_mb * 2**20)
+        # the longest row the budget holds (whole blocks), at most the context
+        self.max_row_len = min(self.block_size, self.kv_budget // self.cache.bytes_per_position // KV_BLOCK * KV_BLOCK)
+        if self.max_row_len < 2:
+            raise ValueError(
+                f"kv_cache_mb={kv_cache_mb} holds no row of {KV_BLOCK} positions: one position takes "
+                f"{self.cache.bytes_per_position / 2**20:.3f} MB"
+            )
+        self.preemptions = 0
+        self._admitted = itertools.count(1)
+        self.prefix_cache = (
+            PrefixCache(min(int(prefix_cache_mb * 2**20), self.kv_budget)) if prefix_cache_mb > 0 else None
+        )
         if prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be >= 0 (0 = off), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -247,7 +292,6 @@ class Engine:
         # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
         self._wt: dict = {}
         self._int8_ok: set = set()  # the Linears the int8 kernel takes (chatstack.infer.quantize)
-        self.cache = KVCache(self.cfg, self.device, p.dtype, max_batch_size)
         self._key_pos = torch.arange(self.block_size, device=self.device)  # key positions, for decode masks
         # decode masks come per head when every head has its own keys: the model's batched-GEMV attention then
         # reads them as (B*H, 1, S) without a copy per layer; with grouped keys (GQA) one row per batch row
@@ -269,6 +313,12 @@ class Engine:
             raise ValueError(
                 f"prompt of {len(ids)} tokens does not fit the model's context length "
                 f"{self.block_size} (it must leave room for at least one new token)"
+            )
+        if len(ids) >= self.max_row_len:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens does not fit the KV cache budget of "
+                f"{self.kv_budget / 2**20:.0f} MB (kv_cache_mb), which holds {self.max_row_len} positions "
+                f"per row (the prompt must leave room for at least one new token)"
             )
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
@@ -305,6 +355,7 @@ class Engine:
             if r.rid == rid and not r.finished:
                 r.finished, r.reason, r.collect = True, "cancelled", False
                 self._compact()
+                self._trim()
                 return True
         return False
 
@@ -385,23 +436,152 @@ class Engine:
             if self.running:
                 events += self._decode()
                 self._compact()
-            free = self.max_batch_size - len(self.running) - len(self.prefilling)
-            if self.pending and free > 0:
-                new, self.pending = self.pending[:free], self.pending[free:]
+            new = self._admit()
+            if new:
+                resumed = [r for r in new if r.out]  # preempted rows: recompute their keys/values
+                new = [r for r in new if not r.out]
                 if self.prefill_chunk:
                     long = [r for r in new if len(r.prompt) > self.prefill_chunk]
                     new = [r for r in new if len(r.prompt) <= self.prefill_chunk]
                     self.prefilling += long
+                if resumed:
+                    self._resume(resumed)
                 if new:
                     events += self._prefill(new)
                     self._compact()
             if self.prefilling:
                 events += self._prefill_next_chunk()
                 self._compact()
+            self._trim()
             return events
         finally:
             if was_training:
                 self.model.train()
+
+    # ---- KV memory: admission, growth, preemption, trimming -------------------------------------------------
+    def _need(self, r: _Row) -> int:
+        """Positions row r needs in its slot through its next token (prompt + generated so far, at least one)."""
+        return min(self.block_size, len(r.prompt) + max(len(r.out), 1))
+
+    def _staged_bytes(self) -> int:
+        return sum(r.staged.nbytes for r in self.prefilling if r.staged is not None)
+
+    def kv_bytes(self) -> int:
+        """What the keys/values take now: the running rows' cache, staged prompts and the prefix cache."""
+        pc = self.prefix_cache.bytes if self.prefix_cache is not None else 0
+        return self.cache.nbytes + self._staged_bytes() + pc
+
+    def _admit(self) -> list[_Row]:
+        """Take pending rows, oldest first, while the batch has slots and the budget holds them with a block of room
+        each to grow (the first that doesn't fit stops the rest: no overtaking). An idle engine always takes one
+        (check_prompt made sure a prompt fits alone)."""
+        free = self.max_batch_size - len(self.running) - len(self.prefilling)
+        if not self.pending or free <= 0:
+            return []
+        rows = self.running + self.prefilling
+        n, need = len(rows), max((self._need(r) for r in rows), default=0)
+        staged = max((len(r.prompt) for r in self.prefilling), default=0)  # one long prompt is staged at a time
+        take = 0
+        for r in self.pending[:free]:
+            need2 = max(need, self._need(r))
+            long = self.prefill_chunk and len(r.prompt) > self.prefill_chunk and not r.out
+            staged2 = max(staged, len(r.prompt) if long else 0)
+            total = self.cache.bytes_for(
+                n + 1, min(self.block_size, round_up(need2 + KV_BLOCK))
+            ) + self.cache.bytes_for(1, round_up(staged2))
+            if n and total > self.kv_budget:
+                break
+            n, need, staged, take = n + 1, need2, staged2, take + 1
+        rows, self.pending = self.pending[:take], self.pending[take:]
+        for r in rows:
+            r.admitted = next(self._admitted)
+        return rows
+
+    def _fit(self, slots: int, length: int) -> bool:
+        """Make the cache hold at least `slots` rows of `length` positions within the budget, evicting cached
+        prefixes first; False if the budget can't. Grows with some slack (a re-allocation copies the cache)."""
+        c = self.cache
+        length = min(self.block_size, round_up(length))
+        if slots <= c.slots and length <= c.length:
+            return True
+        room = self.kv_budget - self._staged_bytes()
+        if c.bytes_for(slots, length) > room:
+            return False
+        s2 = min(self.max_batch_size, max(slots, c.slots, round_up(slots, 4)))
+        l2 = min(self.block_size, max(length, c.length, round_up(length + length // 4)))
+        if c.bytes_for(s2, l2) > room:
+            s2, l2 = slots, length  # exactly what is needed (may also drop room no row uses)
+        if self.prefix_cache is not None:
+            self.prefix_cache.shrink_to(room - c.bytes_for(s2, l2))
+        c.resize(s2, l2)
+        return True
+
+    def _fit_or_fail(self, slots: int, length: int) -> None:
+        if not self._fit(slots, length):  # admission (_admit) leaves room for what it admits
+            raise RuntimeError(f"KV cache: {slots} rows x {length} positions do not fit the budget")
+
+    def _preempt(self, r: _Row) -> None:
+        """Take a running row out of the batch (its keys/values are dropped); it waits first in line and is
+        recomputed when re-admitted (_resume), then goes on from the token it had."""
+        i = self.running.index(r)
+        last = self.running.pop()
+        if last is not r:
+            self.cache.move(len(self.running), i, max(last.cache_len, 0))
+            self.running[i] = last
+        self.pending.insert(0, r)
+        self.preemptions += 1
+
+    def _make_room(self, S: int) -> None:
+        """Before a decode step: room for every running row at S positions; staged prompts, then the latest
+        admitted rows give way until it fits."""
+        while not self._fit(len(self.running), S):
+            staged = [r for r in self.prefilling if r.staged is not None]
+            if staged:  # a long prompt's partial prefill: redone later
+                for r in staged:
+                    r.staged, r.staged_len = None, 0
+                continue
+            if len(self.running) == 1:  # cannot happen: rows end at max_row_len (_advance_row)
+                raise RuntimeError(f"KV cache: one row of {S} positions does not fit the budget")
+            self._preempt(max(self.running, key=lambda r: r.admitted))
+            S = max(r.cache_len for r in self.running) + 1
+
+    def _resume(self, rows: list[_Row]) -> None:
+        """Re-admit preempted rows: prefill prompt + all generated tokens but the latest (which the next decode
+        step feeds, as it would have), from the prefix cache where it holds them."""
+        for r in rows:
+            ids = r.prompt + r.out[:-1]
+            slot = len(self.running)
+            self.running.append(r)
+            self._fit_or_fail(len(self.running), max(self._need(x) for x in self.running))
+            n, kv = 0, None
+            if self.prefix_cache is not None:
+                self.prefix_cache.check_weights(self._weights_signature())
+                n, kv = self.prefix_cache.lookup(ids)
+            if n:
+                self.cache.write(slot, kv, n)
+            self.cache.prefill(slot, 1, start=n)
+            bound = self._bind_weights()
+            try:
+                self.model.hidden_states(torch.tensor([ids[n:]], device=self.device), cache=self.cache)
+            finally:
+                self._unbind_weights(bound)
+
+    def _trim(self) -> None:
+        """Give memory back as rows leave: all of it when nothing runs, else shrink a cache at least twice what its
+        rows need (and > 8 MB bigger). Freed memory goes back to the OS (release_free_memory)."""
+        c = self.cache
+        if c.kv is None:
+            return
+        if not self.running:  # (a prompt being staged takes a slot when it is done)
+            c.free()
+            release_free_memory()
+            return
+        slots = len(self.running)
+        length = min(self.block_size, round_up(max(self._need(r) for r in self.running) + KV_BLOCK))
+        want = c.bytes_for(slots, length)
+        if c.nbytes > 2 * want and c.nbytes - want > 8 << 20:
+            c.resize(min(c.slots, max(slots, round_up(slots, 4))), min(c.length, length))
+            release_free_memory()
 
     def _cached_prefixes(self, rows: list[_Row]) -> dict:
         """{rid: (n, kv)} for the rows whose prompt starts with n tokens the prefix cache holds."""
@@ -434,8 +614,7 @@ class Engine:
         rows = fresh + [r for r, _ in copies] + [r for r in rows if r.rid in hits]
         s0 = len(self.running)
         self.running.extend(rows)
-        need = max(min(self.block_size, len(r.prompt) + r.params.max_new_tokens) for r in self.running)
-        self.cache.reserve(len(self.running), need)
+        self._fit_or_fail(len(self.running), max(self._need(r) for r in self.running))
         events = []
         bound = self._bind_weights()
         try:
@@ -478,6 +657,11 @@ class Engine:
         joins the running batch (its keys/values copied into a slot) with its first token."""
         r = self.prefilling[0]
         if r.staged is None:
+            staged = self.cache.bytes_for(1, min(self.block_size, round_up(len(r.prompt))))
+            if self.cache.nbytes + staged > self.kv_budget:
+                return []  # the running rows hold the budget: start it when some leave
+            if self.prefix_cache is not None:
+                self.prefix_cache.shrink_to(self.kv_budget - self.cache.nbytes - staged)
             r.staged = KVCache(self.cfg, self.device, self.cache.dtype, 1)
             r.staged.reserve(1, len(r.prompt))
             for n, kv in self._cached_prefixes([r]).values():
@@ -500,19 +684,24 @@ class Engine:
         self.prefilling.pop(0)
         slot = len(self.running)
         self.running.append(r)
-        self.cache.reserve(len(self.running), min(self.block_size, len(r.prompt) + r.params.max_new_tokens))
-        self.cache.write(slot, r.staged.kv[:, :, 0], end)
-        r.staged = None
+        staged, r.staged = r.staged, None  # (its bytes no longer count against the room _fit finds)
+        self._fit_or_fail(len(self.running), max(self._need(x) for x in self.running))
+        self.cache.write(slot, [kvl[:, 0] for kvl in staged.kv], end)
+        del staged
         ev = self._accept([r], logits)
         ev[0].cached_tokens = r.cached
         return ev
 
     def _decode(self) -> list[TokenEvent]:
+        # each row feeds its latest token (not cached yet) at the position = how many its slot holds
+        pos = [len(r.prompt) + len(r.out) - 1 for r in self.running]  # r.cache_len, inlined (hot loop)
+        S = max(pos) + 1
+        if S > self.cache.length or len(self.running) > self.cache.slots:
+            self._make_room(S)  # grow by a block, or preempt rows the budget can't hold
+            pos = [len(r.prompt) + len(r.out) - 1 for r in self.running]
+            S = max(pos) + 1
         rows = self.running
         B = len(rows)
-        # each row feeds its latest token (not cached yet) at the position = how many its slot holds
-        pos = [len(r.prompt) + len(r.out) - 1 for r in rows]  # r.cache_len, inlined (hot loop)
-        S = max(pos) + 1
         idx = torch.tensor([r.out[-1] for r in rows], device=self.device).view(B, 1)
         if min(pos) == S - 1:
             # every row at the same length (always so at batch 1): no mask, all S keys are valid
@@ -606,7 +795,7 @@ class Engine:
         else:
             r.text += r.decoder.decode(self.tok.token_bytes(tid))
             if not (p.stop and self._find_stop(r)) and (
-                len(r.out) >= p.max_new_tokens or len(r.prompt) + len(r.out) >= self.block_size
+                len(r.out) >= p.max_new_tokens or len(r.prompt) + len(r.out) >= self.max_row_len
             ):
                 self._finish(r, "length")
         if r.finished:
@@ -670,6 +859,8 @@ class Engine:
                         self.prefix_cache.check_weights(sig)
                     n = r.cache_len  # every token the row fed: its prompt and all but its last new token
                     self.prefix_cache.add((r.prompt + r.out)[:n], self.cache.read(slot, n))
+            if sig is not None:  # the prefix cache gets what the running rows leave of the budget
+                self.prefix_cache.shrink_to(self.kv_budget - self.cache.nbytes - self._staged_bytes())
         i = 0
         while i < len(running):
             if not running[i].finished:

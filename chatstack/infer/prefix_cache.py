@@ -72,6 +72,12 @@ class PrefixCache:
         self.tokens_reused += n
         return n, self.entries[best_key]
 
+    def shrink_to(self, max_bytes: int) -> None:
+        """Evict least recently used entries until the store takes at most max_bytes (what the engine's KV budget
+        leaves it)."""
+        while self.entries and self.bytes > max(0, max_bytes):
+            self._drop(next(iter(self.entries)))
+
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0

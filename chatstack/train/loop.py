@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
-from chatstack.infer.cpu import cpu_has_amx, tune_malloc
+from chatstack.infer.cpu import apply_thread_policy, cpu_has_amx, tune_malloc
 from chatstack.model import cpu_bf16_matmuls
 from chatstack.tokenizer import Tokenizer
 from chatstack.train import distributed as D
@@ -245,6 +245,7 @@ def train(
         if getattr(cfg, name) <= 0:
             raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(cfg, name)}")
     tune_malloc()
+    apply_thread_policy()
     info = D.setup(cfg.device)
     device, rank, world = info.device, info.rank, info.world
     dtype = resolve_dtype(cfg.dtype, device, getattr(getattr(model, "config", None), "n_embd", None))
