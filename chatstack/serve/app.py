@@ -29,16 +29,19 @@ from pathlib import Path
 from typing import Optional
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
 from chatstack.checkpoint import load_checkpoint
+from chatstack.infer.cpu import thread_policy_summary
 from chatstack.infer.engine import Engine
 from chatstack.serve import protocol as P
 from chatstack.serve.metrics import ServerMetrics
 from chatstack.serve.middleware import Gate, add_error_handlers
 from chatstack.serve.openai_routes import add_openai_routes
 from chatstack.serve.rank_routes import add_rank_routes, read_rank_prompts
+from chatstack.serve.rankings import RankingsWriter
 from chatstack.serve.scheduler import Scheduler
 
 log = logging.getLogger("chatstack.serve")
@@ -98,6 +101,23 @@ class ServerConfig:
         default=256,
         metavar="TOKENS",
     )
+    kv_cache_mb: Optional[float] = _opt(
+        "memory for keys/values: running rows, prompts being read and the prefix cache together. The cache grows in "
+        "blocks as tokens come and shrinks as rows finish; requests that do not fit wait, and the latest rows are "
+        "preempted (recomputed later) if the running ones outgrow it. None = a quarter of the available memory, at "
+        "most 4096, at least one full-context row",
+        metavar="MB",
+    )
+    allowed_hosts: Optional[str] = _opt(
+        "comma-separated Host header names the server answers to (others get 400), against DNS rebinding; "
+        "`chatstack serve` defaults to localhost,127.0.0.1,::1 when bound to loopback without an API key; '*' = any",
+        metavar="HOST,...",
+    )
+    docs: bool = _opt(
+        "serve /docs and /redoc (their pages load Swagger UI / ReDoc from a CDN, so they are off by default; "
+        "/openapi.json is always served)",
+        default=False,
+    )
 
 
 class ServerState:
@@ -115,13 +135,14 @@ class ServerState:
         self.created = P.now()
         self.load_error: Optional[str] = None
         self.rank_prompts: list[list[dict]] = []
-        self.rank_lock = threading.Lock()
+        self.rankings = RankingsWriter(cfg.rankings) if cfg.rankings else None
 
     def attach(self, engine, model_id: str, aliases=()) -> None:
         self.engine = engine
         self.tokenizer = getattr(engine, "tokenizer", None) or engine.tok
         model = engine.model
-        self.context_len = int(model.config.block_size)
+        # the longest row the KV budget holds may be shorter than the model's context
+        self.context_len = int(min(model.config.block_size, getattr(engine, "max_row_len", model.config.block_size)))
         self.model_id = model_id
         self.model_aliases = {model_id, *aliases}
         self.scheduler = Scheduler(
@@ -160,6 +181,7 @@ def load_engine(
     quantize: Optional[str] = None,
     prefix_cache_mb: float = 0,
     prefill_chunk: int = 0,
+    kv_cache_mb: Optional[float] = None,
 ):
     ckpt = load_checkpoint(ckpt_path, device=device or "cpu")
     if ckpt.tokenizer is None:
@@ -173,6 +195,7 @@ def load_engine(
         quantize=quantize,
         prefix_cache_mb=prefix_cache_mb,
         prefill_chunk=prefill_chunk,
+        kv_cache_mb=kv_cache_mb,
     )
     engine.prepare_weights()  # before /health says ready: the first request doesn't pay for them
     return engine, ckpt.name
@@ -194,13 +217,21 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
     def _load():
         try:
             engine, name = load_engine(
-                str(source), cfg.device, cfg.max_batch_size, cfg.quantize, cfg.prefix_cache_mb, cfg.prefill_chunk
+                str(source),
+                cfg.device,
+                cfg.max_batch_size,
+                cfg.quantize,
+                cfg.prefix_cache_mb,
+                cfg.prefill_chunk,
+                cfg.kv_cache_mb,
             )
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info(
-                "serving %s (%s%s)",
+                "serving %s (%s; KV cache budget %.0f MB; %s%s)",
                 st.model_id,
                 source,
+                engine.kv_budget / 2**20,
+                thread_policy_summary(),
                 f"; CPU products: {engine.cpu_matmul}" if engine.cpu_matmul else "",
             )
         except Exception as e:  # reported by /health and 503s, not a crash with a stack trace
@@ -214,17 +245,30 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
         yield
         if st.scheduler is not None:
             st.scheduler.stop()
+        if st.rankings is not None:
+            st.rankings.close()
 
     if not isinstance(source, (str, os.PathLike)):
         st.attach(source, model_name or "chatstack")
 
+    # /docs and /redoc only when asked for: their pages load Swagger UI / ReDoc from a CDN (blank offline)
     app = FastAPI(
         title="chatstack",
         version="0.1.0",
         lifespan=lifespan,
         description="OpenAI-compatible API for a chatstack checkpoint.",
+        docs_url="/docs" if cfg.docs else None,
+        redoc_url="/redoc" if cfg.docs else None,
     )
     app.state.chatstack = st
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = document_statuses(schema, bool(cfg.allowed_hosts))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     add_error_handlers(app)
     app.add_middleware(Gate, state=st)
@@ -248,6 +292,10 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
         if pc is not None:  # read without the scheduler's lock: two ints, a moment stale at worst
             st.metrics.prefix_reused.set(pc.tokens_reused)
             st.metrics.prefix_bytes.set(pc.bytes)
+        if st.engine is not None and hasattr(st.engine, "kv_bytes"):
+            st.metrics.kv_bytes.set(st.engine.kv_bytes())
+            st.metrics.kv_budget.set(st.engine.kv_budget)
+            st.metrics.preemptions.set(st.engine.preemptions)
         return PlainTextResponse(st.metrics.render(), media_type="text/plain; version=0.0.4")
 
     add_openai_routes(app, st)
@@ -263,3 +311,61 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+# what each endpoint can answer besides 200, as the OpenAPI document lists it (document_statuses)
+_ERRORS = {
+    "/v1/chat/completions": (400, 401, 404, 413, 429, 503),
+    "/v1/completions": (400, 401, 404, 413, 429, 503),
+    "/v1/models": (401, 503),
+    "/v1/models/{model_id}": (401, 404, 503),
+    "/rank/api/sample": (400, 401, 413, 429, 503),
+    "/rank/api/submit": (400, 401, 413),
+    "/rank/api/prompt": (400, 401, 404),
+    "/rank/api/config": (401, 503),
+    "/health": (503,),
+}
+_ERROR_TEXT = {
+    400: "Invalid request (OpenAI's error envelope; `param` names the field)",
+    401: "Missing or wrong API key",
+    404: "Unknown model, or no such prompt",
+    413: "Request body too large",
+    429: "Too many rows waiting",
+    503: "The model is loading, or failed to load",
+}
+
+
+def document_statuses(schema: dict, host_check: bool) -> dict:
+    """Make the OpenAPI document list the statuses the server really answers: FastAPI's generated 422 goes (this
+    server answers 400 instead), and each operation gets its error statuses with OpenAI's error envelope."""
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                },
+            }
+        },
+    }
+    for path, ops in schema.get("paths", {}).items():
+        route = path.replace("{model_id:path}", "{model_id}")
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            codes = set(_ERRORS.get(route, ())) | ({400} if host_check else set())
+            for code in sorted(codes):
+                responses[str(code)] = {
+                    "description": _ERROR_TEXT[code],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                }
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    return schema

@@ -146,6 +146,14 @@ class ServerMetrics:
             "Prompt tokens not prefilled thanks to the prefix cache, since start.",
         )
         self.prefix_bytes = Gauge("chatstack_prefix_cache_bytes", "Bytes of keys/values the prefix cache holds.")
+        self.kv_bytes = Gauge(
+            "chatstack_kv_cache_bytes", "Bytes of keys/values held: running rows, prompts being read, the prefix cache."
+        )
+        self.kv_budget = Gauge("chatstack_kv_cache_budget_bytes", "The KV cache budget (--kv-cache-mb).")
+        self.preemptions = Gauge(
+            "chatstack_preemptions_total",
+            "Rows taken out of the batch to stay within the KV budget (recomputed later).",
+        )
 
     def render(self) -> str:
         lines: list[str] = []
@@ -163,6 +171,9 @@ class ServerMetrics:
             self.step_time,
             self.prefix_reused,
             self.prefix_bytes,
+            self.kv_bytes,
+            self.kv_budget,
+            self.preemptions,
         ):
             lines += m.render()
         return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
-"""What every request passes through: the gate (body-size limit 413, API keys 401, per-endpoint request counts)
-and the error handlers that turn every failure into OpenAI's error envelope, never a stack trace."""
+"""What every request passes through: the gate (Host header check 400, body-size limit 413, API keys 401,
+per-endpoint request counts) and the error handlers that turn every failure into OpenAI's error envelope, never a stack trace."""
 
 from __future__ import annotations
 
@@ -14,6 +14,13 @@ from chatstack.serve import protocol as P
 
 log = logging.getLogger("chatstack.serve")
 API_PREFIXES = ("/v1/", "/rank/api/")
+# request body models by path: an empty body's error names their required fields
+BODY_MODELS = {
+    "/v1/chat/completions": P.ChatCompletionRequest,
+    "/v1/completions": P.CompletionRequest,
+    "/rank/api/sample": P.RankSampleRequest,
+    "/rank/api/submit": P.RankSubmitRequest,
+}
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -32,6 +39,15 @@ def add_error_handlers(app: FastAPI) -> None:
         msg = str(e.get("msg", "invalid request")).removeprefix("Value error, ")
         if e.get("type") == "json_invalid":
             msg, param = "the request body is not valid JSON", None
+        elif e.get("type") == "lone_surrogate":
+            param = e.get("ctx", {}).get("param")  # where in the body (the message says it too)
+        elif e.get("type") == "missing" and param is None:  # no body at all
+            model = BODY_MODELS.get(request.url.path)
+            need = [n for n, f in model.model_fields.items() if f.is_required()] if model else []
+            msg = "the request body is empty: send a JSON object" + (
+                f" with {', '.join(repr(n) for n in need)}" if need else ""
+            )
+            param = need[0] if need else None
         elif e.get("type") == "missing":
             msg = f"missing required field '{param}'"
         else:
@@ -96,6 +112,20 @@ class Gate:
             count(status)
             await JSONResponse(body, status_code=status)(scope, receive, send)
 
+        if cfg.allowed_hosts and allowed_hosts(
+            cfg.allowed_hosts
+        ):  # DNS rebinding: a web page whose own name resolves to this host
+            host = headers.get("host", "")
+            if host_name(host) not in allowed_hosts(cfg.allowed_hosts):
+                return await reject(
+                    400,
+                    P.error_body(
+                        f"Host header {host!r} is not one this server answers to (--allowed-hosts {cfg.allowed_hosts})",
+                        "invalid_request_error",
+                        None,
+                        "host_not_allowed",
+                    ),
+                )
         if scope["method"] in ("POST", "PUT", "PATCH"):
             cl = headers.get("content-length")
             if cl is not None and (not cl.isdigit() or int(cl) > cfg.max_body_bytes):
@@ -125,6 +155,20 @@ class Gate:
             await send(msg)
 
         await self.app(scope, receive, counting_send)
+
+
+def allowed_hosts(spec: str) -> set[str]:
+    """The host names in a comma-separated --allowed-hosts value, lower case; '*' (or nothing) = any."""
+    names = {h.strip().lower() for h in spec.split(",") if h.strip()}
+    return set() if "*" in names else names
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without the port: "localhost:8000" -> "localhost", "[::1]:80" -> "::1"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class _BodyTooLarge(StarletteHTTPException):

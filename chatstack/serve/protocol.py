@@ -8,6 +8,12 @@ answered 400 in OpenAI's error envelope with `param` naming the offending field
 Accepted but ignored (as llama.cpp does): presence_penalty, frequency_penalty, logit_bias, user,
 response_format {"type": "text"}. Extensions (as vLLM): top_k.
 
+Strict types, as OpenAI: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not coerced. Tool calling is not
+implemented: a request carrying `tools` or `functions`, or a `tool_choice` / `function_call` other than "none",
+is a 400 naming the field (answering without the tools would mislead the client). Text that is not valid Unicode
+(a lone UTF-16 surrogate such as "\\ud800", which JSON can spell) is a 400 naming where it is, wherever it
+appears in a request body.
+
     GET /openapi.json on a running server  # the JSON schema of every request
 """
 
@@ -18,6 +24,7 @@ import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # torch.Generator.manual_seed accepts this range; outside it the engine would raise
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -40,8 +47,37 @@ def now() -> int:
 def error_body(
     message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
 ) -> dict:
-    """OpenAI's error envelope."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error envelope. Messages may quote client input: what is not valid Unicode (a lone surrogate) is
+    escaped, so the envelope can always be encoded."""
+    return {"error": {"message": _printable(message), "type": type_, "param": _printable(param), "code": code}}
+
+
+def _printable(s: Optional[str]) -> Optional[str]:
+    return s if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def find_surrogate(obj: Any, path: str = "") -> Optional[tuple[str, str]]:
+    """(where, the character) of the first lone UTF-16 surrogate in a decoded JSON value (keys included), or None.
+    JSON's \\ud800 escapes decode to such characters; they are not Unicode text and cannot be encoded to UTF-8,
+    so every use of the text would fail later (tokenizer, rankings file, response)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")  # (at C speed; only surrogates fail to encode)
+        except UnicodeEncodeError as e:
+            return path, obj[e.start]
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = _printable(f"{path}.{k}" if path else str(k))
+            hit = find_surrogate(k, sub) or find_surrogate(v, sub)
+            if hit:
+                return hit
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            hit = find_surrogate(v, f"{path}.{i}" if path else str(i))
+            if hit:
+                return hit
+    return None
 
 
 class APIError(Exception):
@@ -66,8 +102,27 @@ class APIError(Exception):
 
 
 class _Lenient(BaseModel):
-    # unknown fields are ignored rather than rejected, as vLLM and llama.cpp do: newer clients send new knobs
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields are ignored rather than rejected, as vLLM and llama.cpp do: newer clients send new knobs;
+    # known ones are strict, as OpenAI's: "stream": "yes" or "n": "2" is a 400, not coerced
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Request(_Lenient):
+    """A request body: text that is not valid Unicode anywhere in it is a 400 naming where."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        hit = find_surrogate(data)
+        if hit:
+            where, ch = hit
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{where}: text holds a lone UTF-16 surrogate ({char}), which is not valid Unicode; send UTF-8 text "
+                "(in JSON, a \\u surrogate escape must be one half of a pair)",
+                {"where": where or "body", "char": f"\\u{ord(ch):04x}", "param": where or None},
+            )
+        return data
 
 
 class TextPart(_Lenient):
@@ -105,7 +160,7 @@ def _stop_list(v: Any) -> list[str]:
     return v
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(_Request):
     model: str = Field(min_length=1, max_length=512)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, ge=0.0, le=1.0)
@@ -120,6 +175,26 @@ class _SamplingFields(_Lenient):
     frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
+    # tool calling is not implemented: these are checked (400), not ignored
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v, info):
+        if v is not None and v != []:  # an empty list asks for nothing
+            raise ValueError("tool/function calling is not supported by this server; omit the field")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v, info):
+        if v is not None and v != "none":
+            raise ValueError('tool/function calling is not supported by this server; omit the field or send "none"')
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -195,7 +270,7 @@ class CompletionRequest(_SamplingFields):
 # ----------------------------------------------------------------------------- rank page
 
 
-class RankSampleRequest(_Lenient):
+class RankSampleRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     k: int = Field(4, ge=2, le=8)
     temperature: float = Field(1.0, gt=0.0, le=2.0)  # > 0: K greedy answers would all be the same
@@ -209,7 +284,7 @@ class RankSampleRequest(_Lenient):
         return self
 
 
-class RankSubmitRequest(_Lenient):
+class RankSubmitRequest(_Request):
     prompt: list[ChatMessage] = Field(min_length=1)
     responses: list[str] = Field(min_length=2)  # best first
 

@@ -1,13 +1,11 @@
 """The ranking page's API (/rank/api/*): a labeller samples K answers to a prompt and submits their order,
-appended to the rankings JSONL that `chatstack reward` reads."""
+appended to the rankings JSONL that `chatstack reward` reads (chatstack/serve/rankings.py writes it off the event
+loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-from pathlib import Path
-from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -44,13 +42,6 @@ def read_rank_prompts(path: str) -> list[list[dict]]:
     return out
 
 
-def _count_lines(path: Optional[str]) -> int:
-    if not path or not os.path.exists(path):
-        return 0
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def add_rank_routes(app: FastAPI, st) -> None:
     """Register /rank/api/* on `app`; `st` is the ServerState."""
 
@@ -61,7 +52,7 @@ def add_rank_routes(app: FastAPI, st) -> None:
             "model": st.model_id,
             "rankings": st.cfg.rankings,
             "prompts": len(st.rank_prompts),
-            "ranked": _count_lines(st.cfg.rankings),
+            "ranked": await st.rankings.count_async() if st.rankings is not None else 0,
         }
 
     @app.get("/rank/api/prompt")
@@ -122,12 +113,5 @@ def add_rank_routes(app: FastAPI, st) -> None:
             parse_record(record, "ranking")
         except PreferenceError as e:
             raise P.APIError(400, str(e), param="responses") from e
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with st.rank_lock:  # one writer at a time: lines never interleave
-            path = Path(st.cfg.rankings)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-        return {"ok": True, "rankings": st.cfg.rankings, "ranked": _count_lines(st.cfg.rankings)}
+        ranked = await st.rankings.append(record)  # on disk when it returns; written by a worker thread
+        return {"ok": True, "rankings": st.cfg.rankings, "ranked": ranked}

@@ -23,6 +23,7 @@ from chatstack.checkpoint import CheckpointError, read_config
 from chatstack.serve.app import ServerConfig, create_app
 
 log = logging.getLogger("chatstack.serve")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def register(sub) -> None:
@@ -47,6 +48,15 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def allowed_hosts_for(host: str, keys, given: str | None) -> str | None:
+    """--allowed-hosts as given, else the loopback names when the server binds loopback without an API key: then
+    only a web page on another origin whose name resolves to 127.0.0.1 (DNS rebinding) could reach it, through the
+    user's browser, and its Host header names that origin."""
+    if given is None and host in LOOPBACK and not keys:
+        return ",".join(LOOPBACK)
+    return given
+
+
 def _cmd_serve(args) -> int:
     import uvicorn  # noqa: PLC0415 (only a running server needs it)
 
@@ -62,14 +72,17 @@ def _cmd_serve(args) -> int:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise CLIError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
     keys = list(args.api_keys) + [k for k in os.environ.get("CHATSTACK_API_KEY", "").split(",") if k]
-    cfg = dataclass_from_args(ServerConfig, args, api_keys=tuple(keys))
+    hosts = allowed_hosts_for(args.host, keys, args.allowed_hosts)
+    cfg = dataclass_from_args(ServerConfig, args, api_keys=tuple(keys), allowed_hosts=hosts)
     try:
         app = create_app(args.checkpoint, model_name=args.model_name, config=cfg)
     except ValueError as e:
         raise CLIError(str(e)) from e
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
         log.warning(
             "binding to %s: the server is reachable from other machines%s",
             args.host,
