@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 import torch
 
+from chatstack.infer.cpu import zeros_unpooled
 from chatstack.model import GPTConfig
 
 KV_BLOCK = 64  # cache lengths are whole blocks of positions: grown as tokens are produced, trimmed as rows leave
@@ -34,8 +35,10 @@ class KVCache:
 
     Memory: `resize(slots, length)` re-allocates to exactly that many slots and positions (the engine asks for
     whole KV_BLOCKs, within its budget: Engine._fit), copying what the smaller of the two shapes holds, one layer
-    at a time (so a resize needs only one extra layer's worth of memory), and `free()` drops everything. One
-    tensor per layer rather than one for all: a 30-layer model grows with 1/30 of the cache as headroom.
+    at a time (so a resize needs only one extra layer's worth of memory), and `free()` drops everything. One tensor
+    per layer rather than one for all: a 30-layer model grows with 1/30 of the cache as headroom. On a CPU each
+    layer's tensor has pages of its own (chatstack.infer.cpu.zeros_unpooled): resident only once written, returned
+    to the OS when dropped.
     """
 
     def __init__(self, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, max_slots: int) -> None:
@@ -67,12 +70,17 @@ class KVCache:
         cs, cl = min(slots, self.slots), min(length, self.length)
         new = []
         for layer in range(self.n_layer):
-            t = torch.zeros((2, slots, self.n_kv, length, self.hd), device=self.device, dtype=self.dtype)
+            t = self._zeros((2, slots, self.n_kv, length, self.hd))
             if old[layer] is not None and cs and cl:
                 t[:, :cs, :, :cl] = old[layer][:, :cs, :, :cl]
             old[layer] = None  # this layer's old tensor goes before the next one is made
             new.append(t)
         self.kv, self.slots, self.length = new, slots, length
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if torch.device(self.device).type == "cpu":  # pages of its own: resident when written, returned when freed
+            return zeros_unpooled(shape, self.dtype)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     def reserve(self, slots: int, length: int) -> None:
         """At least `slots` x `length` (whole blocks, doubling): for a cache without a budget (staging)."""
@@ -137,7 +145,10 @@ class KVCache:
 
     def read(self, slot: int, n: int) -> torch.Tensor:
         """A copy of the first n positions of a slot: (n_layer, 2, Hkv, n, hd)."""
-        return torch.stack([kvl[:, slot, :, :n] for kvl in self.kv])
+        out = self._zeros((self.n_layer, 2, self.n_kv, n, self.hd))
+        for layer, kvl in enumerate(self.kv):
+            out[layer] = kvl[:, slot, :, :n]
+        return out
 
     def write(self, slot: int, kv: torch.Tensor | list[torch.Tensor], n: int) -> None:
         """Put the first n positions of `kv` (as `read` returns it, or a list of per-layer (2, Hkv, >=n, hd))
