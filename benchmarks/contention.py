@@ -12,7 +12,8 @@ Two thread policies:
   * torch defaults: CHATSTACK_THREAD_POLICY=0 and OMP_WAIT_POLICY unset (GNU OpenMP spins before it sleeps), all
     of torch's threads;
   * chatstack: what the `chatstack` package applies (chatstack/infer/cpu.py: OMP_WAIT_POLICY=PASSIVE, threads
-    capped at the CPUs this process may use).
+    capped at the CPUs this process may use);
+  * chatstack, 1 thread: the same with CHATSTACK_THREADS=1 (no barrier at all).
 "busy" runs --busy processes spinning in Python beside it. The ratio busy/idle is the slowdown; with T threads
 and K busy processes on N CPUs a fair scheduler leaves this process T/(T+K) of the machine, so speed in
 proportion to the CPU share means a ratio near (T+K)/N for T <= N (2.0 for 2 threads, 2 busy, 2 CPUs).
@@ -77,11 +78,14 @@ def child(workload: str, seconds: float) -> None:
 
 def measure(workload: str, policy: str, seconds: float) -> tuple[float, int]:
     env = dict(os.environ)
+    env.pop("CHATSTACK_THREADS", None)
     if policy == "torch":
         env.pop("OMP_WAIT_POLICY", None)
         env["CHATSTACK_THREAD_POLICY"] = "0"
     else:
         env.pop("CHATSTACK_THREAD_POLICY", None)
+        if policy == "chatstack-1":
+            env["CHATSTACK_THREADS"] = "1"
     out = subprocess.run(
         [sys.executable, __file__, "--child", workload, "--seconds", str(seconds)],
         env=env,
@@ -104,7 +108,7 @@ def main() -> int:
     if a.child:
         child(a.child, a.seconds)
         return 0
-    policies = ["torch", "chatstack"]
+    policies = ["torch", "chatstack", "chatstack-1"]
     res: dict[tuple, list[float]] = {}
     threads: dict[tuple, int] = {}
     loads = []
@@ -139,12 +143,15 @@ def main() -> int:
             busy = statistics.median(res[(w, p, "busy")])
             t = threads[(w, p)]
             fair = (t + a.busy) / n if t <= n else float("nan")
-            name = "torch defaults" if p == "torch" else "chatstack"
+            name = {"torch": "torch defaults", "chatstack": "chatstack", "chatstack-1": "chatstack, 1 thread"}[p]
             print(f"| {w} | {name} | {t} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f} | {fair:.1f} |")
     for w in a.workloads:
         tb = statistics.median(res[(w, "torch", "busy")])
         cb = statistics.median(res[(w, "chatstack", "busy")])
-        print(f"{w}: busy, chatstack's policy is {tb / cb:.2f}x the speed of torch's defaults")
+        c1 = statistics.median(res[(w, "chatstack-1", "busy")])
+        print(
+            f"{w}, busy: chatstack's policy {tb / cb:.2f}x the speed of torch's defaults, with 1 thread {tb / c1:.2f}x"
+        )
     return 0
 
 

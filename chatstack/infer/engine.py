@@ -23,9 +23,15 @@ How it works
     searched in the decoded text; text that might be the start of a stop string is held back until it
     can't be.
 
-Context length: a prompt must leave room for at least one new token (len(prompt) < block_size), else
-ValueError. A row stops with finish_reason "length" when prompt + generated tokens reach block_size
-(or max_new_tokens), so the model never reads a position past its context.
+  * KV memory (`kv_cache_mb`): the cache (chatstack.infer.kv_cache) holds what the running rows need, in blocks of
+    KV_BLOCK positions, grown as tokens come and shrunk as rows leave, within one budget shared with staged prompts
+    and the prefix cache. A pending request is admitted when the budget holds it; when the running rows outgrow
+    it, the latest admitted are preempted and recomputed later (same tokens).
+
+Context length: a prompt must leave room for at least one new token (len(prompt) < block_size, and below the
+longest row the KV budget holds, max_row_len), else ValueError. A row stops with finish_reason "length" when
+prompt + generated tokens reach max_row_len (block_size unless the budget is smaller) or max_new_tokens, so the
+model never reads a position past its context.
 
 Outputs: `Completion.token_ids` holds every generated token, including a final stop token (the model did
 produce it; PPO trains on it, and servers count it), but `text` never contains the stop token's or the
