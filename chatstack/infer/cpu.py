@@ -235,15 +235,19 @@ def zeros_unpooled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 # ---- threads: speed in proportion to the CPU share on a busy machine
 #
-# torch runs each op's parallel region on its OpenMP threads and waits at a barrier for all of them. GNU OpenMP's
-# default wait spins (GOMP_SPINCOUNT, 300k iterations) before it sleeps; on a machine whose cores are also busy
-# with other processes, a thread that finished its share spins on a core its descheduled partner needs, and every
-# one of the hundreds of regions in a step waits for a scheduler time slice. Measured on a 2-core host at load ~10
-# (`python benchmarks/contention.py`; docs/benchmarks.md): a tiny-preset training step took 3.6 s with 2 spinning
-# threads against 1.3 s with OMP_WAIT_POLICY=PASSIVE and 0.85 s with one thread. The wait policy is read once, when
-# torch loads its OpenMP runtime, so chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE in the environment before
-# anything imports torch (unless the variable is set, or CHATSTACK_THREAD_POLICY=0); apply_thread_policy() then
-# caps the thread count at the CPUs this process may run on (affinity, cgroup quota), which torch does not.
+# torch runs each op's parallel region on its OpenMP threads and waits at a barrier for all of them. When other
+# processes keep the cores busy, one of the threads is often descheduled, and each of the hundreds of regions in a
+# step waits a scheduler time slice for it: measured on a 2-core host at load average 16-22
+# (`python benchmarks/contention.py`, docs/benchmarks.md), a SmolLM2-135M engine step took 3.8 s with torch's 2
+# threads and 0.23 s with one. GNU OpenMP's default wait also spins before it sleeps, burning the core the late
+# thread needs; chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless it is set, or
+# CHATSTACK_THREAD_POLICY=0). apply_thread_policy() then runs as many threads as there are idle CPUs: the CPUs this
+# process may use (affinity, cgroup quota) minus the load other processes put on them (the 1-minute load average
+# less this process's own busy threads), at least one. The engine re-applies it every THREAD_POLICY_INTERVAL_S of
+# stepping, so a server follows the machine's load; the training loop applies it at start-up.
+
+THREAD_POLICY_INTERVAL_S = 30.0
+_max_threads: int | None = None  # torch's count when the policy first ran: the most it ever sets
 
 
 def available_cpus() -> int:
@@ -262,10 +266,23 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def apply_thread_policy(threads: int | None = None) -> int:
-    """Set torch's intra-op threads: `threads`, else $CHATSTACK_THREADS, else torch's current count capped at
-    available_cpus() (so an explicit torch.set_num_threads(1) before it stays). Called when the engine and the
-    training loop start. Returns the count. CHATSTACK_THREAD_POLICY=0 leaves torch as it is."""
+def idle_cpus(own_busy_threads: float = 0.0) -> float:
+    """CPUs not used by other processes: available_cpus() minus the 1-minute load average, of which
+    `own_busy_threads` is this process's own share."""
+    n = available_cpus()
+    try:
+        others = max(0.0, os.getloadavg()[0] - own_busy_threads)
+    except (AttributeError, OSError):
+        return float(n)
+    return max(0.0, n - others)
+
+
+def apply_thread_policy(threads: int | None = None, own_busy_threads: float = 0.0) -> int:
+    """Set torch's intra-op threads: `threads`, else $CHATSTACK_THREADS, else the idle CPUs (rounded, at least 1)
+    capped at torch's count when this first ran (so an explicit torch.set_num_threads(1) before it stays). Called
+    when the engine and the training loop start, and by the engine as it runs. Returns the count.
+    CHATSTACK_THREAD_POLICY=0 leaves torch as it is."""
+    global _max_threads
     if os.environ.get("CHATSTACK_THREAD_POLICY") == "0":
         return torch.get_num_threads()
     if threads is None and os.environ.get("CHATSTACK_THREADS", "").strip():
@@ -274,13 +291,19 @@ def apply_thread_policy(threads: int | None = None) -> int:
         except ValueError:
             raise ValueError(f"CHATSTACK_THREADS={os.environ['CHATSTACK_THREADS']!r}: expected an integer") from None
     if not threads:
-        threads = min(torch.get_num_threads(), available_cpus())
+        if _max_threads is None:
+            _max_threads = min(torch.get_num_threads(), available_cpus())
+        threads = max(1, min(_max_threads, int(idle_cpus(own_busy_threads) + 0.5)))
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return threads
 
 
 def thread_policy_summary() -> str:
-    """One line for logs: threads, CPUs available, and the OpenMP wait policy in force."""
+    """One line for logs: threads, CPUs available, the load, and the OpenMP wait policy in force."""
     wait = os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
-    return f"{torch.get_num_threads()} threads on {available_cpus()} available CPUs, OMP_WAIT_POLICY={wait}"
+    try:
+        load = f"load average {os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        load = "load unknown"
+    return f"{torch.get_num_threads()} threads on {available_cpus()} available CPUs ({load}), OMP_WAIT_POLICY={wait}"

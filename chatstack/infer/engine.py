@@ -55,6 +55,7 @@ from __future__ import annotations
 import codecs
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
@@ -63,6 +64,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from tqdm import tqdm
 
 from chatstack.infer.cpu import (
+    THREAD_POLICY_INTERVAL_S,
     CPUWeight,
     apply_thread_policy,
     available_memory_bytes,
@@ -265,7 +267,8 @@ class Engine:
         # slow on (x86 that isn't Intel's), oneDNN-packed copies and a one-row product split over the threads
         self.cpu_matmul = cpu_matmul_backend(cpu_matmul) if self.device.type == "cpu" else None
         if self.device.type == "cpu":
-            apply_thread_policy()  # threads capped at the CPUs available (chatstack.infer.cpu)
+            apply_thread_policy()  # as many threads as CPUs are idle (chatstack.infer.cpu)
+        self._policy_at = time.monotonic() + THREAD_POLICY_INTERVAL_S  # when to look at the machine's load again
         # weights that can't stay in the caches between steps: a one-row product is bound by memory bandwidth
         self._streaming = weight_bytes > STREAMING_BYTES
         self.quantize = check_quantize(quantize, self.device)
@@ -437,6 +440,10 @@ class Engine:
         was_training = self.model.training
         if was_training:
             self.model.eval()  # no dropout while generating (PPO generates with a model it trains)
+        if self.device.type == "cpu" and time.monotonic() >= self._policy_at:
+            # other processes' load moves: follow it (our own busy threads are part of the load average)
+            apply_thread_policy(own_busy_threads=torch.get_num_threads())
+            self._policy_at = time.monotonic() + THREAD_POLICY_INTERVAL_S
         try:
             events = []
             if self.running:

@@ -41,7 +41,8 @@ def register(sub) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy, small CPU",
+        help="torch CPU threads, fixed (default: as many as CPUs are idle, re-checked as the load changes: "
+        "chatstack/infer/cpu.py)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_dataclass_args(p, ServerConfig, group="server")
@@ -70,7 +71,8 @@ def _cmd_serve(args) -> int:
         raise CLIError(
             f"--quantize {args.quantize} is for CPU decoding (got --device {args.device}); on a GPU use bf16"
         )
-    if args.threads:
+    if args.threads:  # a fixed count: the engine's thread policy keeps it (chatstack.infer.cpu)
+        os.environ["CHATSTACK_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise CLIError(f"--kv-cache-mb must be > 0, got {args.kv_cache_mb}")
