@@ -237,7 +237,7 @@ def zeros_unpooled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 #
 # torch runs each op's parallel region on its OpenMP threads and waits at a barrier for all of them. When other
 # processes keep the cores busy, one of the threads is often descheduled, and each of the hundreds of regions in a
-# step waits a scheduler time slice for it: measured on a 2-core host at load average 16-22
+# step waits a scheduler time slice for it: measured on a 2-core host at load average 16-31
 # (`python benchmarks/contention.py`, docs/benchmarks.md), a SmolLM2-135M engine step took 3.8 s with torch's 2
 # threads and 0.23 s with one. GNU OpenMP's default wait also spins before it sleeps, burning the core the late
 # thread needs; chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless it is set, or
