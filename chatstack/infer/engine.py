@@ -507,7 +507,8 @@ class Engine:
             n, need, staged, take = n + 1, need2, staged2, take + 1
         rows, self.pending = self.pending[:take], self.pending[take:]
         for r in rows:
-            r.admitted = next(self._admitted)
+            if not r.admitted:  # a preempted row keeps its place: the latest *new* rows give way first (as vLLM's)
+                r.admitted = next(self._admitted)
         return rows
 
     def _fit(self, slots: int, length: int) -> bool:
