@@ -5,6 +5,7 @@
                           "parent": path or null, "train": the stage's full config, ...}
       model.safetensors  weights (safetensors: loading never runs code)
       tokenizer.json     Hugging Face `tokenizers` format
+      adapter.safetensors  only after `--no-lora-merge`: LoRA adapters, added to the weights when loaded
       metrics.jsonl      one JSON object per logged step / eval (appended by the training loop)
       state/             what exact resume needs: *.pt loaded with weights_only=True, *.json
 
@@ -26,13 +27,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from chatstack.model import GPT, GPTConfig
 from chatstack.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-MANAGED = {"config.json", "model.safetensors", "tokenizer.json", "state"}
+MANAGED = {"config.json", "model.safetensors", "tokenizer.json", "state", "adapter.safetensors"}
 
 
 class CheckpointError(Exception):
@@ -72,8 +73,12 @@ def save_checkpoint(
     config: dict,
     tokenizer: Tokenizer | None = None,
     state: Optional[dict] = None,
+    adapters: Optional[dict] = None,
 ) -> Path:
     """Write `model` (any nn.Module), `config` (JSON-able) and optional tokenizer/state atomically to `path`.
+
+    adapters: LoRA adapters kept apart from the weights ({module}.lora_A / .lora_B / .lora_scale tensors,
+    chatstack.train.lora.unwrap_lora), written as adapter.safetensors and merged by load_weights.
 
     state: {name: object}; objects made of tensors/lists/dicts/numbers are saved as state/<name>.pt
     (torch.save, loadable with weights_only=True); dicts marked JSON-able may also be plain JSON.
@@ -91,6 +96,8 @@ def save_checkpoint(
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(str(tmp / "tokenizer.json"))
+    if adapters:
+        save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
     if state:
         (tmp / "state").mkdir()
         for name, obj in state.items():
@@ -142,6 +149,23 @@ def load_weights(path: str | os.PathLike, module: nn.Module, strict: bool = True
         missing, unexpected = load_model(module, str(wpath), strict=strict)
     except Exception as e:  # safetensors raises several types for truncated / foreign files
         raise CheckpointError(f"{wpath}: cannot load weights ({type(e).__name__}: {e})") from e
+    apath = Path(path) / "adapter.safetensors"
+    if apath.exists():
+        try:
+            merge_adapters_(module, load_file(str(apath)))
+        except Exception as e:
+            raise CheckpointError(f"{apath}: cannot merge the adapters ({type(e).__name__}: {e})") from e
+
+
+def merge_adapters_(module: nn.Module, adapters: dict[str, torch.Tensor]) -> None:
+    """W <- W + scale * B @ A for every LoRA adapter ({name}.lora_A, {name}.lora_B, {name}.lora_scale)."""
+    with torch.no_grad():
+        for key in adapters:
+            if key.endswith(".lora_A"):
+                name = key[: -len(".lora_A")]
+                lin = module.get_submodule(name)
+                A, B = adapters[key].float(), adapters[f"{name}.lora_B"].float()
+                lin.weight += (float(adapters[f"{name}.lora_scale"]) * (B @ A)).to(lin.weight.dtype)
 
 
 def load_state(path: str | os.PathLike) -> dict:

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from chatstack.kernels import gelu_tanh
 
@@ -340,6 +341,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # activation checkpointing (the training loop's --grad-checkpoint): in training forwards without a cache each
+    # block keeps only its input and recomputes its activations during backward (~1.3x the compute, 1/n_layer
+    # of the activation memory)
+    grad_checkpoint: bool = False
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -397,8 +403,15 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B|1, 1, T, hd)
         x = self.drop(x)
+        recompute = self.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache, attn_mask)
+            if recompute:
+                # the backward pass runs outside the loop's precision context: recompute in the forward's mode
+                bf16 = cpu_bf16_active()
+                ctx = lambda: (contextlib.nullcontext(), cpu_bf16_matmuls(bf16))  # noqa: E731
+                x = checkpoint(block, x, rope, None, attn_mask, use_reentrant=False, context_fn=ctx)
+            else:
+                x = block(x, rope, cache, attn_mask)
         if cache is not None:
             cache.advance(T)
         return self.norm_f(x)

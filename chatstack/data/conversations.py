@@ -32,6 +32,19 @@ import torch
 from chatstack.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+# the default training row length when --seq-len is not given: the context, capped here (an 8k-context model such
+# as SmolLM2 would otherwise pack rows of 8,193 tokens, impractical on a CPU)
+DEFAULT_SEQ_CAP = 1024
+
+
+def resolve_seq_len(seq_len: int, block_size: int) -> int:
+    """Tokens a training row feeds the model (--seq-len; 0 = min(context, DEFAULT_SEQ_CAP)); ValueError if it
+    exceeds the context. Batches trim trailing padding (make_batch), so data shorter than a row costs nothing."""
+    if seq_len < 0:
+        raise ValueError(f"--seq-len must be positive, got {seq_len}")
+    if seq_len > block_size:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's context length (block_size {block_size})")
+    return seq_len or min(block_size, DEFAULT_SEQ_CAP)
 
 
 class ConversationError(ValueError):

@@ -56,11 +56,12 @@ from chatstack.rlhf.rollout import PolicyWithValue, rollout, task_accuracy
 from chatstack.stages.label import LabelConfig, file_prompts, judge_score, label, task_prompts
 from chatstack.stages.reward import RewardConfig, train_reward
 from chatstack.train.loop import Metrics
+from chatstack.train.lora import LoraArgs, apply_lora, check_flags, load_trainable_state, plain_copy, trainable_state
 from chatstack.train.optim import build_adamw, lr_at
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LoraArgs):
     policy: str = field(default="", metadata={"help": "SFT checkpoint: the initial policy and the KL reference"})
     reward: str = field(
         default="",
@@ -393,6 +394,9 @@ def run_ppo(cfg: PPOConfig) -> Path:
         p.requires_grad_(False)
     policy = PolicyWithValue(ck.model).to(device)
     policy.train()
+    check_flags(policy, cfg.lora_rank, cfg.lora_targets, 0)
+    if cfg.lora_rank:  # adapters on the policy's matrices; the value head trains in full
+        apply_lora(policy, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_targets)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
 
@@ -401,8 +405,11 @@ def run_ppo(cfg: PPOConfig) -> Path:
     metrics = Metrics(out, True)
     start_it, max_iters = 0, cfg.iterations
     if cfg.resume and (out / "state" / "ppo.pt").exists():
-        load_weights(out, policy.lm, strict=True)
         st = load_state(out)["ppo"]
+        if cfg.lora_rank:  # the base is --policy; the state holds the adapters
+            load_trainable_state(policy, st["lora"], f"{out}/state/ppo.pt")
+        else:
+            load_weights(out, policy.lm, strict=True)
         policy.value_head.load_state_dict(st["value_head"])
         opt.load_state_dict(st["optimizer"])
         kl_ctl.load_state_dict(st["kl_ctl"])
@@ -458,7 +465,15 @@ def run_ppo(cfg: PPOConfig) -> Path:
         conf = dict(ckpt_config)
         if final_eval:
             conf["eval"] = final_eval
-        save_checkpoint(out, policy.lm, conf, tok, state)
+        lm, adapters = policy.lm, None
+        if cfg.lora_rank:
+            state["ppo"]["lora"] = trainable_state(policy)
+            lm, adapters = plain_copy(policy.lm, merge=cfg.lora_merge)
+            conf["finetune"] = {
+                "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_scale_alpha},
+                "merged": cfg.lora_merge,
+            }
+        save_checkpoint(out, lm, conf, tok, state, None if cfg.lora_merge else adapters)
 
     eval_cost = 0.0
     if start_it == 0:

@@ -25,9 +25,11 @@ import torch
 
 from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
 from chatstack.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from chatstack.data.conversations import resolve_seq_len
 from chatstack.data.preferences import PreferenceError, load_preferences, split_by_prompt, summary
 from chatstack.rlhf.reward_model import RewardModel, batch_loss, collate, evaluate_groups, mean_score
 from chatstack.train.loop import Metrics, TrainConfig, train
+from chatstack.train.lora import check_flags
 
 
 @dataclass
@@ -41,6 +43,10 @@ class RewardConfig(TrainConfig):
             "the head's score: 'none' is InstructGPT's RM (no output layer); see docs/rlhf.md",
             "choices": ["none", "mean", "sum"],
         },
+    )
+    seq_len: int = field(
+        default=0,
+        metadata={"help": "tokens per prompt + response (longer: the prompt's start is cut); 0 = min(context, 1024)"},
     )
     val_frac: float = field(default=0.15, metadata={"help": "fraction of prompts held out (by prompt hash)"})
     # overrides of the loop's defaults, sized for the built-in demo on a CPU (see docs/rlhf.md)
@@ -112,7 +118,8 @@ def train_reward(cfg: RewardConfig) -> dict:
         raise ValueError(f"{', '.join(cfg.data)}: no training prompts left after holding out {cfg.val_frac:.0%}")
     print(f"preferences: train {summary(train_g)}, held out {summary(val_g)}")
     rm = RewardModel.from_lm(ck.model, cfg.likelihood)
-    block = ck.model.config.block_size
+    block = resolve_seq_len(cfg.seq_len, ck.model.config.block_size)
+    check_flags(rm, cfg.lora_rank, cfg.lora_targets, cfg.train_layers)
     task = RewardTask(train_g, val_g, ck.tokenizer, block, cfg)
     ckpt_config = {
         "kind": "reward",

@@ -38,11 +38,13 @@ from chatstack.data.conversations import (
     make_batch,
     pack,
     read_jsonl,
+    resolve_seq_len,
 )
 from chatstack.evals.tasks_eval import conversation_loss
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.stages.pretrain import flops_per_token
 from chatstack.train.loop import TrainConfig, train
+from chatstack.train.lora import check_flags
 
 
 @dataclass
@@ -80,6 +82,12 @@ class SFTConfig(TrainConfig):
         metadata={
             "help": "conversations longer than the context: truncate at a turn boundary, or drop",
             "choices": ["truncate", "drop"],
+        },
+    )
+    seq_len: int = field(
+        default=0,
+        metadata={
+            "help": "tokens per training row; longer conversations are cut per --on-long (0 = min(context, 1024))"
         },
     )
     packing: bool = field(default=True, metadata={"help": "pack several conversations per row"})
@@ -219,11 +227,14 @@ def run_sft(cfg: SFTConfig, log=print):
     if ck.tokenizer is None:
         raise ValueError(f"{cfg.base}: the base checkpoint has no tokenizer.json")
     model, tok = ck.model, ck.tokenizer
-    T = model.config.block_size
+    check_flags(model, cfg.lora_rank, cfg.lora_targets, cfg.train_layers)
+    T = resolve_seq_len(cfg.seq_len, model.config.block_size)
     row_len = T + 1  # inputs are row[:-1], targets row[1:]: a row holds block_size + 1 tokens
     train_enc, val_enc, tr_sum, va_sum = load_sft_data(cfg, tok, row_len, log)
     train_rows = pack(train_enc, row_len, tok.eot_id, seed=cfg.seed, packed=cfg.packing)
     val_rows = pack(val_enc, row_len, tok.eot_id, seed=cfg.seed, packed=True)
+    if len(train_rows) == 0:
+        raise ValueError(f"--seq-len {T}: no training conversation fits ({tr_sum.line()})")
     log(f"sft data: train {tr_sum.line()}")
     if tr_sum.sources:
         log("  sources: " + ", ".join(f"{k} {v:,}" for k, v in tr_sum.sources.items()))

@@ -34,9 +34,19 @@ from tqdm import tqdm
 
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
 from chatstack.infer.cpu import apply_thread_policy, cpu_has_amx, tune_malloc
-from chatstack.model import cpu_bf16_matmuls
+from chatstack.model import GPT, cpu_bf16_matmuls
 from chatstack.tokenizer import Tokenizer
 from chatstack.train import distributed as D
+from chatstack.train.lora import (
+    LoraArgs,
+    apply_lora,
+    check_flags,
+    freeze_all_but_last,
+    load_trainable_state,
+    plain_copy,
+    trainable_state,
+    unwrap_lora,
+)
 from chatstack.train.optim import build_adamw, lr_at
 
 # Peak dense FLOP/s used for MFU when --peak-flops is 0. The CPU figure is the fp32 matmul peak measured
@@ -58,8 +68,8 @@ PEAK_FLOPS = {
 
 
 @dataclass
-class TrainConfig:
-    """Fields common to every supervised stage (a stage's config subclasses this)."""
+class TrainConfig(LoraArgs):
+    """Fields common to every supervised stage (a stage's config subclasses this); the LoRA flags come first."""
 
     out: str = field(default="", metadata={"help": "checkpoint directory to write (and resume from)"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
@@ -104,6 +114,13 @@ class TrainConfig:
     )
     peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s per device for MFU (0 = table)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    grad_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "activation checkpointing: recompute each block in backward (less memory, ~1.3x compute)"},
+    )
+    train_layers: int = field(
+        default=0, metadata={"help": "train only the last N transformer blocks (+ final norm/head); 0 = all"}
+    )
 
 
 @runtime_checkable
@@ -260,9 +277,30 @@ def train(
     ckpt_config.setdefault("train", asdict(cfg))
 
     model.to(device)
+    for m in model.modules():
+        if isinstance(m, GPT):
+            m.grad_checkpoint = cfg.grad_checkpoint
+    lora = cfg.lora_rank > 0
+    check_flags(model, cfg.lora_rank, cfg.lora_targets, cfg.train_layers)
+    if lora:
+        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_targets)
+        ckpt_config["finetune"] = {
+            "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_scale_alpha, "modules": len(adapted)},
+            "merged": cfg.lora_merge,
+        }
+    elif cfg.train_layers:
+        freeze_all_but_last(model, cfg.train_layers)
+        ckpt_config["finetune"] = {"train_layers": cfg.train_layers}
+    if info.is_main and (lora or cfg.train_layers) and cfg.progress:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"training {n_train:,} of {n_all:,} parameters ({n_train / n_all:.2%})")
     start_step, max_steps, tokens_seen, resumed_state = 0, cfg.max_steps, 0, None
     if cfg.resume and has_checkpoint(out):
-        load_weights(out, model, strict=True)
+        if lora:  # the frozen base is the stage's parent; the state holds what trained
+            load_trainable_state(model, load_state(out)["lora"], f"{out}/state/lora.pt")
+        else:
+            load_weights(out, model, strict=True)
         resumed_state = load_state(out)["train"]
         start_step = int(resumed_state["step"])
         # the step budget the first process settled on (a --time-budget may have cut it), unless the user
@@ -304,6 +342,10 @@ def train(
         # are not saved (torch's full optimizer-state gather failed here), so FSDP runs cannot --resume
         opt_sd = opt.state_dict() if shadow is None else {}
         to_save = _full_state_for_save(model, shadow)
+        adapters = None
+        if lora and info.is_main:
+            # an ordinary checkpoint: the adapters merged into a plain copy (or kept beside the base weights)
+            to_save, adapters = plain_copy(to_save, merge=cfg.lora_merge)
         if info.is_main:
             state = {
                 "train": {
@@ -315,7 +357,9 @@ def train(
                     "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 }
             }
-            save_checkpoint(out, to_save, ckpt_config, tokenizer, state)
+            if lora:
+                state["lora"] = trainable_state(model)
+            save_checkpoint(out, to_save, ckpt_config, tokenizer, state, None if cfg.lora_merge else adapters)
         D.barrier()
 
     def evaluate(step: int, final: bool = False) -> dict:
@@ -449,5 +493,7 @@ def train(
             m.train()
             if text:
                 metrics.write(step=step, sample=text)
+    if lora:
+        unwrap_lora(model, merge=True)  # the caller gets the fine-tuned model as a plain module
     D.cleanup()
     return out
