@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "chatstack.stages.interop",  # import / export
     "chatstack.stages.estimate",  # estimate
     "chatstack.stages.speedrun",  # speedrun
+    "chatstack.stages.recipe",  # recipe smollm2
 ]
 
 

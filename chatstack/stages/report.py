@@ -194,6 +194,18 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+# the speedrun's headline (a report may bring its own as rep["headline_rows"])
+HEADLINE_ROWS = (
+    ("bits_per_char", "base: held-out bits per character"),
+    ("sft_lift_points", "SFT lift over base few-shot (points)"),
+    ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
+    ("ppo_lift_points", "PPO lift over SFT (points)"),
+    ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
+    ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
+    ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)"),
+)
+
+
 def render_markdown(rep: dict) -> str:
     env = rep["environment"]
     lines = [f"# chatstack report: {rep['name']}", ""]
@@ -212,15 +224,7 @@ def render_markdown(rep: dict) -> str:
     h = rep["headline"]
     targets = rep.get("targets", {})
     rows = []
-    for key, label in (
-        ("bits_per_char", "base: held-out bits per character"),
-        ("sft_lift_points", "SFT lift over base few-shot (points)"),
-        ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
-        ("ppo_lift_points", "PPO lift over SFT (points)"),
-        ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
-        ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
-        ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)"),
-    ):
+    for key, label in rep.get("headline_rows") or HEADLINE_ROWS:
         t = targets.get(key, {})
         rows.append([label, h.get(key), t.get("goal", ""), t.get("met")])
     lines += [table(["what", "value", "goal", "met"], rows), ""]

@@ -255,17 +255,26 @@ def _command(run: Run, stage: Stage, resume: bool) -> list[str]:
 
 
 def run_pipeline(
-    out: Path, smoke: bool = False, scale: str = "cpu", nproc: int = 1, only: Optional[list[str]] = None
+    out: Path,
+    smoke: bool = False,
+    scale: str = "cpu",
+    nproc: int = 1,
+    only: Optional[list[str]] = None,
+    stages: Optional[list[Stage]] = None,
+    command: str = "speedrun",
 ) -> dict:
+    """Run `stages` (default: the speedrun's) in order, skipping finished ones; `command` is the `chatstack`
+    subcommand that re-runs this pipeline (named in the message when a stage fails)."""
+    pipeline = stages if stages is not None else STAGES
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, smoke, scale, nproc)
     state = _load_state(out)
     if state.get("smoke", smoke) != smoke:
         raise SystemExit(f"{out} holds a {'smoke' if state['smoke'] else 'full'} run; use another --out")
     state["smoke"] = smoke
-    total = len(STAGES)
+    total = len(pipeline)
     t_all = time.time()
-    for i, stage in enumerate(STAGES, 1):
+    for i, stage in enumerate(pipeline, 1):
         if only and stage.name not in only:
             continue
         rec = state["stages"].setdefault(stage.name, {"done": False, "wall_s": 0.0})
@@ -289,7 +298,7 @@ def run_pipeline(
         if proc.returncode != 0:
             raise SystemExit(
                 f"speedrun: stage {stage.name!r} failed (exit {proc.returncode}); fix it and re-run "
-                f"`chatstack speedrun --out {out}{' --smoke' if smoke else ''}` to continue from there"
+                f"`chatstack {command} --out {out}{' --smoke' if smoke else ''}` to continue from there"
             )
         rec["done"] = True
         rec["key"] = stage.key(run) if stage.key else ""
