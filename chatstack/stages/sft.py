@@ -26,6 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
 from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config
@@ -42,6 +43,7 @@ from chatstack.data.conversations import (
 )
 from chatstack.evals.tasks_eval import conversation_loss
 from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.model import GPT
 from chatstack.stages.pretrain import flops_per_token
 from chatstack.train.loop import TrainConfig, train
 from chatstack.train.lora import check_flags
@@ -153,8 +155,16 @@ class SFTTask:
         return int(batch["n_tokens"])  # real tokens, not padding: what packing is measured by
 
     def loss(self, model, batch):
-        _, loss = model(batch["idx"], batch["targets"], positions=batch["positions"], attn_mask=batch["attn_mask"])
-        return loss, {}
+        if not isinstance(model, GPT):  # DDP / compiled: the module's own forward
+            _, loss = model(batch["idx"], batch["targets"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+            return loss, {}
+        # the output layer only at the positions that carry a loss (assistant tokens: about a third of a row),
+        # not over the whole (B, T, vocab) logits: with SmolLM2's 49k vocabulary those are 1.6 GB a batch
+        h = model.hidden_states(batch["idx"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+        targets = batch["targets"]
+        keep = targets >= 0
+        logits = model.lm_head(h[keep])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp_min(1), {}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:

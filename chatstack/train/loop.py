@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tqdm import tqdm
 
 from chatstack.checkpoint import CheckpointError, load_state, load_weights, recover, save_checkpoint
+from chatstack.estimate import activation_bytes
 from chatstack.infer.cpu import apply_thread_policy, cpu_has_amx, tune_malloc
 from chatstack.model import GPT, cpu_bf16_matmuls
 from chatstack.tokenizer import Tokenizer
@@ -114,9 +115,12 @@ class TrainConfig(LoraArgs):
     )
     peak_flops: float = field(default=0.0, metadata={"help": "peak FLOP/s per device for MFU (0 = table)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    grad_checkpoint: bool = field(
-        default=False,
-        metadata={"help": "activation checkpointing: recompute each block in backward (less memory, ~1.3x compute)"},
+    grad_checkpoint: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "activation checkpointing: recompute each block in backward (less memory, ~1.3x compute); "
+            "default: on when a micro-batch's activations would exceed 4 GB (chatstack.estimate)"
+        },
     )
     train_layers: int = field(
         default=0, metadata={"help": "train only the last N transformer blocks (+ final norm/head); 0 = all"}
@@ -144,6 +148,10 @@ class Task(Protocol):
 # cost more than the faster products (training step, bf16 / fp32 tokens/s: width 32 0.75x, 64 0.99x,
 # 96 1.33x, 128 1.16-1.35x; Intel Xeon with AMX, 2 threads, docs/benchmarks.md)
 CPU_BF16_MIN_WIDTH = 96
+
+
+# --grad-checkpoint's default: recompute when one micro-batch's activations would take more than this (fp32)
+AUTO_RECOMPUTE_BYTES = 4e9
 
 
 def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) -> torch.dtype:
@@ -277,9 +285,18 @@ def train(
     ckpt_config.setdefault("train", asdict(cfg))
 
     model.to(device)
-    for m in model.modules():
-        if isinstance(m, GPT):
-            m.grad_checkpoint = cfg.grad_checkpoint
+    gpts = [m for m in model.modules() if isinstance(m, GPT)]
+    recompute = bool(cfg.grad_checkpoint)
+    if cfg.grad_checkpoint is None and gpts:
+        # the batch shape of the first step (batches are a pure function of the step) decides
+        idx = task.train_batch(0, 0, rank, world).get("idx")
+        if torch.is_tensor(idx):
+            acts = 2 * activation_bytes(gpts[0].config, idx.size(0), idx.size(1), flash=True)  # fp32: 2x 16-bit
+            recompute = acts > AUTO_RECOMPUTE_BYTES
+            if recompute and info.is_main and cfg.progress:
+                print(f"activation checkpointing on: a micro-batch's activations would take ~{acts / 1e9:.1f} GB")
+    for m in gpts:
+        m.grad_checkpoint = recompute
     lora = cfg.lora_rank > 0
     check_flags(model, cfg.lora_rank, cfg.lora_targets, cfg.train_layers)
     if lora:
