@@ -221,3 +221,24 @@ def test_ppo_with_lora_resumes_exactly_and_keeps_the_base(tmp_path, monkeypatch)
     for k in base:
         assert torch.equal(a[k], b[k]), k
         assert torch.equal(a[k], base[k]) == (not k.endswith("attn.qkv.weight")), k
+
+
+def test_reward_stage_with_lora_and_seq_len(nano_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from chatstack.rlhf.reward_model import load_reward_model
+    from chatstack.stages.reward import RewardConfig, train_reward
+
+    data = tmp_path / "pairs.jsonl"
+    with open(data, "w") as f:
+        for a in range(24):
+            f.write(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": f"{a} cat"}) + "\n")
+    kw = dict(sft=str(nano_ckpt), data=[str(data)], max_steps=4, eval_every=0, time_budget=0, warmup_steps=1)
+    train_reward(RewardConfig(out=str(tmp_path / "rm"), lora_rank=2, seq_len=48, progress=False, **kw))
+    rm, cfg = load_reward_model(tmp_path / "rm")
+    assert cfg["finetune"]["lora"]["rank"] == 2 and cfg["train"]["seq_len"] == 48
+    base, got = load_file(str(nano_ckpt / "model.safetensors")), load_file(str(tmp_path / "rm" / "model.safetensors"))
+    assert torch.equal(got["gpt.blocks.0.norm1.weight"], base["blocks.0.norm1.weight"])  # frozen
+    assert not torch.equal(got["gpt.blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # adapted, merged
+    with pytest.raises(ValueError, match="--seq-len 500 exceeds"):
+        train_reward(RewardConfig(out=str(tmp_path / "rm2"), seq_len=500, progress=False, **kw))

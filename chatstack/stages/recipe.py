@@ -69,7 +69,7 @@ RECIPE_STAGES = {
                 + (
                     ["--max-steps", "3", "--eval-every", "0", "--time-budget", "0"]
                     if r.smoke
-                    else ["--max-steps", "300", "--eval-every", "100", "--save-every", "50", "--time-budget", "1200"]
+                    else ["--max-steps", "300", "--eval-every", "100", "--save-every", "50", "--time-budget", "900"]
                 )
             ),
             "sft/config.json",
@@ -101,7 +101,7 @@ RECIPE_STAGES = {
                 + (
                     ["--max-steps", "2", "--eval-every", "0", "--time-budget", "0"]
                     if r.smoke
-                    else ["--max-steps", "120", "--eval-every", "40", "--time-budget", "600"]
+                    else ["--max-steps", "120", "--eval-every", "40", "--time-budget", "300"]
                 )
             ),
             "rm/config.json",
@@ -117,7 +117,7 @@ RECIPE_STAGES = {
                 + (
                     ["--iterations", "1", "--eval-every", "0", "--time-budget", "0"]
                     if r.smoke
-                    else ["--iterations", "40", "--eval-every", "0", "--save-every", "5", "--time-budget", "1200"]
+                    else ["--iterations", "40", "--eval-every", "0", "--save-every", "5", "--time-budget", "900"]
                 )
             ),
             "ppo/config.json",

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
-from chatstack.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from chatstack.checkpoint import CheckpointError, load_checkpoint, load_state, read_config, save_checkpoint
 from chatstack.data.conversations import resolve_seq_len
 from chatstack.data.preferences import PreferenceError, load_preferences, split_by_prompt, summary
 from chatstack.rlhf.reward_model import RewardModel, batch_loss, collate, evaluate_groups, mean_score
@@ -145,6 +145,8 @@ def train_reward(cfg: RewardConfig) -> dict:
         final[f"val_accuracy_{name}"], final[f"val_pairs_{name}"] = r["val_accuracy"], r["val_pairs"]
     state = load_state(out)
     ckpt_config["reward_bias_shift"] = shift
+    if "finetune" in read_config(out):  # what the loop recorded (LoRA, frozen layers)
+        ckpt_config["finetune"] = read_config(out)["finetune"]
     ckpt_config["val"] = final
     save_checkpoint(out, rm, ckpt_config, ck.tokenizer, state)
     step = int(state.get("train", {}).get("step", 0))
