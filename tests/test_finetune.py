@@ -216,6 +216,9 @@ def test_ppo_with_lora_resumes_exactly_and_keeps_the_base(tmp_path, monkeypatch)
     st["max_iters"] = 4
     torch.save(st, tmp_path / "b" / "state" / "ppo.pt")
     assert main(common + ["--out", str(tmp_path / "b"), "--iterations", "4", "--resume"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    errs = [r["engine_logprob_err"] for r in rows if "engine_logprob_err" in r]
+    assert errs and max(errs) < 1e-4  # rollouts sample from the adapted policy, not the frozen base
     base = load_checkpoint(tmp_path / "sft").model.state_dict()
     a, b = load_checkpoint(tmp_path / "a").model.state_dict(), load_checkpoint(tmp_path / "b").model.state_dict()
     for k in base:
