@@ -119,7 +119,7 @@ class TrainConfig(LoraArgs):
         default=None,
         metadata={
             "help": "activation checkpointing: recompute each block in backward (less memory, ~1.3x compute); "
-            "default: on when a micro-batch's activations would exceed 4 GB (chatstack.estimate)"
+            "default: on CPU, on when a micro-batch's activations would exceed 2 GB (chatstack.estimate)"
         },
     )
     train_layers: int = field(
@@ -151,7 +151,7 @@ CPU_BF16_MIN_WIDTH = 96
 
 
 # --grad-checkpoint's default: recompute when one micro-batch's activations would take more than this (fp32)
-AUTO_RECOMPUTE_BYTES = 4e9
+AUTO_RECOMPUTE_BYTES = 2e9
 
 
 def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) -> torch.dtype:
@@ -287,8 +287,9 @@ def train(
     model.to(device)
     gpts = [m for m in model.modules() if isinstance(m, GPT)]
     recompute = bool(cfg.grad_checkpoint)
-    if cfg.grad_checkpoint is None and gpts:
-        # the batch shape of the first step (batches are a pure function of the step) decides
+    if cfg.grad_checkpoint is None and gpts and device.type == "cpu":
+        # in CPU RAM (a GPU's memory is a different budget): the first step's batch shape decides (batches are a pure
+        # function of the step)
         idx = task.train_batch(0, 0, rank, world).get("idx")
         if torch.is_tensor(idx):
             acts = 2 * activation_bytes(gpts[0].config, idx.size(0), idx.size(1), flash=True)  # fp32: 2x 16-bit
