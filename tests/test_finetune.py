@@ -245,3 +245,20 @@ def test_reward_stage_with_lora_and_seq_len(nano_ckpt, tmp_path):
     assert not torch.equal(got["gpt.blocks.0.attn.qkv.weight"], base["blocks.0.attn.qkv.weight"])  # adapted, merged
     with pytest.raises(ValueError, match="--seq-len 500 exceeds"):
         train_reward(RewardConfig(out=str(tmp_path / "rm2"), seq_len=500, progress=False, **kw))
+
+
+def test_grad_checkpoint_default_follows_the_activation_estimate(base, tmp_path, monkeypatch):
+    import chatstack.model as model_mod
+    import chatstack.train.loop as loop_mod
+
+    calls = []
+    real = model_mod.checkpoint
+    monkeypatch.setattr(model_mod, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_sft(cfg(base, out=str(tmp_path / "a"), max_steps=1), log=lambda s: None)
+    assert calls == []  # a nano model's activations are far below the threshold
+    monkeypatch.setattr(loop_mod, "AUTO_RECOMPUTE_BYTES", 0)
+    run_sft(cfg(base, out=str(tmp_path / "b"), max_steps=1), log=lambda s: None)
+    assert len(calls) == 2  # one per block of the nano model's one training step
+    calls.clear()
+    run_sft(cfg(base, out=str(tmp_path / "c"), max_steps=1, grad_checkpoint=False), log=lambda s: None)
+    assert calls == []
