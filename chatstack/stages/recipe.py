@@ -89,7 +89,7 @@ RECIPE_STAGES = {
             lambda r: (
                 ["label", r.p("sft"), "--judge", "builtin", "--out", r.p("rankings.jsonl")]
                 # an answer-format model ties often (all wrong, all well formed): the shorter answer ranks first
-            + ["--max-new-tokens", "24", "--ties", "shorter"]
+                + ["--max-new-tokens", "24", "--ties", "shorter"]
                 + (["--k", "2", "--prompts", "4"] if r.smoke else ["--k", "4", "--prompts", "240"])
             ),
             "rankings.jsonl",
