@@ -68,7 +68,8 @@ _text = st.lists(st.one_of(st.characters(), _surrogates), max_size=12).map("".jo
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_text)
 def test_any_string_anywhere_is_never_a_5xx(client, s):
-    bad = any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+    # what the server decodes: a high + low surrogate escaped side by side is one valid character in JSON
+    bad = any(0xD800 <= ord(c) <= 0xDFFF for c in json.loads(json.dumps(s)))
     for path, body in _bodies(s):
         r = _post(client, path, body)
         assert r.status_code < 500, (path, body, r.text)
