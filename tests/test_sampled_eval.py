@@ -161,3 +161,40 @@ def test_wrong_checkpoint_kind_is_one_line(ckpt, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "rm"), str(path), "--n", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "A " in err and len(err.splitlines()) == 1
+
+
+def test_paired_difference_against_a_baseline_eval(ckpt, tmp_path, capsys):
+    from chatstack.cli import main
+    from chatstack.evals.sampled import compare_evals
+
+    path, _ = ckpt
+    args = ["eval", str(path), "--samples", "2", "--n", "3", "--task", "add", "--no-progress", "--json"]
+    assert main(args + ["--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "b.json"), "--baseline", str(tmp_path / "a.json")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    d = res["vs_baseline"]["avg_at_k"]
+    assert d["diff_points"] == 0.0 and d["ci_points"] == [0.0, 0.0]  # the same model, the same seeds
+    a = {"scores": {"avg_at_k": {"t": [1.0, 0.0, 1.0, 1.0]}}}
+    b = {"scores": {"avg_at_k": {"t": [0.0, 0.0, 1.0, 0.0]}}}
+    d = compare_evals(a, b, "avg_at_k", n_boot=500)
+    assert d["diff_points"] == 50.0 and d["ci_points"][0] <= 50.0 <= d["ci_points"][1]
+    with pytest.raises(ValueError, match="share no questions"):
+        compare_evals(a, {"scores": {}}, "avg_at_k")
+
+
+def test_align_bench_and_self_improve_bad_input_is_one_line(ckpt, tmp_path, capsys):
+    from chatstack.cli import main
+
+    path, _ = ckpt
+    for argv, flag in (
+        (
+            ["align-bench", "--sft", str(path), "--out", str(tmp_path / "b"), "--methods", "rloo-judge,magic"],
+            "--methods",
+        ),
+        (["align-bench", "--sft", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "--sft"),
+        (["self-improve", str(path), "--paths", "1", "--out", str(tmp_path / "s")], "--paths"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and len(err.splitlines()) == 1

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from chatstack.data.jsonl import iter_jsonl
 from chatstack.data.tasks import TASKS, Example, extract_final, get_task
-from chatstack.evals.metrics import question_metrics, stratified_bootstrap_ci
+from chatstack.evals.metrics import paired_difference, question_metrics, stratified_bootstrap_ci
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.rlhf.rollout import build_rows, gather_response
 
@@ -225,7 +225,25 @@ def summarise(scored: dict, samples: int, n_boot: int = 2000, seed: int = 0) -> 
         if samples:
             t["k"] = samples
         t["samples"] = e["samples"]
-    return {"tasks": tasks, "mean": mean}
+    # per-question scores, so two evaluations of the same questions can be compared pairwise later
+    scores = {m: {name: [round(v, 4) for v in vals] for name, vals in per[m].items()} for m in METRICS if per[m]}
+    return {"tasks": tasks, "mean": mean, "scores": scores}
+
+
+def compare_evals(a: dict, b: dict, metric: str = "avg_at_k", n_boot: int = 2000, seed: int = 0) -> dict:
+    """a - b on `metric` over the questions both evaluations share (same tasks, n and seed), in points, with a
+    paired bootstrap 95% interval: the same questions are resampled for both models."""
+    sa, sb = a.get("scores", {}).get(metric, {}), b.get("scores", {}).get(metric, {})
+    names = [t for t in sa if t in sb and len(sa[t]) == len(sb[t])]
+    if not names:
+        raise ValueError(f"the two evaluations share no questions scored by {metric}")
+    d = paired_difference([sa[t] for t in names], [sb[t] for t in names], n_boot, seed)
+    return {
+        "metric": metric,
+        "diff_points": round(100 * d["diff"], 2),
+        "ci_points": [round(100 * d["ci_low"], 2), round(100 * d["ci_high"], 2)],
+        "tasks": names,
+    }
 
 
 def evaluate_questions(

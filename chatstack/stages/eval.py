@@ -27,7 +27,7 @@ from chatstack.data.chat_builtin import builtin_mix
 from chatstack.data.conversations import ConversationError, encode_conversations, pack, read_jsonl
 from chatstack.data.jsonl import iter_jsonl
 from chatstack.data.tasks import TASKS
-from chatstack.evals.sampled import evaluate_questions, qa_questions, task_questions
+from chatstack.evals.sampled import compare_evals, evaluate_questions, qa_questions, task_questions
 from chatstack.evals.tasks_eval import conversation_loss, default_mode, evaluate_tasks, mean_accuracy
 
 
@@ -160,6 +160,7 @@ def evaluate_sampled(
         "mean_accuracy": res["mean"].get("accuracy", 0.0),
         "mean": res["mean"],
         **({"answers": res["answers"]} if "answers" in res else {}),
+        "scores": res["scores"],
     }
 
 
@@ -181,6 +182,12 @@ def format_sampled(res: dict) -> str:
     lines.append(f"{'mean':14s}" + "".join(cell(res["mean"], c) for c in cols))
     if "answers" in res:
         lines.append("sampled answers: " + ", ".join(f"{k} {v}" for k, v in res["answers"].items()))
+    for m, d in res.get("vs_baseline", {}).items():
+        if m != "baseline":
+            lines.append(
+                f"vs {res['vs_baseline']['baseline']}: {m} {d['diff_points']:+.1f} points "
+                f"[{d['ci_points'][0]:+.1f}, {d['ci_points'][1]:+.1f}] (paired)"
+            )
     return "\n".join(lines)
 
 
@@ -208,6 +215,19 @@ def _cmd_eval(args) -> int:
             )
         except (CheckpointError, ValueError, KeyError, FileNotFoundError) as e:
             raise CLIError(str(e).strip("'\"")) from e
+        if args.baseline:
+            try:
+                base = json.loads(Path(args.baseline).read_text())
+                res["vs_baseline"] = {
+                    "baseline": args.baseline,
+                    **{
+                        m: compare_evals(res, base, m)
+                        for m in ("accuracy", "avg_at_k", "maj_at_k", "pass_at_k")
+                        if m in res["scores"] and m in base.get("scores", {})
+                    },
+                }
+            except (OSError, json.JSONDecodeError, ValueError) as e:
+                raise CLIError(f"--baseline {args.baseline}: {e}") from e
         return _write(args, res, format_sampled)
     if args.n is None:
         args.n = 100
@@ -264,6 +284,12 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=0, help="also sample K answers per question: avg@K, maj@K, pass@K")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --samples (default 1)")
     p.add_argument("--reference", default="", help="with --samples: KL of the sampled answers to this checkpoint")
+    p.add_argument(
+        "--baseline",
+        default="",
+        help="with --samples: an earlier eval JSON of the same questions (e.g. "
+        "the SFT model's); adds the paired differences in points with 95%% intervals",
+    )
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument(
         "--mode",
