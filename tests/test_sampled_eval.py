@@ -198,3 +198,30 @@ def test_align_bench_and_self_improve_bad_input_is_one_line(ckpt, tmp_path, caps
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert flag in err and len(err.splitlines()) == 1
+
+
+def test_align_bench_table_from_evals(tmp_path):
+    from chatstack.stages.align_bench import build_report, render
+
+    def ev(avg, acc):
+        return {
+            "mean": {"accuracy": sum(acc) / 4, "avg_at_k": sum(avg) / 4, "maj_at_k": 0.5, "pass_at_k": 0.9},
+            "tasks": {"add": {"accuracy": sum(acc) / 4}},
+            "scores": {"avg_at_k": {"add": avg}, "accuracy": {"add": acc}},
+            "answers": {"kl_to_reference": 1.5, "entropy": 0.2, "length": 9.0, "ended": 1.0},
+        }
+
+    rows = {
+        "sft": {"eval": ev([0.25, 0.5, 0.0, 0.25], [1.0, 0.0, 0.0, 1.0])},
+        "rloo-judge": {
+            "eval": ev([0.5, 0.75, 0.25, 0.5], [1.0, 0.0, 1.0, 1.0]),
+            "win_judge": {"win_rate": 0.6, "ci_low": 0.5, "ci_high": 0.7},
+        },
+    }
+    rep = build_report({"methods": {"rloo-judge": {"wall_s": 270.0}}, "sft": "SFT", "budget": 270}, rows, tmp_path)
+    r = rep["rows"][1]
+    assert r["avg_at_k_delta"] == 25.0 and r["avg_at_k_delta_ci"] == [25.0, 25.0]  # +0.25 on every question
+    assert r["accuracy_delta"] == 25.0 and r["worst_task_greedy_delta"] == 25.0 and r["win_judge"] == 0.6
+    md = render(rep)
+    assert "| rloo-judge |" in md and "+25.0 [+25.0, +25.0]" in md
+    assert (tmp_path / "reward_vs_kl.png").read_bytes()[:4] == b"\x89PNG"

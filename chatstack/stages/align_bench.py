@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from chatstack.args import CLIError
+from chatstack.evals.sampled import compare_evals
 
 METHODS = ("ppo-rm", "ppo-judge", "rloo-judge", "rloo-rm", "grpo-judge", "dpo", "lmsi")
 DEFAULT_METHODS = "ppo-rm,ppo-judge,rloo-judge,rloo-rm,dpo,lmsi"
@@ -87,7 +88,7 @@ def method_argv(name: str, sft: str, out: str, budget: float, rm: str, ranks: st
     if name == "dpo":
         return ["dpo", "--sft", sft, "--data", ranks, "--out", out, "--max-steps", "100000", *tb, "--device", "cpu"]
     if name == "lmsi":
-        # work sized for a ~270 s budget on 2 idle cores: 1,000 questions x 8 paths, 150 fine-tuning steps
+        # work sized for a ~270 s budget on 2 idle cores: 1,000 questions x 8 paths, 2 epochs on what is kept
         scale = max(0.1, budget / 270)
         return [
             "self-improve",
@@ -100,8 +101,6 @@ def method_argv(name: str, sft: str, out: str, budget: float, rm: str, ranks: st
             "1",
             "--questions",
             str(max(50, int(1000 * scale))),
-            "--steps",
-            str(max(10, int(150 * scale))),
             "--seed",
             str(seed),
         ]
@@ -214,8 +213,19 @@ def run_bench(
     return rep
 
 
+def _deltas(ev: dict, sft: dict) -> dict:
+    """Paired changes against the SFT model on the same questions (points, 95% interval)."""
+    out = {}
+    for m in ("avg_at_k", "accuracy"):
+        try:
+            d = compare_evals(ev, sft, m)
+            out[f"{m}_delta"], out[f"{m}_delta_ci"] = d["diff_points"], d["ci_points"]
+        except ValueError:
+            out[f"{m}_delta"], out[f"{m}_delta_ci"] = None, None
+    return out
+
+
 def build_report(state: dict, rows: dict, out: Path) -> dict:
-    sft_mean = rows["sft"]["eval"].get("mean", {})
     table = []
     for name, r in rows.items():
         mean, ans = r["eval"].get("mean", {}), r["eval"].get("answers", {})
@@ -230,9 +240,7 @@ def build_report(state: dict, rows: dict, out: Path) -> dict:
             "wall_s": state["methods"].get(name, {}).get("wall_s"),
             **{m: mean.get(m) for m in ("accuracy", "avg_at_k", "maj_at_k", "pass_at_k")},
             **{f"{m}_ci": mean.get(f"{m}_ci") for m in ("accuracy", "avg_at_k")},
-            "avg_at_k_delta": None
-            if sft_mean.get("avg_at_k") is None or mean.get("avg_at_k") is None
-            else round(100 * (mean["avg_at_k"] - sft_mean["avg_at_k"]), 2),
+            **_deltas(r["eval"], rows["sft"]["eval"]),
             "worst_task_greedy_delta": round(worst, 2),
             "kl": ans.get("kl_to_reference"),
             "entropy": ans.get("entropy"),
@@ -295,7 +303,11 @@ def render(rep: dict) -> str:
     ]
     for r in rep["rows"]:
         ci = r.get("avg_at_k_ci") or [None, None]
-        delta = "" if r["avg_at_k_delta"] is None else f"{r['avg_at_k_delta']:+.1f}"
+        delta = (
+            ""
+            if r["avg_at_k_delta"] is None
+            else (f"{r['avg_at_k_delta']:+.1f} [{r['avg_at_k_delta_ci'][0]:+.1f}, {r['avg_at_k_delta_ci'][1]:+.1f}]")
+        )
         wj = r.get("win_judge_ci") or [None, None]
         lines.append(
             f"| {r['method']} | {_f(r['accuracy'], True)} | {_f(r['avg_at_k'], True)} [{_f(ci[0], True)}, {_f(ci[1], True)}] "

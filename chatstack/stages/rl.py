@@ -33,7 +33,7 @@ class RLConfig(PPOConfig):
     lr: float = field(default=3e-4, metadata={"help": "learning rate (constant after warmup)"})
     warmup: int = field(default=0, metadata={"help": "warmup iterations"})
     kl_coef: float = field(default=0.05, metadata={"help": "weight of the k3 KL to the reference in the loss"})
-    iterations: int = field(default=60, metadata={"help": "iterations (rollout + update)"})
+    iterations: int = field(default=100, metadata={"help": "iterations (rollout + update)"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
     eval_every: int = field(default=0, metadata={"help": "held-out eval every N iterations (0 = start and end only)"})
     eval_n: int = field(default=100, metadata={"help": "held-out questions per task per eval"})

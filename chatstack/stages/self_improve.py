@@ -49,7 +49,10 @@ class SelfImproveConfig:
         metadata={"help": "training formats: cot (paths as sampled), direct (answer only); comma-separated"},
     )
     max_new_tokens: int = field(default=48, metadata={"help": "answer length cap"})
-    steps: int = field(default=150, metadata={"help": "fine-tuning steps per round"})
+    epochs: float = field(default=2.0, metadata={"help": "fine-tuning passes over the self-generated data per round"})
+    steps: int = field(
+        default=0, metadata={"help": "fine-tuning steps per round instead of --epochs (0 = use --epochs)"}
+    )
     lr: float = field(default=5e-4, metadata={"help": "fine-tuning learning rate"})
     batch_size: int = field(default=16, metadata={"help": "fine-tuning rows per step"})
     seed: int = field(default=0, metadata={"help": "seed for questions, sampling and fine-tuning"})
@@ -143,10 +146,11 @@ def self_improve(ckpt: str, out: str, cfg: SelfImproveConfig) -> dict:
             data=[str(data)],
             val_data=[str(data)],
             out=target,
-            max_steps=cfg.steps,
+            max_steps=max(cfg.steps, 1),
+            epochs=0.0 if cfg.steps > 0 else cfg.epochs,
             lr=cfg.lr,
             min_lr=cfg.lr / 10,
-            warmup_steps=min(10, cfg.steps // 10),
+            warmup_steps=2,
             batch_size=cfg.batch_size,
             time_budget=0.0,
             seed=cfg.seed + r,

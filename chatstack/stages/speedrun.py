@@ -62,19 +62,19 @@ class Stage:
 # against, and what the report states as the expected wall time (docs/benchmarks.md has the measurements).
 EXPECTED_IDLE_S = {
     "tokenizer": 10,
-    "data": 10,
-    "pretrain": 330,
-    "eval-base": 40,
-    "sft": 200,
-    "eval-sft": 60,
-    "label": 60,
+    "data": 8,
+    "pretrain": 400,
+    "eval-base": 15,
+    "sft": 190,
+    "eval-sft": 45,
+    "label": 50,
     "reward": 100,
-    "rl": 270,
-    "eval-rl": 60,
-    "compare": 30,
+    "rl": 230,
+    "eval-rl": 45,
+    "compare": 20,
 }
 # How `--time-budget SECONDS` is shared among the training stages (proportional to their idle wall time)
-BUDGET_SHARE = {"pretrain": 330, "sft": 200, "reward": 100, "rl": 270}
+BUDGET_SHARE = {"pretrain": 400, "sft": 190, "reward": 100, "rl": 230}
 SLOW_FACTOR = 2.0  # a stage slower than this multiple of its idle wall time gets a warning
 
 
