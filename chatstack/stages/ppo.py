@@ -612,7 +612,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         print(f"SFT policy: {json.dumps({k: round(v, 4) for k, v in first.items()})}")
     bar = None
     if cfg.progress:
-        bar = tqdm(total=max_iters, initial=start_it, desc="ppo", dynamic_ncols=True)
+        bar = tqdm(total=max_iters, initial=start_it, desc=cfg.algo, dynamic_ncols=True)
     it = start_it
     t_loop = time.perf_counter()
     while it < max_iters:
@@ -679,7 +679,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     final = evaluate(it, final=True) if it > start_it or not (out / "state" / "ppo.pt").exists() else {}
     save(it, final)
     print(
-        f"PPO done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
+        f"{cfg.algo.upper()} done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
         f"{json.dumps({k: round(v, 4) for k, v in final.items()})}"
     )
     return out

@@ -30,8 +30,10 @@ class RLConfig(PPOConfig):
     rollout_batch: int = field(default=16, metadata={"help": "prompts per iteration (each sampled --group times)"})
     minibatch: int = field(default=64, metadata={"help": "answers per update step"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (1: plain on-policy gradient)"})
-    lr: float = field(default=3e-4, metadata={"help": "learning rate (constant after warmup)"})
-    warmup: int = field(default=0, metadata={"help": "warmup iterations"})
+    lr: float = field(
+        default=1e-4, metadata={"help": "learning rate (constant after warmup; the sweep is in docs/rlhf.md)"}
+    )
+    warmup: int = field(default=5, metadata={"help": "warmup iterations (Adam's first steps are the largest)"})
     kl_coef: float = field(default=0.05, metadata={"help": "weight of the k3 KL to the reference in the loss"})
     iterations: int = field(default=100, metadata={"help": "iterations (rollout + update)"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
