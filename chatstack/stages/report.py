@@ -212,7 +212,7 @@ def render_markdown(rep: dict) -> str:
     if a.get("avg_at_k_delta") is not None:
         k = a.get("samples")
         lo, hi = a["avg_at_k_delta_ci"]
-        glo, ghi = a.get("accuracy_delta_ci", [None, None])
+        glo, ghi = a.get("accuracy_delta_ci", [0.0, 0.0])
         win = a.get("win_rate")
         lines += [
             "## Alignment",
@@ -221,7 +221,7 @@ def render_markdown(rep: dict) -> str:
             f"task, {k} samples each at temperature 1): **avg@{k} {100 * a['sft'].get('avg_at_k', 0):.1f}% -> "
             f"{100 * a['rl'].get('avg_at_k', 0):.1f}% ({a['avg_at_k_delta']:+.1f} points, paired 95% interval "
             f"[{lo:+.1f}, {hi:+.1f}])**; greedy {100 * a['sft'].get('accuracy', 0):.1f}% -> "
-            f"{100 * a['rl'].get('accuracy', 0):.1f}% ({a.get('accuracy_delta', 0):+.1f} [{_fmt(glo)}, {_fmt(ghi)}]); "
+            f"{100 * a['rl'].get('accuracy', 0):.1f}% ({a.get('accuracy_delta', 0):+.1f} [{glo:+.1f}, {ghi:+.1f}]); "
             + (
                 f"win rate of its answers over SFT's {win:.3f} [{a['win_ci'][0]:.3f}, {a['win_ci'][1]:.3f}] by the "
                 "built-in judge (ties 1/2); "
