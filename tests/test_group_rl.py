@@ -184,3 +184,21 @@ def test_rl_bad_input_is_one_line_naming_the_flag(sft_ckpt, tmp_path, capsys, fl
     rc = main(["rl", "--policy", str(sft_ckpt), "--reward", "judge", "--out", str(tmp_path / "x"), *flags])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_rl_with_a_reward_checkpoint_as_policy_is_one_line(sft_ckpt, tmp_path, capsys):
+    from chatstack.checkpoint import load_checkpoint, save_checkpoint
+    from chatstack.cli import main
+    from chatstack.rlhf.reward_model import RewardModel
+
+    ck = load_checkpoint(sft_ckpt)
+    rm = RewardModel.from_lm(ck.model)
+    cfg = {"kind": "reward", "stage": "reward", "model": ck.model.config.to_dict(), "tokenizer": ck.tokenizer.info()}
+    save_checkpoint(tmp_path / "rm", rm, cfg, ck.tokenizer)
+    for argv, flag in (
+        (["--policy", str(tmp_path / "rm"), "--reward", "judge"], "--policy"),
+        (["--policy", str(sft_ckpt), "--reward", str(sft_ckpt)], "expected 'reward'"),
+    ):
+        assert main(["rl", *argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert flag in err and len(err.splitlines()) == 1

@@ -491,6 +491,11 @@ def run_ppo(cfg: PPOConfig) -> Path:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if read_config(cfg.policy).get("kind", "lm") != "lm":
+        raise ValueError(
+            f"--policy {cfg.policy}: a {read_config(cfg.policy).get('kind')!r} checkpoint; the policy must be a "
+            "language model (the SFT checkpoint)"
+        )
     ck = load_checkpoint(cfg.policy, device=device)
     tok = ck.tokenizer
     if tok is None:
