@@ -217,7 +217,7 @@ def render_markdown(rep: dict) -> str:
         lines += [
             "## Alignment",
             "",
-            f"RL (RLOO, built-in judge reward) against the SFT model on held-out questions ({a.get('n_per_task')} per "
+            f"RL (PPO, built-in judge reward) against the SFT model on held-out questions ({a.get('n_per_task')} per "
             f"task, {k} samples each at temperature 1): **avg@{k} {100 * a['sft'].get('avg_at_k', 0):.1f}% -> "
             f"{100 * a['rl'].get('avg_at_k', 0):.1f}% ({a['avg_at_k_delta']:+.1f} points, paired 95% interval "
             f"[{lo:+.1f}, {hi:+.1f}])**; greedy {100 * a['sft'].get('accuracy', 0):.1f}% -> "
