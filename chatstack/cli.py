@@ -24,13 +24,18 @@ COMMAND_MODULES = [
     "chatstack.stages.label",  # label
     "chatstack.stages.reward",  # reward
     "chatstack.stages.ppo",  # ppo
+    "chatstack.stages.rl",  # rl (rloo | grpo)
+    "chatstack.stages.dpo",  # dpo
+    "chatstack.stages.self_improve",  # self-improve
     "chatstack.stages.chat",  # generate, chat
     "chatstack.stages.eval",  # eval
+    "chatstack.stages.compare",  # compare
     "chatstack.stages.serve",  # serve
     "chatstack.stages.interop",  # import / export
     "chatstack.stages.estimate",  # estimate
     "chatstack.stages.speedrun",  # speedrun
     "chatstack.stages.recipe",  # recipe smollm2
+    "chatstack.stages.align_bench",  # align-bench
 ]
 
 

@@ -36,7 +36,8 @@ model never reads a position past its context.
 Outputs: `Completion.token_ids` holds every generated token, including a final stop token (the model did
 produce it; PPO trains on it, and servers count it), but `text` never contains the stop token's or the
 stop string's text. `logprobs` are log-probabilities of the chosen tokens under the model's raw
-distribution (log-softmax of the logits, before temperature / top-k / top-p); `top_logprobs` the top-N
+distribution (log-softmax of the logits, before temperature / top-k / top-p; with `scaled_logprobs`, of
+logits / temperature: the distribution the row samples from, what RL rollouts need); `top_logprobs` the top-N
 alternatives of that same distribution, most likely first.
 
     from chatstack.infer.engine import Engine, SamplingParams
@@ -105,6 +106,7 @@ class SamplingParams:
     seed: Optional[int] = None  # per-request generator: same seed -> same output
     logprobs: bool = False  # per-token log-probability of the chosen token
     top_logprobs: int = 0  # also the top-N alternatives per position
+    scaled_logprobs: bool = False  # log-probs of softmax(logits / temperature), the sampled distribution
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -761,13 +763,18 @@ class Engine:
             k_limit = max(p.top_k for p in ps) if all(p.top_k > 0 for p in ps) else 0
             want_lp = any(p.logprobs or p.top_logprobs for p in ps)
             n_top = max(p.top_logprobs for p in ps)
+            scaled_lp = None
+            if any(p.scaled_logprobs and p.temperature > 0 for p in ps):
+                scaled_lp = torch.tensor(
+                    [p.temperature if p.scaled_logprobs and p.temperature > 0 else 1.0 for p in ps], device=self.device
+                )
             self._batch_key = key
-            self._batch_tensors = (temp, top_k, top_p, all_greedy, k_limit, want_lp, n_top)
+            self._batch_tensors = (temp, top_k, top_p, all_greedy, k_limit, want_lp, n_top, scaled_lp)
         return self._batch_tensors
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
         logits = logits[:, : self.n_vocab]
-        temp, top_k, top_p, all_greedy, k_limit, want_lp, n_top = self._sampling_tensors(rows)
+        temp, top_k, top_p, all_greedy, k_limit, want_lp, n_top, scaled_lp = self._sampling_tensors(rows)
         if all_greedy:
             next_ids = greedy(logits)
         else:
@@ -775,7 +782,12 @@ class Engine:
             next_ids = sample(logits, temp, top_k, top_p, u, k_limit)
         lp = top_vals = top_ids = None
         if want_lp:
-            logp = logits.float().log_softmax(dim=-1)  # (B, V)
+            logp = logits.float()
+            if scaled_lp is not None:
+                # rows asking for it get the log-probs of the distribution they sample from, logits / T (as TRL's
+                # trainers and the RL update score them), so a rollout's log-probs hold at any temperature
+                logp = logp / scaled_lp[:, None]
+            logp = logp.log_softmax(dim=-1)  # (B, V)
             lp = logp.gather(1, next_ids[:, None])[:, 0].tolist()
             if n_top:
                 tv, ti = logp.topk(min(n_top, logp.size(1)), dim=-1)

@@ -113,15 +113,33 @@ def gae(
     return adv, returns
 
 
+def reduce_loss(x: torch.Tensor, mask: torch.Tensor, norm: str = "token") -> torch.Tensor:
+    """A per-token loss (B, R) to a scalar. "token": mean over all real tokens of the batch (long answers weigh
+    more); "seq": mean over each answer's tokens, then over answers (every answer weighs the same)."""
+    if norm == "token":
+        return masked_mean(x, mask)
+    if norm == "seq":
+        m = mask.to(x.dtype)
+        rows = m.sum(1) > 0
+        per_row = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return per_row[rows].mean() if bool(rows.any()) else per_row.sum() * 0.0
+    raise ValueError(f"loss normalisation must be 'token' or 'seq', got {norm!r}")
+
+
 def policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    norm: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (a loss to minimise), with clip fraction and approx-KL (k3, old||new)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = reduce_loss(torch.maximum(unclipped, clipped), mask, norm)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 estimate of KL(old || new)
@@ -129,27 +147,34 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    norm: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss: 0.5 * max((V - G)^2, (V_clipped - G)^2), V_clipped within +-clip of V_old."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
+    loss = 0.5 * reduce_loss(torch.maximum(l1, l2), mask, norm)
     with torch.no_grad():
         vclipfrac = masked_mean((l2 > l1).float(), mask)
     return loss, {"value_clipfrac": vclipfrac.item()}
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at every position: (..., V) -> (...)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the categorical distribution softmax(logits / T) at every position: (..., V) -> (...)."""
+    logp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under logits: (B, R, V), (B, R) -> (B, R)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / T): (B, R, V), (B, R) -> (B, R). T is the sampling temperature, so the
+    log-probs are those of the distribution the tokens were drawn from (T = 0, greedy, counts as 1)."""
+    t = temperature if temperature > 0 else 1.0
+    logp = F.log_softmax(logits.float() / t, dim=-1)
     return logp.gather(-1, tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from chatstack.data.tasks import TASKS
-from chatstack.infer.engine import SamplingParams
 from chatstack.model import GPT
 from chatstack.rlhf import ppo_core as pc
 
@@ -57,10 +55,10 @@ def gather_response(h: torch.Tensor, prompt_lens: torch.Tensor, R: int) -> torch
     return h.gather(1, pos[:, :, None].expand(B, R, H))
 
 
-def response_logprobs(lm: GPT, idx, prompt_lens, resp) -> torch.Tensor:
-    """log p(response tokens) under a plain language model (the frozen reference): (B, R)."""
+def response_logprobs(lm: GPT, idx, prompt_lens, resp, temperature: float = 1.0) -> torch.Tensor:
+    """log p(response tokens) under a plain language model (the frozen reference) at `temperature`: (B, R)."""
     h = gather_response(lm.hidden_states(idx), prompt_lens, resp.size(1))
-    return pc.logprobs_of(lm.lm_head(h), resp)
+    return pc.logprobs_of(lm.lm_head(h), resp, temperature)
 
 
 @dataclass
@@ -104,8 +102,21 @@ def score_rows(rm, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tenso
 
 
 @torch.no_grad()
-def rollout(engine, policy: PolicyWithValue, ref: GPT, rm, tokenizer, prompts: list[list[int]], params) -> Rollout:
-    """Sample one response per prompt through the engine, then score and evaluate it (no gradients)."""
+def rollout(
+    engine,
+    policy: PolicyWithValue,
+    ref: GPT,
+    rm,
+    tokenizer,
+    prompts: list[list[int]],
+    params,
+    temperature: float = 1.0,
+    with_value: bool = True,
+) -> Rollout:
+    """Sample one response per prompt (a prompt repeated K times: a group of K) through the engine, then score
+    and evaluate it (no gradients). Log-probs are those of the sampling distribution, logits / `temperature`,
+    for the policy and the reference alike (TRL's convention): ratios and KL then refer to what was sampled.
+    `with_value=False` (critic-free methods) leaves the values at 0."""
     comps = engine.generate(prompts, params)
     responses = [list(c.token_ids) for c in comps]
     ended = torch.tensor([1.0 if c.finish_reason == "stop" else 0.0 for c in comps])
@@ -114,10 +125,12 @@ def rollout(engine, policy: PolicyWithValue, ref: GPT, rm, tokenizer, prompts: l
     idx, plen, resp, mask = idx.to(device), plen.to(device), resp.to(device), mask.to(device)
     was_training = policy.training
     policy.eval()
-    logits, values = policy(idx, plen, resp)
+    logits, values = policy(idx, plen, resp, with_value=with_value)
+    if values is None:
+        values = torch.zeros_like(mask)
     policy.train(was_training)
-    logp = pc.logprobs_of(logits, resp) * mask
-    ref_logp = response_logprobs(ref, idx, plen, resp) * mask
+    logp = pc.logprobs_of(logits, resp, temperature) * mask
+    ref_logp = response_logprobs(ref, idx, plen, resp, temperature) * mask
     lengths = plen + mask.sum(1).long()
     # an empty response (the model stopped at once... impossible: the stop token itself is a response token)
     score = score_rows(rm, idx, lengths.clamp_min(1), plen)
@@ -130,29 +143,3 @@ def rollout(engine, policy: PolicyWithValue, ref: GPT, rm, tokenizer, prompts: l
     return Rollout(
         idx, plen, resp, mask, logp, ref_logp, values * mask, score, ended.to(device), [c.text for c in comps], err
     )
-
-
-# ---- held-out accuracy on the built-in verifiable tasks ------------------------------------------------
-@torch.no_grad()
-def task_accuracy(
-    engine,
-    tokenizer,
-    n_per_task: int = 50,
-    split: str = "test",
-    max_new_tokens: int = 48,
-    seed: int = 0,
-    names: list[str] | None = None,
-) -> dict[str, float]:
-    """Greedy exact-match accuracy per built-in task through the engine (chat template), plus the mean."""
-    names = names or list(TASKS)
-    exs = [ex for n in names for ex in TASKS[n].examples(split, n_per_task, seed)]
-    comps = engine.generate(
-        [tokenizer.render_prompt(ex.messages) for ex in exs],
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
-    )
-    per: dict[str, list[int]] = {}
-    for ex, c in zip(exs, comps):
-        per.setdefault(ex.task, []).append(int(TASKS[ex.task].check(c.text, ex)))
-    out = {f"acc_{k}": sum(v) / len(v) for k, v in per.items()}
-    out["accuracy"] = sum(out.values()) / len(out)
-    return out

@@ -49,10 +49,12 @@ from chatstack.checkpoint import (
 )
 from chatstack.data.builtin import builtin_texts
 from chatstack.data.shards import TokenDataset
+from chatstack.evals.sampled import evaluate_questions, task_questions
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.rlhf import ppo_core as pc
+from chatstack.rlhf.group import ALGOS, group_advantages
 from chatstack.rlhf.reward_model import load_reward_model
-from chatstack.rlhf.rollout import PolicyWithValue, rollout, task_accuracy
+from chatstack.rlhf.rollout import PolicyWithValue, build_rows, rollout, score_rows
 from chatstack.stages.label import LabelConfig, file_prompts, judge_score, label, task_prompts
 from chatstack.stages.reward import RewardConfig, train_reward
 from chatstack.train.loop import Metrics
@@ -79,10 +81,44 @@ class PPOConfig(LoraArgs):
     tasks: str = field(
         default="", metadata={"help": "comma-separated built-in tasks for prompts and eval (default: all)"}
     )
+    # -- algorithm
+    algo: str = field(
+        default="ppo",
+        metadata={
+            "help": "ppo: value head + GAE, KL in the reward (InstructGPT); rloo / "
+            "grpo: K answers per prompt, group baseline, no critic, k3 KL "
+            "in the loss (checked by the stage: a one-line error)"
+        },
+    )
+    group: int = field(default=1, metadata={"help": "answers sampled per prompt (rloo/grpo: K >= 2)"})
+    adv_scale: str = field(
+        default="none",
+        metadata={
+            "help": "grpo: 'std' divides by the group's std (biased for binary rewards and small groups)",
+            "choices": ["none", "std"],
+        },
+    )
+    loss_norm: str = field(
+        default="seq",
+        metadata={
+            "help": "seq: every answer weighs the same (mean over its tokens, "
+            "then over answers); token: mean over all tokens",
+            "choices": ["seq", "token"],
+        },
+    )
+    prompt_filter: int = field(
+        default=0,
+        metadata={
+            "help": "before training, sample N answers per pool prompt from the "
+            "initial policy and keep the prompts whose answers score "
+            "differently (0 = off)"
+        },
+    )
+    pool: int = field(default=4000, metadata={"help": "built-in task prompts in the training pool"})
     # -- schedule
     iterations: int = field(default=300, metadata={"help": "PPO iterations (rollout + update)"})
     time_budget: float = field(default=270.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
-    rollout_batch: int = field(default=64, metadata={"help": "prompts (one answer each) per iteration"})
+    rollout_batch: int = field(default=64, metadata={"help": "prompts per iteration (each sampled --group times)"})
     max_new_tokens: int = field(
         default=48, metadata={"help": "answer length cap during rollouts and evals (48 as chatstack eval)"}
     )
@@ -131,6 +167,13 @@ class PPOConfig(LoraArgs):
         default=20, metadata={"help": "held-out accuracy + pretraining loss every N iterations (0 = ends only)"}
     )
     eval_n: int = field(default=30, metadata={"help": "held-out examples per task per eval"})
+    eval_samples: int = field(
+        default=0,
+        metadata={
+            "help": "in-loop evals also sample this many answers per question "
+            "at --temperature (avg@K, maj@K, pass@K; 0 = greedy only)"
+        },
+    )
     save_every: int = field(default=50, metadata={"help": "checkpoint every N iterations (0 = end only)"})
     seed: int = field(default=1337, metadata={"help": "seed for prompts, sampling and minibatches"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | ..."})
@@ -150,7 +193,7 @@ def prompt_pool(cfg: PPOConfig, tokenizer) -> list[tuple[list[int], object]]:
         items = file_prompts(cfg.prompts)
     else:
         names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
-        items = task_prompts(4000, "train", cfg.seed, names)
+        items = task_prompts(cfg.pool, "train", cfg.seed, names)
     if not items:
         raise ValueError(f"{cfg.prompts or 'built-in tasks'}: no prompts")
     return [(tokenizer.render_prompt(m), ex) for m, ex in items]
@@ -185,6 +228,30 @@ class JudgeReward(torch.nn.Module):
         if self.centre is None:
             self.centre = scores.mean().item()
         return scores - self.centre
+
+
+@torch.no_grad()
+def filter_pool(engine, rm, tok, pool: list, cfg: PPOConfig) -> list[int]:
+    """Indices of the pool prompts whose `prompt_filter` sampled answers (initial policy) get different rewards:
+    a prompt the policy always solves, or never does, gives every answer the same reward and no gradient."""
+
+    k = cfg.prompt_filter
+    ids = [p for p, _ in pool for _ in range(k)]
+    params = [
+        SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=_seed(cfg.seed, 7, i))
+        for i in range(len(ids))
+    ]
+    comps = engine.generate(ids, params)
+    scores = []
+    for s in range(0, len(ids), 256):
+        idx, plen, resp, mask = build_rows(
+            ids[s : s + 256], [list(c.token_ids) for c in comps[s : s + 256]], tok.eot_id
+        )
+        ended = torch.tensor([float(c.finish_reason == "stop") for c in comps[s : s + 256]])
+        sc = score_rows(rm, idx, (plen + mask.sum(1).long()).clamp_min(1), plen)
+        scores.append(sc.cpu() - cfg.no_eos_penalty * (1.0 - ended))
+    r = torch.cat(scores).view(len(pool), k)
+    return ((r.max(1).values - r.min(1).values) > 1e-6).nonzero().flatten().tolist()
 
 
 def _lineage_data(policy_path: str) -> str | None:
@@ -262,54 +329,71 @@ def _seed(*parts: int) -> int:
     return s
 
 
-def ppo_iteration(
+def advantages(
+    ro, score: torch.Tensor, cfg: PPOConfig, kl_ctl
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(advantages (B, R), value targets (B, R) or None, keep (B,) bool) for one rollout.
+
+    ppo:       per-token reward (score at the end, -beta * KL per token), GAE with the value head, whitened.
+    rloo/grpo: one advantage per answer from its group (chatstack.rlhf.group), on every token of the answer;
+               no critic; groups whose answers all scored the same are dropped (keep False)."""
+    if cfg.algo == "ppo":
+        rewards, _ = pc.token_rewards(score, ro.logp, ro.ref_logp, ro.mask, kl_ctl.value, cfg.kl_estimator)
+        adv, ret = pc.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = pc.whiten(adv, ro.mask)
+        return adv, ret, torch.ones(len(ro), dtype=torch.bool, device=adv.device)
+    seq_adv, keep = group_advantages(score, cfg.group, cfg.algo, cfg.adv_scale)
+    return seq_adv[:, None] * ro.mask, None, keep
+
+
+def policy_update(
     policy,
     ref,
-    rm,
-    engine,
-    tok,
+    ro,
+    adv: torch.Tensor,
+    ret: torch.Tensor | None,
+    keep: torch.Tensor,
     opt,
-    kl_ctl,
-    prompts: list[list[int]],
-    params,
+    kl_coef: float,
     cfg: PPOConfig,
     g: torch.Generator,
     ptx_tokens: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One PPO iteration: rollout -> rewards (score - KL penalty) -> GAE -> `ppo_epochs` of minibatch updates.
-    `rm` is any module rm(idx, lengths, starts) -> (B,) scores. Returns the iteration's metrics."""
-
-    t0 = time.perf_counter()
-    ro = rollout(engine, policy, ref, rm, tok, prompts, params)
-    t_roll = time.perf_counter() - t0
+    """`ppo_epochs` passes of minibatch updates over the kept answers of a rollout, shared by every algorithm:
+    the clipped surrogate (for one epoch over fresh samples the ratio is 1 and it is the plain policy gradient),
+    + vf_coef * the clipped value loss when there are value targets (PPO), + kl_coef * k3 KL to the reference
+    in the loss (rloo/grpo; PPO puts its KL in the reward), + ptx_coef * the pretraining loss (PPO-ptx).
+    Losses are normalised per answer (`loss_norm` "seq") or per token ("token")."""
     device = ro.idx.device
-
-    B = len(ro)
-    score = ro.score - cfg.no_eos_penalty * (1.0 - ro.ended)
-    rewards, kl_tok = pc.token_rewards(score, ro.logp, ro.ref_logp, ro.mask, kl_ctl.value, cfg.kl_estimator)
-    adv, ret = pc.gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        adv = pc.whiten(adv, ro.mask)
-    kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)  # k1 per answer (B,)
-
+    rows = keep.nonzero().flatten().tolist()
     acc: dict[str, float] = {}
     n_mb = 0
+    kl_in_loss = cfg.algo != "ppo" and kl_coef > 0
+    T = cfg.temperature
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=g).tolist()
-        for s in range(0, B, cfg.minibatch):
+        perm = [rows[k] for k in torch.randperm(len(rows), generator=g).tolist()]
+        for s in range(0, len(perm), cfg.minibatch):
             mb = torch.tensor(perm[s : s + cfg.minibatch], device=device)
             # trim the minibatch to its own longest row
             R = int(ro.mask[mb].sum(1).max().item())
             L = int((ro.prompt_lens[mb] + ro.mask[mb].sum(1).long()).max().item())
             m = ro.mask[mb, :R]
-            logits, values = policy(ro.idx[mb, :L], ro.prompt_lens[mb], ro.resp[mb, :R])
-            logp = pc.logprobs_of(logits, ro.resp[mb, :R])
-            pg, s1 = pc.policy_loss(logp, ro.logp[mb, :R], adv[mb, :R], m, cfg.cliprange)
-            vf, s2 = pc.value_loss(values, ro.values[mb, :R], ret[mb, :R], m, cfg.cliprange_value)
+            logits, values = policy(ro.idx[mb, :L], ro.prompt_lens[mb], ro.resp[mb, :R], with_value=ret is not None)
+            logp = pc.logprobs_of(logits, ro.resp[mb, :R], T)
+            pg, s1 = pc.policy_loss(logp, ro.logp[mb, :R], adv[mb, :R], m, cfg.cliprange, cfg.loss_norm)
+            loss = pg
+            parts = {"policy_loss": pg.item(), **s1}
+            if ret is not None:
+                vf, s2 = pc.value_loss(values, ro.values[mb, :R], ret[mb, :R], m, cfg.cliprange_value, cfg.loss_norm)
+                loss = loss + cfg.vf_coef * vf
+                parts.update(value_loss=vf.item(), **s2)
+            if kl_in_loss:
+                kl = pc.reduce_loss(pc.kl_estimate(logp, ro.ref_logp[mb, :R], "k3"), m, cfg.loss_norm)
+                loss = loss + kl_coef * kl
+                parts["kl_loss"] = kl.item()
             with torch.no_grad():
-                ent = pc.masked_mean(pc.entropy_from_logits(logits), m).item()
-            loss = pg + cfg.vf_coef * vf
-            parts = {"policy_loss": pg.item(), "value_loss": vf.item(), "entropy": ent, **s1, **s2}
+                parts["entropy"] = pc.masked_mean(pc.entropy_from_logits(logits, T), m).item()
             if ptx_tokens is not None and cfg.ptx_coef > 0:
                 x, y = ptx_batch(ptx_tokens, cfg.ptx_batch, min(cfg.ptx_len, policy.config.block_size), g)
                 _, ptx = policy.lm(x.to(device), targets=y.to(device))
@@ -319,9 +403,9 @@ def ppo_iteration(
                     g_ppo = torch.autograd.grad(loss, params_, retain_graph=True, allow_unused=True)
                     g_ptx = torch.autograd.grad(ptx, params_, retain_graph=True, allow_unused=True)
                     norm = lambda gs: torch.sqrt(sum((x.float() ** 2).sum() for x in gs if x is not None)).item()
-                    ppo_gn, ptx_gn = norm(g_ppo), norm(g_ptx)
-                    acc["ppo_grad_norm"] = ppo_gn * cfg.ppo_epochs * math.ceil(B / cfg.minibatch)
-                    acc["ptx_grad_norm"] = ptx_gn * cfg.ppo_epochs * math.ceil(B / cfg.minibatch)
+                    n_steps = cfg.ppo_epochs * math.ceil(len(rows) / cfg.minibatch)
+                    acc["ppo_grad_norm"] = norm(g_ppo) * n_steps
+                    acc["ptx_grad_norm"] = norm(g_ptx) * n_steps
                 parts["ptx_loss"] = ptx.item()
                 if cfg.ptx_mode == "relative":
                     # measured against the SFT reference on the same tokens: no pull beyond the reference
@@ -344,9 +428,38 @@ def ppo_iteration(
             for k, v in parts.items():
                 acc[k] = acc.get(k, 0.0) + v
             n_mb += 1
+    out = {k: v / max(n_mb, 1) for k, v in acc.items()}
+    out["updates"] = n_mb
+    return out
+
+
+def ppo_iteration(
+    policy,
+    ref,
+    rm,
+    engine,
+    tok,
+    opt,
+    kl_ctl,
+    prompts: list[list[int]],
+    params,
+    cfg: PPOConfig,
+    g: torch.Generator,
+    ptx_tokens: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """One iteration of any algorithm: rollout (prompts laid out group by group for rloo/grpo) -> scores ->
+    advantages -> policy_update. `rm` is any module rm(idx, lengths, starts) -> (B,) scores. Returns metrics."""
+
+    t0 = time.perf_counter()
+    ro = rollout(engine, policy, ref, rm, tok, prompts, params, cfg.temperature, with_value=cfg.algo == "ppo")
+    t_roll = time.perf_counter() - t0
+    score = ro.score - cfg.no_eos_penalty * (1.0 - ro.ended)
+    adv, ret, keep = advantages(ro, score, cfg, kl_ctl)
+    kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)  # k1 per answer (B,)
+    upd = policy_update(policy, ref, ro, adv, ret, keep, opt, kl_ctl.value, cfg, g, ptx_tokens) if keep.any() else {}
     kl_mean = kl_seq.mean().item()
-    kl_ctl.update(kl_mean, B)
-    return {
+    kl_ctl.update(kl_mean, len(ro))
+    row = {
         "reward": ro.score.mean().item(),
         "reward_penalised": score.mean().item(),
         "kl": kl_mean,
@@ -355,9 +468,11 @@ def ppo_iteration(
         "response_length": ro.mask.sum(1).mean().item(),
         "ended_frac": ro.ended.mean().item(),
         "engine_logprob_err": ro.engine_logprob_err,
-        **{k: v / max(n_mb, 1) for k, v in acc.items()},
+        "kept_frac": keep.float().mean().item(),
+        **upd,
         "rollout_s": round(t_roll, 3),
     }
+    return row
 
 
 def run_ppo(cfg: PPOConfig) -> Path:
@@ -366,9 +481,22 @@ def run_ppo(cfg: PPOConfig) -> Path:
             raise ValueError(f"--{name}: required")
     if cfg.minibatch <= 0 or cfg.rollout_batch <= 0 or cfg.ppo_epochs <= 0:
         raise ValueError("--rollout-batch, --minibatch and --ppo-epochs must be positive")
+    if cfg.algo not in ("ppo", *ALGOS):
+        raise ValueError(f"--algo: unknown algorithm {cfg.algo!r}; choose from ppo, {', '.join(ALGOS)}")
+    if cfg.algo != "ppo" and cfg.group < 2:
+        raise ValueError(
+            f"--group: {cfg.algo} compares answers within a group, it needs --group >= 2 (got {cfg.group})"
+        )
+    if cfg.group < 1:
+        raise ValueError(f"--group must be >= 1, got {cfg.group}")
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if read_config(cfg.policy).get("kind", "lm") != "lm":
+        raise ValueError(
+            f"--policy {cfg.policy}: a {read_config(cfg.policy).get('kind')!r} checkpoint; the policy must be a "
+            "language model (the SFT checkpoint)"
+        )
     ck = load_checkpoint(cfg.policy, device=device)
     tok = ck.tokenizer
     if tok is None:
@@ -415,6 +543,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         kl_ctl.load_state_dict(st["kl_ctl"])
         if isinstance(rm, JudgeReward):
             rm.centre = st.get("judge_centre")
+        if st.get("pool_keep") is not None:
+            pool = [pool[i] for i in st["pool_keep"]]
         start_it, max_iters = int(st["iter"]), int(st["max_iters"])
         print(f"resuming {out} from iteration {start_it} of {max_iters}")
     else:
@@ -426,11 +556,24 @@ def run_ppo(cfg: PPOConfig) -> Path:
     tr_tokens, va_tokens, ptx_src = pretraining_tokens(cfg, tok)
     # the engine re-makes its weight copies after every optimizer step (fused AdamW included), so rollouts
     # always sample from the policy being trained; engine_logprob_err in metrics.jsonl checks it
-    engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch, 8), device=device)
+    engine = Engine(policy.lm, tok, max_batch_size=max(cfg.rollout_batch * cfg.group, 8), device=device)
     task_names = [t.strip() for t in cfg.tasks.split(",") if t.strip()] or None
+    pool_keep = None
+    if cfg.prompt_filter > 0 and start_it == 0:
+        t0 = time.perf_counter()
+        pool_keep = filter_pool(engine, rm, tok, pool, cfg)
+        print(
+            f"prompt filter: kept {len(pool_keep)} of {len(pool)} prompts whose {cfg.prompt_filter} answers scored "
+            f"differently ({time.perf_counter() - t0:.0f} s)"
+        )
+        if not pool_keep:
+            raise ValueError("--prompt-filter: no prompt's answers scored differently; nothing to learn from")
+        pool = [pool[i] for i in pool_keep]
+    questions = task_questions(task_names, cfg.eval_n, cfg.seed) if not cfg.prompts else []
     ckpt_config = {
         "kind": "lm",
-        "stage": "ppo",
+        "stage": "ppo" if cfg.algo == "ppo" else "rl",
+        "algo": cfg.algo,
         "model": ck.model.config.to_dict(),
         "parent": str(cfg.policy),
         "reference": str(cfg.reference or cfg.policy),
@@ -444,8 +587,14 @@ def run_ppo(cfg: PPOConfig) -> Path:
     def evaluate(it: int, final: bool = False) -> dict:
         t0 = time.perf_counter()
         res = {}
-        if not cfg.prompts:
-            res.update(task_accuracy(engine, tok, cfg.eval_n, "test", cfg.max_new_tokens, cfg.seed, task_names))
+        if questions:
+            ev = evaluate_questions(
+                policy.lm, tok, questions, cfg.eval_samples, cfg.temperature, cfg.max_new_tokens, cfg.seed, n_boot=200
+            )
+            res.update({k: v for k, v in ev["mean"].items() if not k.endswith("_ci")})
+            res.update({f"acc_{name}": t["accuracy"] for name, t in ev["tasks"].items()})
+            if cfg.eval_samples:
+                res.update({f"avg_{name}": t["avg_at_k"] for name, t in ev["tasks"].items()})
         res["ptx_val_loss"] = ptx_val_loss(policy.lm, va_tokens, cfg.ptx_len)
         res["eval_s"] = round(time.perf_counter() - t0, 2)
         metrics.write(step=it, iter=it, eval=True, **({"final": True} if final else {}), **res)
@@ -460,6 +609,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
                 "value_head": policy.value_head.state_dict(),
                 "kl_ctl": kl_ctl.state_dict(),
                 "judge_centre": getattr(rm, "centre", None),
+                "pool_keep": pool_keep,
             }
         }
         conf = dict(ckpt_config)
@@ -482,7 +632,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         print(f"SFT policy: {json.dumps({k: round(v, 4) for k, v in first.items()})}")
     bar = None
     if cfg.progress:
-        bar = tqdm(total=max_iters, initial=start_it, desc="ppo", dynamic_ncols=True)
+        bar = tqdm(total=max_iters, initial=start_it, desc=cfg.algo, dynamic_ncols=True)
     it = start_it
     t_loop = time.perf_counter()
     while it < max_iters:
@@ -493,14 +643,16 @@ def run_ppo(cfg: PPOConfig) -> Path:
             gr["lr"] = lr
         g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
+        pick = [j for j in pick for _ in range(cfg.group)]  # a group's answers sit next to each other
         params = [
             SamplingParams(
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 logprobs=True,
+                scaled_logprobs=True,
                 seed=_seed(cfg.seed, it, 3, i),
             )
-            for i in range(cfg.rollout_batch)
+            for i in range(len(pick))
         ]
         row = ppo_iteration(
             policy,
@@ -547,7 +699,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     final = evaluate(it, final=True) if it > start_it or not (out / "state" / "ppo.pt").exists() else {}
     save(it, final)
     print(
-        f"PPO done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
+        f"{cfg.algo.upper()} done after {it} iterations ({time.perf_counter() - t_start:.0f} s): "
         f"{json.dumps({k: round(v, 4) for k, v in final.items()})}"
     )
     return out

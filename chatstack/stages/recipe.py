@@ -26,6 +26,7 @@ refuse, a multi-turn follow-up). Measured numbers and budgets: docs/finetune.md.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from pathlib import Path
 from chatstack.checkpoint import load_checkpoint
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.stages import report as R
-from chatstack.stages.speedrun import Run, Stage, _eval_key, _metric, build_report, run_pipeline
+from chatstack.stages.speedrun import Run, Stage, _eval_key, _metric, _window, build_report, run_pipeline
 
 # held-out examples per task in the recipe's evals (12 tasks): 25 each keeps an eval of the 135M model to minutes
 EVAL_N = "25"
@@ -184,10 +185,15 @@ def conversations(ckpt: Path, max_new_tokens: int = 80) -> list[dict]:
 def recipe_report(out: Path, state: dict) -> dict:
     """The speedrun's report card with the recipe's headline and targets, and conversations per model."""
     rep = build_report(out, state)
+    if (out / "eval_ppo.json").exists():  # the speedrun's report knows its own RL stage, not the recipe's PPO
+        rep["evals"]["ppo"] = json.loads((out / "eval_ppo.json").read_text())
     acc = {k: v.get("mean_accuracy") for k, v in rep["evals"].items()}
     h = rep["headline"]
     h["base_accuracy"], h["sft_accuracy"], h["ppo_accuracy"] = acc.get("base"), acc.get("sft"), acc.get("ppo")
     h["sft_lift_points"] = 100 * (acc["sft"] - acc["base"]) if None not in (acc.get("sft"), acc.get("base")) else None
+    h["ppo_lift_points"] = 100 * (acc["ppo"] - acc["sft"]) if None not in (acc.get("ppo"), acc.get("sft")) else None
+    ppo_m = R.read_metrics(out / "ppo")
+    h["ppo_kl"] = R.window_mean(ppo_m, "kl", _window(ppo_m), "last")
     goals = {
         "sft_accuracy": ("≥ 0.50", lambda v: v >= 0.50),
         "ppo_lift_points": ("≥ +5", lambda v: v >= 5),
@@ -204,7 +210,7 @@ def recipe_report(out: Path, state: dict) -> dict:
         ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
         ("ppo_accuracy", "after PPO (LoRA): mean task accuracy"),
         ("ppo_lift_points", "PPO lift over SFT (points)"),
-        ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)"),
+        ("ppo_kl", "PPO mean KL to the reference, last iterations (nats per answer)"),
     ]
     rep["samples"] = {}
     for name in ("base", "sft", "ppo"):

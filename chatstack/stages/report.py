@@ -199,10 +199,12 @@ HEADLINE_ROWS = (
     ("bits_per_char", "base: held-out bits per character"),
     ("sft_lift_points", "SFT lift over base few-shot (points)"),
     ("rm_val_accuracy", "reward model held-out pairwise accuracy"),
-    ("ppo_lift_points", "PPO lift over SFT (points)"),
-    ("ppo_reward_first", "PPO mean RM score, first 10 iterations"),
-    ("ppo_reward_last", "PPO mean RM score, last 10 iterations"),
-    ("ppo_kl", "PPO mean KL to the reference, last 10 iterations (nats per answer)"),
+    ("rl_avg8_lift_points", "RL avg@8 lift over SFT (points)"),
+    ("rl_win_rate", "RL win rate over SFT (built-in judge)"),
+    ("rl_greedy_lift_points", "RL greedy lift over SFT (points)"),
+    ("rl_reward_first", "RL mean judge score, first iterations"),
+    ("rl_reward_last", "RL mean judge score, last iterations (no overlap with the first)"),
+    ("rl_kl", "RL mean KL to the reference, last iterations (nats per answer)"),
 )
 
 
@@ -220,6 +222,32 @@ def render_markdown(rep: dict) -> str:
         f"(the MFU denominator).",
         "",
     ]
+    a = rep.get("alignment") or {}
+    if a.get("avg_at_k_delta") is not None:
+        k = a.get("samples")
+        lo, hi = a["avg_at_k_delta_ci"]
+        glo, ghi = a.get("accuracy_delta_ci", [0.0, 0.0])
+        win = a.get("win_rate")
+        lines += [
+            "## Alignment",
+            "",
+            f"RL (PPO, built-in judge reward) against the SFT model on held-out questions ({a.get('n_per_task')} per "
+            f"task, {k} samples each at temperature 1): **avg@{k} {100 * a['sft'].get('avg_at_k', 0):.1f}% -> "
+            f"{100 * a['rl'].get('avg_at_k', 0):.1f}% ({a['avg_at_k_delta']:+.1f} points, paired 95% interval "
+            f"[{lo:+.1f}, {hi:+.1f}])**; greedy {100 * a['sft'].get('accuracy', 0):.1f}% -> "
+            f"{100 * a['rl'].get('accuracy', 0):.1f}% ({a.get('accuracy_delta', 0):+.1f} [{glo:+.1f}, {ghi:+.1f}]); "
+            + (
+                f"win rate of its answers over SFT's {win:.3f} [{a['win_ci'][0]:.3f}, {a['win_ci'][1]:.3f}] by the "
+                "built-in judge (ties 1/2); "
+                if win is not None
+                else ""
+            )
+            + f"KL to SFT {_fmt(a.get('kl'))} nats per answer; worst task's greedy change "
+            f"{_fmt(a.get('worst_task_greedy_delta'))} points.",
+            "",
+        ]
+    if rep.get("warnings"):
+        lines += ["## Warnings", "", *[f"- **{w}**" for w in rep["warnings"]], ""]
     lines += ["## Headline", ""]
     h = rep["headline"]
     targets = rep.get("targets", {})
@@ -263,7 +291,9 @@ def render_markdown(rep: dict) -> str:
         rows.append(
             [
                 name,
+                f"{s['completed']:,} / {s['planned']:,}" if s.get("planned") else "",
                 s.get("wall_s"),
+                s.get("expected_idle_s"),
                 s.get("params"),
                 s.get("tokens"),
                 s.get("flops"),
@@ -272,7 +302,18 @@ def render_markdown(rep: dict) -> str:
                 s.get("key"),
             ]
         )
-    lines += [table(["stage", "wall s", "params", "tokens", "FLOPs", "FLOP/s", "MFU", "key number"], rows), ""]
+    header = ["stage", "steps done / planned", "wall s", "idle 2-core s", "params", "tokens", "FLOPs", "FLOP/s", "MFU"]
+    lines += [
+        f"Expected wall time on an idle 2-core CPU: ~{rep.get('expected_idle_wall_s', 0) / 60:.0f} min"
+        + (
+            f"; run with --time-budget {rep['time_budget']:.0f} s."
+            if rep.get("time_budget")
+            else "; the run is defined by its steps (no time budget)."
+        ),
+        "",
+        table(header + ["key number"], rows),
+        "",
+    ]
     if rep.get("plots"):
         lines += ["## Curves", ""]
         for title, fname in rep["plots"].items():

@@ -229,7 +229,8 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
     return train_enc, val_enc, tr_sum, va_sum
 
 
-def run_sft(cfg: SFTConfig, log=print):
+def run_sft(cfg: SFTConfig, log=print, stage: str = "sft", extra: dict | None = None):
+    """Fine-tune; `stage` and `extra` (merged into config.json) let other stages reuse it (self-improve)."""
     if not cfg.base:
         raise ValueError("--base: give the base checkpoint directory")
     torch.manual_seed(cfg.seed)
@@ -267,7 +268,7 @@ def run_sft(cfg: SFTConfig, log=print):
     except ImportError:
         pass
     ckpt_config = {
-        "stage": "sft",
+        "stage": stage,
         "parent": str(cfg.base),
         "model": model.config.to_dict(),
         "tokenizer": tok.info(),
@@ -280,6 +281,7 @@ def run_sft(cfg: SFTConfig, log=print):
             "fill": round(train_rows.fill(), 4),
             "builtin": not cfg.data,
         },
+        **(extra or {}),
     }
     return train(model, task, cfg, ckpt_config, tok)
 
