@@ -4,6 +4,8 @@
       config.json        {"format": 1, "kind": "lm", "stage": ..., "model": GPTConfig, "tokenizer": {...},
                           "parent": path or null, "train": the stage's full config, ...}
       model.safetensors  weights (safetensors: loading never runs code)
+      vision.safetensors a vision chat model's image encoder + projection (chatstack.vision); its config.json
+                         has a "vision" field. model.safetensors stays a plain GPT, so text-only tools load it
       tokenizer.json     Hugging Face `tokenizers` format
       adapter.safetensors  only after `--no-lora-merge`: LoRA adapters, added to the weights when loaded
       metrics.jsonl      one JSON object per logged step / eval (appended by the training loop)
@@ -33,7 +35,15 @@ from chatstack.model import GPT, GPTConfig
 from chatstack.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-MANAGED = {"config.json", "model.safetensors", "tokenizer.json", "state", "adapter.safetensors"}
+MANAGED = {"config.json", "model.safetensors", "vision.safetensors", "tokenizer.json", "state", "adapter.safetensors"}
+
+
+def weight_parts(module: nn.Module) -> dict[str, nn.Module]:
+    """{file stem: module} of what a save writes: the module as model.safetensors, or, for a module that defines
+    `checkpoint_parts()` (a GPT with an image encoder next to it: chatstack.vision), each part in its own file,
+    so model.safetensors always holds a plain GPT that every text-only tool loads as is."""
+    parts = getattr(module, "checkpoint_parts", None)
+    return parts() if parts is not None else {"model": module}
 
 
 class CheckpointError(Exception):
@@ -93,7 +103,8 @@ def save_checkpoint(
     tmp.mkdir()
     cfg = {"format": FORMAT_VERSION, "kind": "lm", **config}
     # weights: safetensors dedups tied tensors (the output layer shares the embedding)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for stem, part in weight_parts(model).items():
+        save_model(part, str(tmp / f"{stem}.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(str(tmp / "tokenizer.json"))
     if adapters:
@@ -140,19 +151,21 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_weights(path: str | os.PathLike, module: nn.Module, strict: bool = True) -> None:
-    """Load model.safetensors of checkpoint `path` into `module` (any architecture)."""
-
-    wpath = Path(path) / "model.safetensors"
-    if not wpath.exists():
-        raise CheckpointError(f"{wpath}: missing")
-    try:
-        missing, unexpected = load_model(module, str(wpath), strict=strict)
-    except Exception as e:  # safetensors raises several types for truncated / foreign files
-        raise CheckpointError(f"{wpath}: cannot load weights ({type(e).__name__}: {e})") from e
+    """Load model.safetensors of checkpoint `path` into `module` (any architecture; a module with
+    `checkpoint_parts()` loads each part from its own file, see weight_parts)."""
+    parts = weight_parts(module)
+    for stem, part in parts.items():
+        wpath = Path(path) / f"{stem}.safetensors"
+        if not wpath.exists():
+            raise CheckpointError(f"{wpath}: missing")
+        try:
+            load_model(part, str(wpath), strict=strict)
+        except Exception as e:  # safetensors raises several types for truncated / foreign files
+            raise CheckpointError(f"{wpath}: cannot load weights ({type(e).__name__}: {e})") from e
     apath = Path(path) / "adapter.safetensors"
     if apath.exists():
         try:
-            merge_adapters_(module, load_file(str(apath)))
+            merge_adapters_(parts["model"], load_file(str(apath)))
         except Exception as e:
             raise CheckpointError(f"{apath}: cannot merge the adapters ({type(e).__name__}: {e})") from e
 

@@ -27,6 +27,9 @@ COMMAND_MODULES = [
     "chatstack.stages.rl",  # rl (rloo | grpo)
     "chatstack.stages.dpo",  # dpo
     "chatstack.stages.self_improve",  # self-improve
+    "chatstack.stages.clip_train",  # clip-train
+    "chatstack.stages.sft_vision",  # sft-vision
+    "chatstack.stages.eval_vision",  # eval-vision
     "chatstack.stages.chat",  # generate, chat
     "chatstack.stages.eval",  # eval
     "chatstack.stages.compare",  # compare

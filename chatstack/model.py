@@ -387,8 +387,12 @@ class GPT(nn.Module):
         cache: Any = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states (B, T, n_embd): what the LM head, a reward head or a value head read."""
+        """Final-normed hidden states (B, T, n_embd): what the LM head, a reward head or a value head read.
+
+        embeds: optional (B, T, n_embd) input embeddings used instead of idx's token embeddings (image positions
+        carry projected image features: chatstack.vision); positions are added to them as usual."""
         cfg = self.config
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
@@ -396,7 +400,7 @@ class GPT(nn.Module):
             if past + T > cfg.block_size:
                 raise ValueError(f"sequence of {past + T} tokens exceeds the context length {cfg.block_size}")
             positions = torch.arange(past, past + T, device=idx.device).unsqueeze(0)  # (1, T)
-        x = self.tok_emb(idx)  # (B, T, h)
+        x = self.tok_emb(idx) if embeds is None else embeds  # (B, T, h)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -425,12 +429,14 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) (or (B, 1, V) with last_only); with targets also the mean cross-entropy.
 
         targets: (B, T) next tokens, -1 = ignore. loss_mask: optional (B, T) weights (1 = count).
+        embeds: optional (B, T, n_embd) input embeddings in place of idx's (see hidden_states).
         """
-        x = self.hidden_states(idx, cache, positions, attn_mask)
+        x = self.hidden_states(idx, cache, positions, attn_mask, embeds)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)

@@ -10,7 +10,9 @@ tokens: <|endoftext|> between documents, <|im_start|> / <|im_end|> around ChatML
     <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n...<|im_end|>\n
 
 `render_chat` returns (ids, loss_mask) with 1 only on assistant content and its <|im_end|>: SFT trains on
-what the assistant says, never on what the user says. GPT-2's own 50,257 ranks load offline from the
+what the assistant says, never on what the user says. `render_multimodal` does the same for messages whose
+content holds image parts: each image becomes n placeholder ids where it stands, and their positions come
+back, for the image's embeddings to take their place (chatstack.vision). GPT-2's own 50,257 ranks load offline from the
 `openai-whisper` package's asset (`Tokenizer.gpt2()`), converted once to a `tokenizers` file and cached.
 """
 
@@ -190,6 +192,67 @@ class Tokenizer:
         for m in messages:
             ids += self._turn(m["role"], m["content"], train=False)[0]
         return ids + [self.im_start_id] + self.encode("assistant\n")
+
+    # ---- images in ChatML -----------------------------------------------------------------------------------
+    @property
+    def image_placeholder_id(self) -> int:
+        """The id at image positions: <|endoftext|>, which typed text can never produce (special tokens typed by
+        a user are plain text); the model never reads it there, the image's embeddings replace it."""
+        return self.eot_id
+
+    def render_multimodal(
+        self, messages, image_tokens: int, generation_prompt: bool = False
+    ) -> tuple[list[int], list[int], list[int]]:
+        """ChatML with images: (ids, loss_mask, image_positions).
+
+        A message's content is a string or a list of parts {"type": "text", "text": ...} and {"type": "image"}
+        (also "image_url", as OpenAI's API names it); each image part becomes `image_tokens` placeholder ids where
+        it stands, and their positions (all images, in order) come back in image_positions. The loss mask is
+        render_chat's (assistant content and its <|im_end|>), or all zeros with generation_prompt, where the
+        ids end in `<|im_start|>assistant\\n` as render_prompt's do."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content}")
+        ids, mask, pos = [], [], []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i}: expected an object with 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise ValueError(f"message {i}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+            content = m["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise ValueError(f"message {i}: content must be a string or a list of parts")
+            train = m["role"] == "assistant" and not generation_prompt
+            head = [self.im_start_id] + self.encode(m["role"] + "\n")
+            ids += head
+            mask += [0] * len(head)
+            for j, p in enumerate(parts):
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text" and isinstance(p.get("text"), str):
+                    t = self.encode(p["text"])
+                    ids += t
+                    mask += [int(train)] * len(t)
+                elif kind in ("image", "image_url"):
+                    if m["role"] == "assistant":
+                        raise ValueError(f"message {i}: an assistant message cannot hold an image")
+                    if image_tokens <= 0:
+                        raise ValueError(f"message {i}: this model takes no images (text only)")
+                    pos += range(len(ids), len(ids) + image_tokens)
+                    ids += [self.image_placeholder_id] * image_tokens
+                    mask += [0] * image_tokens
+                else:
+                    raise ValueError(
+                        f"message {i}: part {j} must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}"
+                    )
+            ids += [self.im_end_id]
+            mask += [int(train)]
+            tail = self.encode("\n")
+            ids += tail
+            mask += [0] * len(tail)
+        if generation_prompt:
+            ids += [self.im_start_id] + self.encode("assistant\n")
+            mask += [0] * (len(ids) - len(mask))
+        return ids, mask, pos
 
     def info(self) -> dict:
         return {

@@ -20,7 +20,14 @@ LAYERS = [
     ("tokenizer", ["chatstack.tokenizer"]),
     (
         "model",
-        ["chatstack.kernels", "chatstack.model", "chatstack.presets", "chatstack.checkpoint", "chatstack.estimate"],
+        [
+            "chatstack.kernels",
+            "chatstack.model",
+            "chatstack.presets",
+            "chatstack.checkpoint",
+            "chatstack.estimate",
+            "chatstack.vision",
+        ],
     ),
     ("data", ["chatstack.data"]),
     ("inference", ["chatstack.infer"]),

@@ -165,8 +165,10 @@ class _Row:
         stop_ids: set[int],
         uniforms: Optional[list[float]],
         collect: bool,
+        embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> None:
         self.rid, self.prompt, self.params, self.stop_ids = rid, prompt, params, stop_ids
+        self.embeds = embeds  # None, or (positions (k,), values (k, n_embd)): input embeddings at those positions
         self.uniforms = uniforms
         self.collect = collect
         self.out: list[int] = []
@@ -336,12 +338,33 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
         return ids
 
+    def check_embeds(self, prompt_ids: Sequence[int], embeds) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions, values) on the engine's device, checked against the prompt and the model; or None."""
+        if embeds is None:
+            return None
+        if not hasattr(self.model, "tok_emb"):
+            raise ValueError("this model takes no input embeddings (a chatstack GPT does)")
+        pos, val = embeds
+        pos = torch.as_tensor(pos, dtype=torch.long).view(-1)
+        if val.dim() != 2 or val.size(0) != pos.numel() or val.size(1) != self.cfg.n_embd:
+            raise ValueError(
+                f"embeds: expected values of shape ({pos.numel()}, {self.cfg.n_embd}), got {tuple(val.shape)}"
+            )
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= len(prompt_ids)):
+            raise ValueError(f"embeds: positions must lie inside the prompt of {len(prompt_ids)} tokens")
+        return pos.to(self.device), val.detach().to(self.device, self.model.tok_emb.weight.dtype)
+
     def add_request(
-        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, _collect: bool = False
+        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, _collect: bool = False, embeds=None
     ) -> int:
-        """Queue a request; it joins the running batch at the next `step()`. Returns its request id."""
+        """Queue a request; it joins the running batch at the next `step()`. Returns its request id.
+
+        embeds: optional (positions, values (k, n_embd)): the prompt's input embeddings at those positions, in
+        place of the token embeddings (image tokens, chatstack.vision). Such a prompt is prefilled whole, and
+        neither reads nor fills the prefix cache: its ids alone do not say what it holds."""
         params = params or SamplingParams()
         ids = self.check_prompt(prompt_ids)
+        embeds = self.check_embeds(ids, embeds)
         rid = next(self._ids)
         stop_ids = set(self.default_stop_ids if params.stop_token_ids is None else params.stop_token_ids)
         uniforms = None
@@ -351,7 +374,7 @@ class Engine:
             g = torch.Generator().manual_seed(seed)
             n = min(params.max_new_tokens, self.block_size - len(ids))  # never more draws than tokens it can get
             uniforms = torch.rand(n, generator=g, dtype=torch.float64).tolist()
-        self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect))
+        self.pending.append(_Row(rid, ids, params, stop_ids, uniforms, _collect, embeds))
         return rid
 
     @torch.inference_mode()  # compaction writes the cache, which step() created in inference mode
@@ -456,8 +479,8 @@ class Engine:
                 resumed = [r for r in new if r.out]  # preempted rows: recompute their keys/values
                 new = [r for r in new if not r.out]
                 if self.prefill_chunk:
-                    long = [r for r in new if len(r.prompt) > self.prefill_chunk]
-                    new = [r for r in new if len(r.prompt) <= self.prefill_chunk]
+                    long = [r for r in new if len(r.prompt) > self.prefill_chunk and r.embeds is None]
+                    new = [r for r in new if len(r.prompt) <= self.prefill_chunk or r.embeds is not None]
                     self.prefilling += long
                 if resumed:
                     self._resume(resumed)
@@ -606,6 +629,8 @@ class Engine:
         self.prefix_cache.check_weights(self._weights_signature())
         hits = {}
         for r in rows:
+            if r.embeds is not None:
+                continue
             n, kv = self.prefix_cache.lookup(r.prompt)
             if n:
                 hits[r.rid] = (n, kv)
@@ -621,7 +646,7 @@ class Engine:
         for r in rows:
             if r.rid in hits:
                 continue
-            key = tuple(r.prompt)
+            key = tuple(r.prompt) if r.embeds is None else r.rid  # same ids may hold different images
             if key in first:
                 copies.append((r, first[key]))
             else:
@@ -644,7 +669,14 @@ class Engine:
                 idx = idx.to(self.device)
                 positions = torch.arange(T, device=self.device)[None]  # (1, T)
                 self.cache.prefill(s0, B)
-                h = self.model.hidden_states(idx, cache=self.cache, positions=positions)  # (B, T, h)
+                extra = {}  # (models without image input take no embeds argument)
+                if any(r.embeds is not None for r in fresh):
+                    x = self.model.tok_emb(idx)  # (B, T, h)
+                    for i, r in enumerate(fresh):
+                        if r.embeds is not None:
+                            x[i, r.embeds[0]] = r.embeds[1]
+                    extra["embeds"] = x
+                h = self.model.hidden_states(idx, cache=self.cache, positions=positions, **extra)  # (B, T, h)
                 last = h[torch.arange(B, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (B, h)
                 logits = self._logits(last)  # (B, V)
                 if copies:
@@ -879,7 +911,7 @@ class Engine:
         if self.prefix_cache is not None:
             sig = None
             for slot, r in enumerate(running):
-                if r.finished and r.reason != "cancelled" and r.cache_len >= 1:
+                if r.finished and r.reason != "cancelled" and r.cache_len >= 1 and r.embeds is None:
                     if sig is None:
                         sig = self._weights_signature()
                         self.prefix_cache.check_weights(sig)
@@ -905,8 +937,10 @@ class Engine:
         prompts: Sequence[Sequence[int]],
         params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         progress: bool = False,
+        embeds: Optional[Sequence] = None,
     ) -> list[Completion]:
-        """Complete many prompts (batched, continuous); results in prompt order."""
+        """Complete many prompts (batched, continuous); results in prompt order. embeds: per prompt, None or
+        (positions, values) as add_request takes them."""
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -916,7 +950,13 @@ class Engine:
                 self.check_prompt(pr)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        rids = [self.add_request(pr, pa, _collect=True) for pr, pa in zip(prompts, params)]
+        embeds = [None] * len(prompts) if embeds is None else list(embeds)
+        if len(embeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(embeds)} embeds")
+        rids = [
+            self.add_request(pr, pa, _collect=True, **({} if e is None else {"embeds": e}))
+            for pr, pa, e in zip(prompts, params, embeds)
+        ]
         bar = None
         if progress:
             bar = tqdm(total=len(rids), desc="generate", unit="seq")
@@ -936,9 +976,12 @@ class Engine:
                     self.cancel(rid)
         return [self.done.pop(rid) for rid in rids]
 
-    def stream(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None) -> Iterator[TokenEvent]:
-        """One request, its tokens as they come. Closing the iterator early cancels the request."""
-        rid = self.add_request(prompt_ids, params)
+    def stream(
+        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, embeds=None
+    ) -> Iterator[TokenEvent]:
+        """One request, its tokens as they come. Closing the iterator early cancels the request. embeds: as
+        add_request takes them."""
+        rid = self.add_request(prompt_ids, params, **({} if embeds is None else {"embeds": embeds}))
         finished = False
         try:
             while not finished:

@@ -22,6 +22,9 @@ from chatstack.checkpoint import save_checkpoint
 from chatstack.model import GPT
 from chatstack.presets import get_preset
 from chatstack.tokenizer import Tokenizer
+from chatstack.vision.encoder import CLIPConfig
+from chatstack.vision.projection import VisionAdapter, VisionConfig
+from chatstack.vision.vlm import VisionChatModel
 
 _TEXT = (
     "Hello there, how are you today? I am fine, thank you. The quick brown fox jumps over the lazy dog. "
@@ -42,6 +45,33 @@ def make_tiny_checkpoint(path, preset: str = "nano", block_size: int = 256, seed
         {"model": cfg.to_dict(), "stage": "test", "parent": None, "tokenizer": {"vocab_size": tok.vocab_size}},
         tokenizer=tok,
     )
+    return str(path)
+
+
+# a CLIP encoder small enough for tests: three 8/8/16-wide conv stages, a one-layer text encoder
+TINY_CLIP = dict(channels=[8, 8, 16], embed_dim=16, text_width=16, text_layers=1, text_heads=2)
+
+
+def make_tiny_vision_checkpoint(
+    path, image_tokens: int = 4, vision: bool = True, block_size: int = 256, seed: int = 0
+) -> str:
+    """make_tiny_checkpoint's GPT with a random image encoder + projection next to it (vision.safetensors and
+    config.json's "vision" field, as chatstack sft-vision writes them); vision=False: the text-only checkpoint."""
+    if not vision:
+        return make_tiny_checkpoint(path, block_size=block_size, seed=seed)
+    tok = Tokenizer.train([_TEXT] * 20, vocab_size=300, show_progress=False)
+    torch.manual_seed(seed)
+    cfg = get_preset("nano", vocab_size=tok.vocab_size, block_size=block_size)
+    vcfg = VisionConfig(clip=CLIPConfig(**TINY_CLIP), n_embd=cfg.n_embd, image_tokens=image_tokens)
+    model = VisionChatModel(GPT(cfg), VisionAdapter(vcfg))
+    config = {
+        "model": cfg.to_dict(),
+        "stage": "test",
+        "parent": None,
+        "tokenizer": {"vocab_size": tok.vocab_size},
+        "vision": vcfg.to_dict(),
+    }
+    save_checkpoint(path, model, config, tokenizer=tok)
     return str(path)
 
 

@@ -9,7 +9,10 @@
 
 The chat keeps the whole conversation as ChatML (system, user, assistant turns) and streams each reply.
 Commands: /clear (forget the conversation, keep the system prompt), /system TEXT (set the system prompt;
-/system alone shows it, "/system -" removes it), /quit. When the conversation no longer fits the model's
+/system alone shows it, "/system -" removes it), /image FILE (attach an image to the next message; a vision
+model from `chatstack sft-vision` only), /quit. `--image FILE.png` attaches one to the first message:
+
+    chatstack chat runs/vision --image digit.png       # then ask "What digit is this?" When the conversation no longer fits the model's
 context, the oldest turns are dropped (the system prompt stays) and a note goes to stderr.
 """
 
@@ -31,8 +34,10 @@ from chatstack.infer.prompting import (
     load_examples,
     self_consistency,
 )
+from chatstack.vision.data import load_image
+from chatstack.vision.vlm import load_vision, render_request
 
-HELP = "commands: /clear  /system [TEXT | -]  /quit"
+HELP = "commands: /clear  /system [TEXT | -]  /image FILE  /quit"
 
 
 @dataclass
@@ -230,10 +235,14 @@ class ChatSession:
         system: str = "",
         note: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
         stats: bool = False,
+        adapter=None,
     ):
         self.engine, self.params, self.system, self.note = engine, params, system, note
         self.stats = stats  # note each reply's timing (StreamTimer) after it
         self.turns: list[dict] = []  # user/assistant messages (the system prompt is kept apart)
+        self.adapter = adapter  # a vision model's encoder + projection (chatstack.vision), or None
+        self.images: list = []  # the images of self.turns' image parts, in order
+        self.pending: list = []  # images attached with /image, for the next user message
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
@@ -244,8 +253,10 @@ class ChatSession:
         if cmd in ("/quit", "/exit"):
             return "quit"
         if cmd == "/clear":
-            self.turns = []
+            self.turns, self.images, self.pending = [], [], []
             self.note("(conversation cleared)")
+        elif cmd == "/image":
+            self.attach(rest.strip())
         elif cmd == "/system":
             if not rest.strip():
                 self.note(f"(system prompt: {self.system!r})")
@@ -256,29 +267,60 @@ class ChatSession:
             self.note(f"(unknown command {cmd}; {HELP})")
         return None
 
-    def _fit(self) -> Optional[list[int]]:
-        """The prompt ids, dropping the oldest turns until it fits with room to answer; None if it can't."""
+    def attach(self, path: str) -> bool:
+        """/image FILE: decode the image now (so a bad file is said at once); it goes with the next message."""
+        if self.adapter is None:
+            self.note("(this model takes no images: it is text only; train a vision model with chatstack sft-vision)")
+            return False
+        if not path:
+            self.note("(usage: /image FILE)")
+            return False
+        try:
+            self.pending.append(load_image(path))
+        except ValueError as e:
+            self.note(f"({e})")
+            return False
+        self.note(f"(image attached: {path}; it goes with your next message)")
+        return True
+
+    @staticmethod
+    def _n_images(turn: dict) -> int:
+        c = turn["content"]
+        return 0 if isinstance(c, str) else sum(1 for p in c if p.get("type") == "image")
+
+    def _fit(self):
+        """(prompt ids, image embeddings for the engine or None), dropping the oldest turns (and their images)
+        until it fits with room to answer; None if it can't."""
         tok, limit = self.engine.tok, self.engine.block_size
         room = min(self.params.max_new_tokens, max(1, limit // 4))
         while True:
-            ids = tok.render_prompt(self.messages())
+            ids, embeds = render_request(tok, self.adapter, self.messages(), self.images)
             if len(ids) + room <= limit or len(self.turns) <= 1:
-                return ids if len(ids) < limit else None
+                return (ids, embeds) if len(ids) < limit else None
             # drop the oldest user turn and the assistant reply that follows it
-            self.turns = self.turns[2:] if len(self.turns) > 2 else self.turns[1:]
+            drop = 2 if len(self.turns) > 2 else 1
+            self.images = self.images[sum(self._n_images(t) for t in self.turns[:drop]) :]
+            self.turns = self.turns[drop:]
             self.note("(context full: dropped the oldest turn)")
 
     def reply(self, user: str, on_text: Callable[[str], None] = lambda s: None) -> str:
-        self.turns.append({"role": "user", "content": user})
-        ids = self._fit()
-        if ids is None:
+        content = user
+        if self.pending:  # the attached images go first, then the question (how sft-vision trains)
+            content = [{"type": "image"}] * len(self.pending) + [{"type": "text", "text": user}]
+        self.turns.append({"role": "user", "content": content})
+        self.images += self.pending
+        fit = self._fit()
+        if fit is None:
             self.turns.pop()
+            self.images = self.images[: len(self.images) - len(self.pending)] if self.pending else self.images
             self.note(f"(message too long for the model's context of {self.engine.block_size} tokens)")
             return ""
+        self.pending = []
+        ids, embeds = fit
         out = []
         timer = StreamTimer()
         try:
-            for ev in self.engine.stream(ids, self.params):
+            for ev in self.engine.stream(ids, self.params, embeds=embeds):
                 timer.tick()
                 if ev.text:
                     out.append(ev.text)
@@ -295,7 +337,21 @@ class ChatSession:
 def cmd_chat(args) -> int:
     ck = _load(args.checkpoint, args.device)
     engine = _engine(ck, args)
-    session = ChatSession(engine, _params(args), system=args.system, stats=args.stats)
+    try:
+        adapter = load_vision(args.checkpoint, device=args.device)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    session = ChatSession(engine, _params(args), system=args.system, stats=args.stats, adapter=adapter)
+    if args.image:
+        if adapter is None:
+            raise CLIError(
+                f"--image: {args.checkpoint} is a text-only model (no image encoder); "
+                f"train a vision model with chatstack sft-vision"
+            )
+        try:
+            session.pending.append(load_image(args.image))
+        except ValueError as e:
+            raise CLIError(f"--image: {e}") from None
     interactive = sys.stdin.isatty()
 
     def write(s):
@@ -345,5 +401,10 @@ def register(sub) -> None:
     )
     c.add_argument("checkpoint", help="checkpoint directory")
     c.add_argument("--system", default="", help="system prompt")
+    c.add_argument(
+        "--image",
+        default="",
+        help="an image file (PNG, JPEG, ...) to attach to the first message (vision models from chatstack sft-vision)",
+    )
     add_dataclass_args(c, SamplingArgs, group="sampling")
     c.set_defaults(func=cmd_chat)

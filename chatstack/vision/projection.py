@@ -1,0 +1,93 @@
+"""The embedding layer between the image encoder and the GPT: encoder tokens -> n image tokens of width n_embd.
+
+    adapter = VisionAdapter(VisionConfig(clip=clip_cfg, n_embd=gpt.config.n_embd, image_tokens=16))
+    embeds = adapter(images)          # (B, 3, 32, 32) -> (B, 16, n_embd): what the GPT reads at image positions
+
+The encoder's 4x4 grid of features (chatstack.vision.encoder.ImageEncoder.tokens) is pooled to
+`image_tokens` cells (16 = the grid as is, 4 = 2x2, 1 = one token) and each cell goes through a two-layer
+MLP (LLaVA-1.5's projector) into the GPT's embedding space. Row-major order: the GPT sees the top-left
+cell first, so where a thing is in the picture is where its token is in the sequence.
+
+A vision chat checkpoint keeps this module (encoder + projection) in `vision.safetensors` next to the
+GPT's `model.safetensors`, and config.json's "vision" field holds `VisionConfig.to_dict()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chatstack.vision.encoder import CLIPConfig, ImageEncoder
+
+
+@dataclass
+class VisionConfig:
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    n_embd: int = 128  # the GPT's width
+    image_tokens: int = 16  # a square number <= the encoder's grid cells
+
+    def __post_init__(self):
+        if isinstance(self.clip, dict):
+            self.clip = CLIPConfig.from_dict(self.clip)
+        side = math.isqrt(max(self.image_tokens, 0))
+        g = self.clip.grid
+        if self.image_tokens <= 0 or side * side != self.image_tokens or side > g or g % side:
+            raise ValueError(
+                f"image_tokens must be a square that divides the encoder's {g}x{g} grid "
+                f"(1, 4 or {g * g}), got {self.image_tokens}"
+            )
+        if self.n_embd <= 0:
+            raise ValueError(f"n_embd must be positive, got {self.n_embd}")
+
+    def to_dict(self) -> dict:
+        return {"clip": self.clip.to_dict(), "n_embd": self.n_embd, "image_tokens": self.image_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VisionConfig:
+        unknown = set(d) - {"clip", "n_embd", "image_tokens"}
+        if unknown:
+            raise ValueError(f"unknown VisionConfig field(s): {sorted(unknown)}")
+        return cls(clip=CLIPConfig.from_dict(d["clip"]), n_embd=int(d["n_embd"]), image_tokens=int(d["image_tokens"]))
+
+
+class Projection(nn.Module):
+    """(B, g*g, width) encoder tokens -> (B, n, n_embd): pool to n cells, then a two-layer MLP per cell."""
+
+    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int):
+        super().__init__()
+        self.grid, self.side = grid, math.isqrt(image_tokens)
+        self.fc1 = nn.Linear(width, n_embd)
+        self.fc2 = nn.Linear(n_embd, n_embd)
+        # start near the scale of the GPT's token embeddings (std 0.02 at init): the first steps then do not
+        # swamp the residual stream
+        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        if self.side != self.grid:
+            x = tokens.transpose(1, 2).reshape(B, C, self.grid, self.grid)
+            tokens = F.adaptive_avg_pool2d(x, self.side).flatten(2).transpose(1, 2)  # (B, n, C)
+        return self.fc2(F.gelu(self.fc1(tokens)))
+
+
+class VisionAdapter(nn.Module):
+    """Image encoder + projection: what a vision chat checkpoint adds next to its GPT."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = ImageEncoder(cfg.clip)
+        self.projection = Projection(cfg.clip.width, cfg.n_embd, cfg.clip.grid, cfg.image_tokens)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.config.image_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 32, 32) in [0, 1] -> (B, image_tokens, n_embd)."""
+        return self.projection(self.encoder.tokens(images))

@@ -1,0 +1,418 @@
+"""Image input: built-in data, CLIP loss, projection, ChatML with images, the engine's image embeddings,
+the checkpoint's vision part, and the clip-train / sft-vision / eval-vision / chat commands on tiny models.
+
+    python -m pytest tests/test_vision.py -q
+"""
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import small_tokenizer
+
+from chatstack.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.model import GPT
+from chatstack.presets import get_preset
+from chatstack.serve.testing import TINY_CLIP as TINY_CLIP_ARGS
+from chatstack.serve.testing import make_tiny_vision_checkpoint
+from chatstack.vision import data as D
+from chatstack.vision.chat_data import TrainExamples, collate, eval_examples
+from chatstack.vision.encoder import CLIP, CLIPConfig, clip_logits, clip_loss, zero_shot_classify
+from chatstack.vision.projection import VisionAdapter, VisionConfig
+from chatstack.vision.vlm import VisionChatModel, load_vision, place_images, render_request
+
+TINY_CLIP = CLIPConfig(**TINY_CLIP_ARGS)
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+def test_digit_split_is_disjoint_and_complete():
+    from sklearn.datasets import load_digits
+
+    xtr, ytr = D.digits("train")
+    xte, yte = D.digits("test")
+    assert len(xtr) + len(xte) == 1797 and len(xte) == 359
+    assert xtr.shape[1:] == (3, 32, 32) and 0 <= float(xtr.min()) and float(xtr.max()) <= 1
+    assert sorted(torch.cat([ytr, yte]).tolist()) == sorted(load_digits().target.tolist())
+    # no held-out image is also a training image
+    tr = {tuple(x.flatten().tolist()) for x in xtr[:, 0, ::4, ::4]}
+    assert sum(tuple(x.flatten().tolist()) in tr for x in xte[:, 0, ::4, ::4]) <= 3  # sklearn has a few exact twins
+
+
+def test_scene_answers_match_the_pixels():
+    rng = random.Random(0)
+    for s in D.scenes("test", 30, 0):
+        assert s.held_out()
+        img = s.draw()
+        xs = [o.x for o in s.objects]
+        assert xs == sorted(xs) and len({o.colour for o in s.objects}) == len(s.objects)
+        for o in s.objects:
+            # the centre pixel of each object has its colour (an independent check on the drawing)
+            px = tuple(round(float(v) * 255) for v in img[:, o.y, o.x])
+            assert px == D.COLOURS[o.colour], (o, px)
+        q, a = D.scene_question(s, "count", rng)
+        # count the distinct non-black colours in the image
+        colours = {tuple(round(float(v) * 255) for v in img[:, y, x]) for y in range(32) for x in range(32)}
+        assert int(a) == len(colours & set(D.COLOURS.values()))
+        if len(s.objects) > 1:
+            q, a = D.scene_question(s, "position", rng)
+            words = q.split()
+            first = next(o for o in s.objects if o.colour == words[2])
+            second = next(o for o in s.objects if o.colour == words[-2])
+            assert a == ("left" if first.x < second.x else "right")
+    assert not any(s.held_out() for s in D.scenes("train", 50, 0))
+
+
+def test_decode_image_errors(tmp_path):
+    import io
+
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="not an image"):
+        D.decode_image(b"hello, world", "upload")
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")
+    with pytest.raises(ValueError, match="too large"):
+        D.decode_image(buf.getvalue(), "upload")
+    with pytest.raises(ValueError, match="no such image file"):
+        D.load_image(tmp_path / "missing.png")
+    p = tmp_path / "d.png"
+    D.to_pil(D.digits("test")[0][0]).save(p)
+    assert torch.allclose(D.load_image(p), D.digits("test")[0][0], atol=1 / 255 + 1e-6)
+
+
+# ---- CLIP -------------------------------------------------------------------------------------------------
+def test_clip_loss_matches_a_brute_force_reference():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    scale = torch.tensor(math.log(10.0))
+    logits = clip_logits(img, txt, scale)
+    ref = 0.0
+    for i in range(5):
+        sims = [10.0 * float(img[i] @ txt[j]) for j in range(5)]
+        ref += -(sims[i] - math.log(sum(math.exp(s) for s in sims))) / 10
+        sims = [10.0 * float(img[j] @ txt[i]) for j in range(5)]
+        ref += -(sims[i] - math.log(sum(math.exp(s) for s in sims))) / 10
+    assert float(clip_loss(logits)) == pytest.approx(ref, rel=1e-5)
+    # the learned temperature is capped at 100, as in CLIP
+    assert float(clip_logits(img[:1], img[:1], torch.tensor(10.0))) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_zero_shot_classify_is_nearest_prompt():
+    torch.manual_seed(0)
+    m = CLIP(TINY_CLIP).eval()
+    imgs = torch.rand(6, 3, 32, 32)
+    prompts = ["a photo of the digit one", "a red circle", "the number 7"]
+    pred = zero_shot_classify(m, imgs, prompts)
+    with torch.no_grad():
+        sims = m.encode_image(imgs) @ m.encode_text(prompts).t()
+    assert pred.tolist() == sims.argmax(-1).tolist()
+    assert m.image.tokens(imgs).shape == (6, 16, 16)
+
+
+def test_projection_pools_the_grid_row_major():
+    torch.manual_seed(0)
+    ad = VisionAdapter(VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=4))
+    grid = torch.randn(2, 16, 16)
+    pooled = ad.projection.fc2(
+        F.gelu(
+            ad.projection.fc1(
+                grid.view(2, 4, 4, 16).unflatten(1, (2, 2)).unflatten(3, (2, 2)).mean((2, 4)).reshape(2, 4, 16)
+            )
+        )
+    )
+    assert torch.allclose(ad.projection(grid), pooled, atol=1e-6)
+    with pytest.raises(ValueError, match="image_tokens"):
+        VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=9)
+
+
+# ---- ChatML with images -----------------------------------------------------------------------------------
+def test_render_multimodal_places_image_tokens():
+    tok = small_tokenizer()
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+    ]
+    ids, mask, pos = tok.render_multimodal(msgs, 4)
+    assert (ids, mask) == tok.render_chat(msgs) and pos == []
+    ids, _, _ = tok.render_multimodal(msgs[:2], 4, generation_prompt=True)
+    assert ids == tok.render_prompt(msgs[:2])
+    img_msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "7"},
+    ]
+    ids, mask, pos = tok.render_multimodal(img_msgs, 4)
+    head = [tok.im_start_id] + tok.encode("user\n")
+    assert pos == list(range(len(head), len(head) + 4))
+    assert [ids[p] for p in pos] == [tok.image_placeholder_id] * 4 and all(mask[p] == 0 for p in pos)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "7<|im_end|>"
+    with pytest.raises(ValueError, match="text only"):
+        tok.render_multimodal(img_msgs, 0)
+
+
+def test_collate_targets_only_the_answer():
+    tok = small_tokenizer()
+    exs = [TrainExamples(0)(i) for i in range(4)]
+    b = collate(exs, tok, 4, 256)
+    assert b["images"].shape == (4, 3, 32, 32)
+    for r, ex in enumerate(exs):
+        t = b["targets"][r]
+        assert tok.decode(t[t >= 0].tolist()) == ex["answer"] + "<|im_end|>"
+        s = int(b["img_start"][r])
+        assert b["idx"][r, s : s + 4].tolist() == [tok.image_placeholder_id] * 4
+
+
+def test_place_images_matches_a_loop():
+    x = torch.randn(3, 10, 8)
+    e = torch.randn(2, 4, 8)
+    row, start = torch.tensor([2, 0]), torch.tensor([5, 1])
+    ref = x.clone()
+    for i in range(2):
+        for k in range(4):
+            ref[row[i], start[i] + k] = e[i, k]
+    assert torch.equal(place_images(x, e, row, start), ref)
+
+
+# ---- the engine takes embeddings at image positions ------------------------------------------------------------
+def _tiny_gpt(vocab, block=128):
+    torch.manual_seed(0)
+    return GPT(get_preset("nano", vocab_size=vocab, block_size=block)).eval()
+
+
+def test_engine_embeds_equal_a_full_forward():
+    tok = small_tokenizer()
+    gpt = _tiny_gpt(tok.vocab_size)
+    eng = Engine(gpt, tok, max_batch_size=4)
+    prompt = tok.encode("The quick brown fox jumps")
+    pos = [1, 2, 3]
+    val = torch.randn(3, gpt.config.n_embd) * 0.5
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0), embeds=[(pos, val)])[0]
+    # reference: greedy decoding with full forwards over the embeddings (no cache)
+    ids = list(prompt)
+    for _ in range(6):
+        x = gpt.tok_emb(torch.tensor([ids]))
+        x[0, pos] = val
+        with torch.no_grad():
+            nxt = int(gpt(torch.tensor([ids]), embeds=x)[0, -1].argmax())
+        ids.append(nxt)
+        if nxt in (tok.eot_id, tok.im_end_id):
+            break
+    assert out.token_ids == ids[len(prompt) :]
+    # the token embeddings themselves as embeds: the same as no embeds; a batch mixing rows is the same per row
+    same = (pos, gpt.tok_emb.weight[torch.tensor(prompt)[pos]].detach())
+    plain = eng.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0))[0]
+    assert (
+        eng.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0), embeds=[same])[0].token_ids
+        == plain.token_ids
+    )
+    both = eng.generate([prompt, prompt], SamplingParams(max_new_tokens=6, temperature=0), embeds=[(pos, val), None])
+    assert [c.token_ids for c in both] == [out.token_ids, plain.token_ids]
+    with pytest.raises(ValueError, match="positions"):
+        eng.add_request(prompt, embeds=([len(prompt)], val[:1]))
+
+
+def test_engine_image_rows_skip_the_prefix_cache():
+    tok = small_tokenizer()
+    gpt = _tiny_gpt(tok.vocab_size)
+    eng = Engine(gpt, tok, max_batch_size=4, prefix_cache_mb=8)
+    prompt = tok.encode("To be, or not to be")
+    a = (torch.tensor([0, 1]), torch.randn(2, gpt.config.n_embd))
+    b = (torch.tensor([0, 1]), torch.randn(2, gpt.config.n_embd))
+    p = SamplingParams(max_new_tokens=5, temperature=0)
+    ref_b = Engine(gpt, tok).generate([prompt], p, embeds=[b])[0].token_ids
+    eng.generate([prompt], p, embeds=[a])
+    assert eng.generate([prompt], p, embeds=[b])[0].token_ids == ref_b  # not row a's keys/values
+    assert eng.prefix_cache.tokens_reused == 0
+
+
+# ---- checkpoint: the GPT and the vision part side by side ------------------------------------------------------
+def test_vision_checkpoint_round_trip(tmp_path):
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4)
+    ck = load_checkpoint(path)  # a text-only tool loads the GPT as before
+    ad = load_vision(path)
+    assert ck.config["vision"]["image_tokens"] == 4 and ad.image_tokens == 4
+    assert (tmp_path / "vis" / "vision.safetensors").exists()
+    assert load_vision(make_tiny_vision_checkpoint(tmp_path / "txt", vision=False)) is None
+    # re-saving through the wrapper writes the same weights back
+    m = VisionChatModel(ck.model, ad)
+    save_checkpoint(tmp_path / "again", m, ck.config, ck.tokenizer)
+    ad2 = load_vision(tmp_path / "again")
+    for (k, v), (k2, v2) in zip(ad.state_dict().items(), ad2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    (tmp_path / "again" / "vision.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="vision.safetensors"):
+        load_vision(tmp_path / "again")
+
+
+def test_render_request_and_eval_answers(tmp_path):
+    from chatstack.evals.vision import chat_metrics
+
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4)
+    ck, ad = load_checkpoint(path), load_vision(path)
+    eng = Engine(ck.model.eval(), ck.tokenizer)
+    ex = eval_examples(["digits"], 1)[0]
+    ids, (pos, emb) = render_request(ck.tokenizer, ad, ex["messages"][:-1], ex["images"])
+    assert len(pos) == 4 and emb.shape == (4, ck.model.config.n_embd)
+    with pytest.raises(ValueError, match="image"):
+        render_request(ck.tokenizer, ad, ex["messages"][:-1], [])
+    res = chat_metrics(eng, ad, ["digits", "scene-count"], 3)
+    assert set(res["tasks"]) == {"digits", "scene-count"} and res["tasks"]["digits"]["n"] == 3
+    z = chat_metrics(eng, ad, ["digits"], 3, zero_images=True)
+    assert 0 <= z["tasks"]["digits"]["accuracy"] <= 1
+
+
+# ---- the commands -----------------------------------------------------------------------------------------------
+def _cli(*args, check=True):
+    r = subprocess.run(
+        [sys.executable, "-m", "chatstack.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
+
+
+@pytest.mark.slow
+def test_clip_train_sft_vision_eval_vision_contract(tmp_path):
+    clip = tmp_path / "clip"
+    _cli(
+        "clip-train",
+        "--builtin",
+        "digits",
+        "--out",
+        clip,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--channels",
+        "8,8,16",
+        "--eval-every",
+        "0",
+        "--time-budget",
+        "0",
+        "--no-progress",
+    )
+    res = json.loads(_cli("eval-vision", clip, "--json").stdout)
+    assert {"zero_shot_accuracy", "n"} <= set(res) and res["n"] == 359
+    base = make_tiny_vision_checkpoint(tmp_path / "base", vision=False)
+    vis = tmp_path / "vis"
+    _cli(
+        "sft-vision",
+        "--base",
+        base,
+        "--clip",
+        clip,
+        "--out",
+        vis,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-tokens",
+        "4",
+        "--eval-every",
+        "0",
+        "--eval-n",
+        "2",
+        "--time-budget",
+        "0",
+        "--no-progress",
+    )
+    res = json.loads(_cli("eval-vision", vis, "--json", "--n", "2", "--ablation").stdout)
+    assert set(res["tasks"]) == {"digits", "scene-colour", "scene-shape", "scene-count", "scene-position"}
+    assert all({"accuracy", "n"} <= set(v) for v in res["tasks"].values())
+    assert "ablation_zero_images" in res
+    # resume: the GPT and the vision part both come back from the checkpoint
+    _cli(
+        "sft-vision",
+        "--base",
+        base,
+        "--clip",
+        clip,
+        "--out",
+        vis,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--image-tokens",
+        "4",
+        "--eval-every",
+        "0",
+        "--eval-n",
+        "2",
+        "--time-budget",
+        "0",
+        "--no-progress",
+        "--resume",
+    )
+
+
+def test_bad_input_errors(tmp_path):
+    r = _cli("clip-train", "--out", tmp_path / "c", check=False)
+    assert r.returncode != 0 and "--builtin" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("clip-train", "--builtin", "cats", "--out", tmp_path / "c", check=False)
+    assert "unknown dataset 'cats'" in r.stderr
+    base = make_tiny_vision_checkpoint(tmp_path / "base", vision=False)
+    r = _cli("sft-vision", "--base", base, "--clip", base, "--out", tmp_path / "v", check=False)
+    assert "not a CLIP checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("eval-vision", base, check=False)
+    assert "text-only" in r.stderr
+    r = _cli("chat", base, "--image", tmp_path / "x.png", check=False)
+    assert "text-only" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_image_flag_and_command(tmp_path):
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4)
+    png = tmp_path / "digit.png"
+    D.to_pil(D.digits("test")[0][0]).save(png)
+    inp = f"What digit is this?\n/image {png}\nAnd this one?\n/image {tmp_path / 'nope.png'}\n"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatstack.cli",
+            "chat",
+            path,
+            "--image",
+            str(png),
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ],
+        input=inp,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "image attached" in r.stderr and "no such image file" in r.stderr
+
+
+def test_chat_session_keeps_images_with_their_turns(tmp_path):
+    from chatstack.stages.chat import ChatSession
+
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4, block_size=64)
+    ck, ad = load_checkpoint(path), load_vision(path)
+    notes = []
+    s = ChatSession(
+        Engine(ck.model.eval(), ck.tokenizer),
+        SamplingParams(max_new_tokens=4, temperature=0),
+        note=notes.append,
+        adapter=ad,
+    )
+    png = tmp_path / "s.png"
+    D.to_pil(D.scenes("test", 1, 0)[0].draw()).save(png)
+    for _ in range(5):
+        s.command(f"/image {png}")
+        s.reply("What colour is the circle?")
+        # every image part in the kept turns has its image, however many turns the context dropped
+        assert sum(s._n_images(t) for t in s.turns) == len(s.images)
+    assert any("dropped the oldest turn" in n for n in notes)
