@@ -43,6 +43,7 @@ from chatstack.serve.openai_routes import add_openai_routes
 from chatstack.serve.rank_routes import add_rank_routes, read_rank_prompts
 from chatstack.serve.rankings import RankingsWriter
 from chatstack.serve.scheduler import Scheduler
+from chatstack.vision.vlm import load_vision
 
 log = logging.getLogger("chatstack.serve")
 STATIC = Path(__file__).parent / "static"
@@ -127,6 +128,7 @@ class ServerState:
         self.cfg = cfg
         self.metrics = ServerMetrics()
         self.engine = None
+        self.vision = None  # a vision model's image encoder + projection (chatstack.vision), or None
         self.tokenizer = None
         self.scheduler: Optional[Scheduler] = None
         self.model_id = "chatstack"
@@ -201,9 +203,12 @@ def load_engine(
     return engine, ckpt.name
 
 
-def create_app(source, model_name: Optional[str] = None, config: Optional[ServerConfig] = None, **kw) -> FastAPI:
-    """The FastAPI app serving `source`: a checkpoint path (loaded in the background; 503 until ready)
-    or a ready `chatstack.infer.engine.Engine`. Keyword arguments override ServerConfig fields."""
+def create_app(
+    source, model_name: Optional[str] = None, config: Optional[ServerConfig] = None, vision=None, **kw
+) -> FastAPI:
+    """The FastAPI app serving `source`: a checkpoint path (loaded in the background; 503 until ready; a vision
+    checkpoint's image encoder comes with it) or a ready `chatstack.infer.engine.Engine` (with `vision`, its
+    chatstack.vision.projection.VisionAdapter, it takes images). Keyword arguments override ServerConfig fields."""
     cfg = config or ServerConfig()
     for k, v in kw.items():
         if not hasattr(cfg, k):
@@ -225,6 +230,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
                 cfg.prefill_chunk,
                 cfg.kv_cache_mb,
             )
+            st.vision = load_vision(str(source), device=cfg.device or "cpu")
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))
             log.info(
                 "serving %s (%s; KV cache budget %.0f MB; %s%s)",
@@ -249,6 +255,7 @@ def create_app(source, model_name: Optional[str] = None, config: Optional[Server
             st.rankings.close()
 
     if not isinstance(source, (str, os.PathLike)):
+        st.vision = vision
         st.attach(source, model_name or "chatstack")
 
     # /docs and /redoc only when asked for: their pages load Swagger UI / ReDoc from a CDN (blank offline)

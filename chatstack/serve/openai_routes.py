@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from chatstack.infer.engine import SamplingParams
 from chatstack.serve import protocol as P
 from chatstack.serve.scheduler import QueueFull
+from chatstack.vision.vlm import render_request
 
 
 def _sampling_params(temperature, top_p, top_k, max_new, stops, seed, logprobs, top_logprobs):
@@ -143,11 +144,36 @@ def check_context(st, prompt_ids: list[int], param: str) -> None:
         )
 
 
-def submit(st, prompt_ids: list[int], params: list, queue=None):
+def submit(st, prompt_ids: list[int], params: list, queue=None, embeds=None):
     try:
-        return st.scheduler.submit(prompt_ids, params, queue)
+        return st.scheduler.submit(prompt_ids, params, queue, **({} if embeds is None else {"embeds": embeds}))
     except QueueFull as e:
         raise P.APIError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full") from e
+
+
+async def _render(st, req: P.ChatCompletionRequest):
+    """(prompt ids, image embeddings for the engine or None) of a chat request; image_url parts need a vision
+    model (st.vision) and data: URLs, else a 400 naming the part."""
+    urls = req.image_urls()
+    if not urls:
+        try:
+            return st.tokenizer.render_prompt(req.chat_messages()), None
+        except ValueError as e:
+            raise P.APIError(400, str(e), param="messages") from e
+    if st.vision is None:
+        raise P.APIError(
+            400,
+            f"the model `{st.model_id}` is text only: it takes no image_url parts (serve a checkpoint from "
+            f"chatstack sft-vision)",
+            param=urls[0][0],
+            code="images_not_supported",
+        )
+    images = [P.image_from_data_url(url, param) for param, url in urls]
+    try:
+        # the encoder's forward runs off the event loop
+        return await asyncio.to_thread(render_request, st.tokenizer, st.vision, req.multimodal_messages(), images)
+    except ValueError as e:
+        raise P.APIError(400, str(e), param="messages") from e
 
 
 def add_openai_routes(app: FastAPI, st) -> None:
@@ -171,10 +197,7 @@ def add_openai_routes(app: FastAPI, st) -> None:
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         st.ready().check_model(req.model)
         tok = st.tokenizer
-        try:
-            prompt_ids = tok.render_prompt(req.chat_messages())
-        except ValueError as e:
-            raise P.APIError(400, str(e), param="messages") from e
+        prompt_ids, embeds = await _render(st, req)
         check_context(st, prompt_ids, "messages")
         n = req.n or 1
         room = st.context_len - len(prompt_ids)
@@ -192,7 +215,7 @@ def add_openai_routes(app: FastAPI, st) -> None:
             )
             for i in range(n)
         ]
-        rows = submit(st, prompt_ids, params)
+        rows = submit(st, prompt_ids, params, embeds=embeds)
         queue = rows[0].queue
         special = set(getattr(tok, "special_ids", ()) or ())
         rid, created = P.new_id("chatcmpl"), P.now()

@@ -14,17 +14,26 @@ is a 400 naming the field (answering without the tools would mislead the client)
 (a lone UTF-16 surrogate such as "\\ud800", which JSON can spell) is a 400 naming where it is, wherever it
 appears in a request body.
 
+Images (a vision model from `chatstack sft-vision`): a user message's content may hold
+{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} parts, as OpenAI's API takes them.
+Only data: URLs are read (the server fetches nothing remote); `image_from_data_url` decodes one with Pillow
+and answers a bad one with a 400 naming the part.
+
     GET /openapi.json on a running server  # the JSON schema of every request
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from chatstack.vision.data import decode_image
 
 # torch.Generator.manual_seed accepts this range; outside it the engine would raise
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -130,10 +139,20 @@ class TextPart(_Lenient):
     text: str
 
 
+class ImageURL(_Lenient):
+    url: str
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted; every image becomes the same n tokens
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(_Lenient):
     # "developer" is OpenAI's newer name for system; tool/function roles are not supported (400)
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
     name: Optional[str] = None
 
     def text(self) -> str:
@@ -141,7 +160,10 @@ class ChatMessage(_Lenient):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 class StreamOptions(_Lenient):
@@ -231,6 +253,60 @@ class ChatCompletionRequest(_SamplingFields):
 
     def chat_messages(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        """(param path, url) of every image_url part, in order."""
+        return [
+            (f"messages.{i}.content.{j}.image_url.url", p.image_url.url)
+            for i, m in enumerate(self.messages)
+            if isinstance(m.content, list)
+            for j, p in enumerate(m.content)
+            if isinstance(p, ImagePart)
+        ]
+
+    def multimodal_messages(self) -> list[dict]:
+        """Messages for Tokenizer.render_multimodal: image parts become {"type": "image"} where they stand."""
+        out = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            if m.has_images():
+                content = [
+                    {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                    for p in m.content
+                ]
+            else:
+                content = m.text()
+            out.append({"role": role, "content": content})
+        return out
+
+
+def image_from_data_url(url: str, param: str):
+    """A data: URL's image as the encoder's (3, 32, 32) input; APIError 400 for a remote URL, a malformed
+    data URL, bad base64, or bytes Pillow cannot read (or too many pixels)."""
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else "no scheme"
+        raise APIError(
+            400,
+            f"{param}: remote image URLs are not fetched by this server (remote fetching is off; "
+            f"got {scheme!r}); send the image inline as a data URL: data:image/png;base64,...",
+            param=param,
+            code="remote_image_url",
+        )
+    head, sep, data = url[5:].partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise APIError(
+            400, f"{param}: expected a base64 data URL (data:image/png;base64,...)", param=param, code="invalid_image"
+        )
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(
+            400, f"{param}: the data URL's payload is not valid base64", param=param, code="invalid_image"
+        ) from None
+    try:
+        return decode_image(raw, param)
+    except ValueError as e:
+        raise APIError(400, str(e), param=param, code="invalid_image") from None
 
 
 class CompletionRequest(_SamplingFields):

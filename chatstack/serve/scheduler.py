@@ -55,6 +55,7 @@ class Row:
     done: bool = False
     shown: bool = False  # some text has been handed to the client
     cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
+    embeds: Any = None  # image embeddings at prompt positions (Engine.add_request), or None
 
 
 class Scheduler:
@@ -100,11 +101,14 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None
 
-    def submit(self, prompt_ids: list[int], params_list: list, queue: Optional[asyncio.Queue] = None) -> list[Row]:
-        """Queue one row per params (all or none); their events arrive on one shared asyncio queue."""
+    def submit(
+        self, prompt_ids: list[int], params_list: list, queue: Optional[asyncio.Queue] = None, embeds=None
+    ) -> list[Row]:
+        """Queue one row per params (all or none); their events arrive on one shared asyncio queue.
+        embeds: the prompt's image embeddings (positions, values), shared by the rows."""
         loop = asyncio.get_running_loop()
         queue = queue if queue is not None else asyncio.Queue()
-        rows = [Row(list(prompt_ids), p, queue, loop, index=i) for i, p in enumerate(params_list)]
+        rows = [Row(list(prompt_ids), p, queue, loop, index=i, embeds=embeds) for i, p in enumerate(params_list)]
         with self._cv:
             if self._stopping:
                 raise RuntimeError("scheduler stopped")
@@ -164,7 +168,8 @@ class Scheduler:
                 self.metrics.cancelled.inc()
         for row in admit:
             try:
-                row.rid = self.engine.add_request(row.prompt_ids, row.params)
+                extra = {} if row.embeds is None else {"embeds": row.embeds}
+                row.rid = self.engine.add_request(row.prompt_ids, row.params, **extra)
             except Exception as e:  # bad prompt/params for this row only
                 row.done = True
                 self._deliver({row.loop: [(row, e)]})
