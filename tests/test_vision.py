@@ -163,7 +163,8 @@ def test_collate_targets_only_the_answer():
     assert b["images"].shape == (4, 3, 32, 32)
     for r, ex in enumerate(exs):
         t = b["targets"][r]
-        assert tok.decode(t[t >= 0].tolist()) == ex["answer"] + "<|im_end|>"
+        answers = [m["content"] + "<|im_end|>" for m in ex["messages"] if m["role"] == "assistant"]
+        assert tok.decode(t[t >= 0].tolist()) == "".join(answers) and answers[0] == ex["answer"] + "<|im_end|>"
         s = int(b["img_start"][r])
         assert b["idx"][r, s : s + 4].tolist() == [tok.image_placeholder_id] * 4
 

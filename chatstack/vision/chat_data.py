@@ -66,8 +66,22 @@ def eval_examples(tasks: list[str], n_per_task: int = 0, seed: int = 0) -> list[
     return out
 
 
+def scene_conversation(scene: "D.Scene", rng: random.Random, max_turns: int = 3) -> dict:
+    """One image, then 1..max_turns questions of different types about it, each answered (LLaVA-style
+    multi-turn data: every answer is a target, so one image gives several answers' worth of signal)."""
+    types = D.QUESTION_TYPES if len(scene.objects) > 1 else D.QUESTION_TYPES[:3]
+    qtypes = rng.sample(types, rng.randint(1, min(max_turns, len(types))))
+    msgs, first = [], None
+    for k, qt in enumerate(qtypes):
+        q, a = D.scene_question(scene, qt, rng)
+        msgs += [image_message(q) if k == 0 else {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        first = first or (qt, a)
+    return {"messages": msgs, "images": [scene.draw()], "task": f"scene-{first[0]}", "answer": first[1]}
+
+
 class TrainExamples:
-    """Training examples by global index: digits with probability digit_share, else a scene question."""
+    """Training examples by global index: a digit question with probability digit_share, else a scene
+    conversation (1-3 questions about one scene)."""
 
     def __init__(self, seed: int, digit_share: float = 0.4):
         self.seed, self.digit_share = seed, digit_share
@@ -81,7 +95,7 @@ class TrainExamples:
         while True:
             s = D.random_scene(rng)
             if not s.held_out():
-                return scene_example(s, D.random_qtype(s, rng), rng)
+                return scene_conversation(s, rng)
 
 
 def collate(examples: list[dict], tokenizer, image_tokens: int, max_len: int) -> dict:

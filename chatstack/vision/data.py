@@ -180,8 +180,8 @@ def random_scene(rng: random.Random, n: int | None = None) -> Scene:
     colours = rng.sample(list(COLOURS), n)
     objs = []
     for b, s, c in zip(bands, shapes, colours):
-        r = rng.randint(3, 4)
-        x = 5 + b * 11 + rng.randint(0, 1)  # bands centred near 5.5, 16.5, 27.5
+        r = rng.randint(4, 5)
+        x = (5, 16, 26)[b] + rng.randint(0, 1)  # band centres
         y = rng.randint(r + 1, SIZE - r - 2)
         objs.append(Obj(s, c, x, y, r))
     return Scene(tuple(objs))
