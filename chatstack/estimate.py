@@ -272,6 +272,23 @@ class EstimateArgs:
     batch: int = 0  # 0: no activation / KV-cache estimate (20N and 2N alone)
     seq: Optional[int] = None
     flash: bool = False
+    vision: Optional[dict] = None  # a vision chat checkpoint's "vision" config (chatstack.vision.projection)
+    images: int = 1  # images per context, for the image tokens' share
+
+
+def vision_params(vision: dict) -> dict[str, int]:
+    """Parameters of the image encoder (chatstack.vision.encoder.ImageEncoder: one 3x3 conv at full size, two at
+    1/2 and two at 1/4, each + GroupNorm; a LayerNorm on the tokens; the CLIP head) and of the projection (a
+    two-layer MLP width -> n_embd -> n_embd), from a VisionConfig dict."""
+    c1, c2, c3 = vision["clip"]["channels"]
+    e, h = vision["clip"]["embed_dim"], vision["n_embd"]
+
+    def conv(cin: int, cout: int) -> int:
+        return 9 * cin * cout + cout + 2 * cout  # weights + bias + GroupNorm
+
+    encoder = conv(3, c1) + conv(c1, c2) + conv(c2, c2) + conv(c2, c3) + conv(c3, c3) + 2 * c3 + c3 * e + e
+    projection = c3 * h + h + h * h + h
+    return {"image_encoder": encoder, "projection": projection}
 
 
 def estimate(a: EstimateArgs) -> dict:
@@ -299,9 +316,21 @@ def estimate(a: EstimateArgs) -> dict:
         throughput = f"{a.achieved_tflops:g} TFLOP/s achieved per GPU"
     else:
         throughput = f"{a.gpu_tflops:g} TFLOP/s peak x {a.mfu:g} MFU"
+    vis = None
+    if a.vision is not None:
+        vp = vision_params(a.vision)
+        n_img = int(a.vision["image_tokens"]) * a.images
+        vis = {
+            **vp,
+            "image_tokens": int(a.vision["image_tokens"]),
+            "images": a.images,
+            "image_token_share": n_img / cfg.block_size,  # of the context, with `images` images in it
+            "total_params": int(n) + vp["image_encoder"] + vp["projection"],
+        }
     return {
         "model": a.name,
         "config": cfg.to_dict(),
+        "vision": vis,
         "params": int(n),
         "params_exact": br["total"],
         "params_headline": br["headline"],
@@ -392,5 +421,17 @@ def format_table(r: dict) -> str:
         ("GPU-hours", f"{r['gpu_hours']:,.0f}  ({r['gpu_days']:,.0f} GPU-days)"),
         ("wall-clock", f"{r['days']:,.2f} days on {r['gpus']:,} GPU{'s' if r['gpus'] != 1 else ''}"),
     ]
+    vis = r.get("vision")
+    if vis:
+        rows += [
+            ("", ""),
+            ("image encoder", f"{vis['image_encoder']:,}  (CNN; + projection {vis['projection']:,} into the GPT)"),
+            ("with the GPT", f"{vis['total_params']:,}"),
+            (
+                "image tokens",
+                f"{vis['image_tokens']} per image; {vis['images']} image(s) take {vis['image_token_share']:.1%} of "
+                f"the {r['config']['block_size']:,}-token context",
+            ),
+        ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" if k else "" for k, v in rows)

@@ -47,7 +47,10 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(ckpts):
     vis, txt = ckpts
-    with LiveServer(create_app(vis, api_keys=(KEY,), any_model=True)) as a, LiveServer(create_app(txt, api_keys=(KEY,), any_model=True)) as b:
+    with (
+        LiveServer(create_app(vis, api_keys=(KEY,), any_model=True)) as a,
+        LiveServer(create_app(txt, api_keys=(KEY,), any_model=True)) as b,
+    ):
         yield a, b
 
 

@@ -417,3 +417,21 @@ def test_chat_session_keeps_images_with_their_turns(tmp_path):
         # every image part in the kept turns has its image, however many turns the context dropped
         assert sum(s._n_images(t) for t in s.turns) == len(s.images)
     assert any("dropped the oldest turn" in n for n in notes)
+
+
+def test_estimate_counts_the_image_encoder(tmp_path):
+    from chatstack.estimate import vision_params
+
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4, block_size=64)
+    ad = load_vision(path)
+    # the formula against the module itself
+    assert vision_params(ad.config.to_dict()) == {
+        "image_encoder": sum(p.numel() for p in ad.encoder.parameters()),
+        "projection": sum(p.numel() for p in ad.projection.parameters()),
+    }
+    full = VisionAdapter(VisionConfig(n_embd=128))
+    assert vision_params(full.config.to_dict())["image_encoder"] == sum(p.numel() for p in full.encoder.parameters())
+    res = json.loads(_cli("estimate", "--checkpoint", path, "--images", "2", "--json").stdout)
+    assert res["vision"]["image_token_share"] == pytest.approx(8 / 64)
+    assert res["vision"]["total_params"] == res["params"] + sum(p.numel() for p in ad.parameters())
+    assert "image encoder" in _cli("estimate", "--checkpoint", path).stdout

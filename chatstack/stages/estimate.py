@@ -5,6 +5,7 @@ chatstack estimate --preset gpt3-175b --tokens 300e9 --gpus 1024 --gpu-tflops 31
 chatstack estimate --preset gpt3-175b --tokens 300e9 --gpus 1024 --recompute --achieved-tflops 140
 chatstack estimate --preset llama-65b --tokens 1.4e12 --gpus 2048 --tokens-per-gpu-s 380
 chatstack estimate --checkpoint runs/speedrun/base --batch 16 --seq 256
+chatstack estimate --checkpoint runs/vision --images 2     # + the image encoder and the image tokens' share
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def register(subparsers) -> None:
     )
     run.add_argument("--seq", type=_number, help="sequence length (default: the model's context length)")
     run.add_argument("--flash", action="store_true", help="fused attention: no s^2 score activations")
+    run.add_argument(
+        "--images", type=int, default=1, help="images per context, for a vision checkpoint's image-token share"
+    )
     hw = p.add_argument_group("hardware (throughput: --tokens-per-gpu-s, else --achieved-tflops, else peak x MFU)")
     hw.add_argument("--gpus", type=_number, default=1, help="number of GPUs (default 1)")
     hw.add_argument(
@@ -92,8 +96,9 @@ def _args_to_estimate(args) -> E.EstimateArgs:
         raise CLIError(f"--mfu is a fraction between 0 and 1, got {args.mfu:g}")
     if args.checkpoint:
         try:
-            mcfg = read_config(args.checkpoint)["model"]
-            cfg = GPTConfig.from_dict(mcfg)
+            full = read_config(args.checkpoint)
+            vision = full.get("vision")
+            cfg = GPTConfig.from_dict(full["model"])
         except CheckpointError as e:
             raise CLIError(str(e)) from e
         except (TypeError, ValueError) as e:
@@ -120,6 +125,8 @@ def _args_to_estimate(args) -> E.EstimateArgs:
         batch=int(args.batch or 0),
         seq=int(args.seq) if args.seq else None,
         flash=args.flash,
+        vision=vision if args.checkpoint else None,
+        images=args.images,
     )
 
 

@@ -66,7 +66,7 @@ def eval_examples(tasks: list[str], n_per_task: int = 0, seed: int = 0) -> list[
     return out
 
 
-def scene_conversation(scene: "D.Scene", rng: random.Random, max_turns: int = 3) -> dict:
+def scene_conversation(scene: D.Scene, rng: random.Random, max_turns: int = 3) -> dict:
     """One image, then 1..max_turns questions of different types about it, each answered (LLaVA-style
     multi-turn data: every answer is a target, so one image gives several answers' worth of signal)."""
     types = D.QUESTION_TYPES if len(scene.objects) > 1 else D.QUESTION_TYPES[:3]
