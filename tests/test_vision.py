@@ -435,3 +435,25 @@ def test_estimate_counts_the_image_encoder(tmp_path):
     assert res["vision"]["image_token_share"] == pytest.approx(8 / 64)
     assert res["vision"]["total_params"] == res["params"] + sum(p.numel() for p in ad.parameters())
     assert "image encoder" in _cli("estimate", "--checkpoint", path).stdout
+
+
+@pytest.mark.slow
+def test_speedrun_vision_stages_and_report(tmp_path):
+    from chatstack.stages.speedrun import build_report, run_pipeline
+    from chatstack.stages.report import write_report
+
+    out = tmp_path / "sr"
+    make_tiny_vision_checkpoint(out / "sft", vision=False)  # stands in for the speedrun's chat model
+    run_pipeline(out, smoke=True, only=["clip-train", "sft-vision", "eval-vision"], vision=True)
+    rep = build_report(out)
+    write_report(out, rep)
+    assert rep["vision"]["grid"] == "vision_examples.png" and (out / "vision_examples.png").stat().st_size > 1000
+    assert set(rep["vision"]["eval"]["tasks"]) == {
+        "digits",
+        "scene-colour",
+        "scene-shape",
+        "scene-count",
+        "scene-position",
+    }
+    md = (out / "report.md").read_text()
+    assert "## Vision (held-out images)" in md and "image tokens zeroed" in md

@@ -172,6 +172,38 @@ def plot(
     return path.name
 
 
+def image_grid(path: Path, items: list[tuple], cols: int = 3) -> str:
+    """A PNG grid of (image (3, H, W) in [0, 1], question, answer, expected) with the question over each image
+    and the answer (green when it is the expected one, red with the expected one beside it) under it."""
+    import matplotlib  # noqa: PLC0415 (plots only; slow to import)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (plots only; slow to import)
+
+    rows = (len(items) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (img, question, answer, expected) in zip(axes.flat, items):
+        ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.set_title(question, fontsize=8, wrap=True)
+        ok = answer.strip().lower().strip(".!?") == expected.strip().lower()
+        ax.text(
+            0.5,
+            -0.08,
+            f"answer: {answer!r}" + ("" if ok else f" (expected {expected!r})"),
+            fontsize=9,
+            ha="center",
+            va="top",
+            transform=ax.transAxes,
+            color="green" if ok else "red",
+        )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 def _fmt(v: Any, nd: int = 3) -> str:
     if v is None:
@@ -324,6 +356,27 @@ def render_markdown(rep: dict) -> str:
         lines += [f"## Sample conversations: {stage}", ""]
         for c in convs:
             lines += [f"- **user**: {c['user']}", f"  **assistant**: {c['assistant']!s}".replace("\n", " "), ""]
+    vis = rep.get("vision")
+    if vis:
+        ev = vis["eval"]
+        abl = (ev.get("ablation_zero_images") or {}).get("tasks", {})
+        lines += ["## Vision (held-out images)", ""]
+        rows = [
+            [t, v["accuracy"], v["n"], (ev.get("chance") or {}).get(t), abl.get(t, {}).get("accuracy")]
+            for t, v in ev["tasks"].items()
+        ]
+        rows.append(
+            [
+                "scenes (mean)",
+                ev.get("scenes_mean"),
+                None,
+                None,
+                (ev.get("ablation_zero_images") or {}).get("scenes_mean"),
+            ]
+        )
+        lines += [table(["task", "accuracy", "n", "chance", "image tokens zeroed"], rows), ""]
+        if vis.get("grid"):
+            lines += [f"![held-out images and answers]({vis['grid']})", ""]
     lines += ["## Notes", "", *[f"- {n}" for n in rep.get("notes", [])], ""]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
     chatstack speedrun --out runs/speedrun            # ~15-20 minutes on a 2-core CPU
     chatstack speedrun --out runs/smoke --smoke       # the same stages with tiny settings (about a minute)
     chatstack speedrun --out runs/gpu --scale gpu --nproc 8    # bigger model, training stages under torchrun
+    chatstack speedrun --out runs/speedrun --vision   # then image input too (docs/vision.md)
 
 Stages (each writes its own checkpoint folder under --out, in the common format):
 
@@ -19,6 +20,9 @@ The alignment stage (`rl/`) is `chatstack ppo --reward judge`, the best of the m
 docs/rlhf.md (`chatstack align-bench` compares them all): the report leads with its result,
 avg@8 and greedy accuracy against the SFT model with paired 95% intervals, its win rate over the SFT
 model's answers, and the KL it paid.
+
+`--vision` adds image input on the chat model: clip-train -> sft-vision -> eval-vision (held-out digits and
+scenes, with the zero-image-token ablation), and the report card gets a grid of held-out images with answers.
 
 Each stage runs as its own process through the `chatstack` CLI — exactly the commands the README shows, so
 what the speedrun does a user can redo by hand. `DIR/speedrun.json` records finished stages and their wall
@@ -41,9 +45,13 @@ from chatstack import estimate as E
 from chatstack.args import CLIError
 from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config
 from chatstack.data.tasks import TASKS
+from chatstack.evals.vision import answer_questions
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPTConfig
 from chatstack.stages import report as R
+from chatstack.vision.chat_data import TASKS as VISION_TASKS
+from chatstack.vision.chat_data import eval_examples
+from chatstack.vision.vlm import load_vision
 
 SAMPLE_PROMPTS = ["Hi! How are you today?", "Who are you?", "What do you like to do for fun?"]
 
@@ -350,6 +358,76 @@ STAGES = [
 ]
 
 
+def _vision_key(run: Run) -> str:
+    try:
+        d = json.loads(Path(run.p("eval_vision.json")).read_text())
+        return f"digits {d['tasks']['digits']['accuracy']:.3f}, scenes {d.get('scenes_mean', 0):.3f}"
+    except (OSError, KeyError, json.JSONDecodeError):
+        return ""
+
+
+# `--vision`: image input on top of the chat model (docs/vision.md)
+VISION_STAGES = [
+    Stage(
+        "clip-train",
+        lambda r: [
+            "clip-train",
+            "--builtin",
+            "digits,scenes",
+            "--out",
+            r.p("clip"),
+            *(
+                r.pick(["--max-steps", "4", "--batch-size", "16", "--eval-every", "0", "--time-budget", "0"])
+                or ["--max-steps", "400", "--time-budget", "0"]
+            ),
+        ],
+        "clip/config.json",
+        resumable=True,
+        key=lambda r: _metric(r, "clip", "zero_shot_accuracy"),
+        planned_key="max_steps",
+    ),
+    Stage(
+        "sft-vision",
+        lambda r: [
+            "sft-vision",
+            "--base",
+            r.p("sft"),
+            "--clip",
+            r.p("clip"),
+            "--out",
+            r.p("vision"),
+            *(
+                r.pick(
+                    [
+                        "--max-steps",
+                        "3",
+                        "--batch-size",
+                        "8",
+                        "--eval-every",
+                        "0",
+                        "--eval-n",
+                        "2",
+                        "--time-budget",
+                        "0",
+                    ]
+                )
+                or ["--max-steps", "600", "--time-budget", "0"]
+            ),
+        ],
+        "vision/config.json",
+        resumable=True,
+        key=lambda r: _metric(r, "vision", "acc_scenes_mean"),
+        planned_key="max_steps",
+    ),
+    Stage(
+        "eval-vision",
+        lambda r: ["eval-vision", r.p("vision"), "--ablation", "--out", r.p("eval_vision.json"), *r.pick(["--n", "4"])],
+        "eval_vision.json",
+        key=_vision_key,
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------------------- running
 def _load_state(out: Path) -> dict:
     path = out / "speedrun.json"
@@ -383,6 +461,7 @@ def run_pipeline(
     stages: Optional[list[Stage]] = None,
     command: str = "speedrun",
     time_budget: float = 0.0,
+    vision: bool = False,
 ) -> dict:
     """Run `stages` (default: the speedrun's) in order, skipping finished ones; `command` is the `chatstack`
     subcommand that re-runs this pipeline (named in the message when a stage fails)."""
@@ -394,6 +473,8 @@ def run_pipeline(
         raise SystemExit(f"{out} holds a {'smoke' if state['smoke'] else 'full'} run; use another --out")
     state["smoke"] = smoke
     state["time_budget"] = time_budget
+    if vision:
+        pipeline = pipeline + VISION_STAGES
     total = len(pipeline)
     t_all = time.time()
     for i, stage in enumerate(pipeline, 1):
@@ -533,6 +614,9 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         ("rl", "rl"),
         ("eval-rl", None),
         ("compare", None),
+        ("clip-train", "clip"),
+        ("sft-vision", "vision"),
+        ("eval-vision", None),
     ):
         if name not in stages_rec:
             continue
@@ -635,6 +719,13 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
     ]
     warnings = [w for st in stages.values() for w in st.get("warnings", [])]
     expected = sum(EXPECTED_IDLE_S.values())
+    vision = None
+    if (out / "eval_vision.json").exists():
+        vision = {"eval": json.loads((out / "eval_vision.json").read_text()), "grid": None}
+        try:
+            vision["grid"] = _vision_grid(out)
+        except Exception as e:  # a report must not die on a sampling problem
+            vision["grid_error"] = f"{type(e).__name__}: {e}"
     return {
         "name": out.name,
         "alignment": alignment,
@@ -642,6 +733,7 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         "expected_idle_wall_s": expected,
         "time_budget": state.get("time_budget", 0.0),
         "smoke": state.get("smoke", False),
+        "vision": vision,
         "environment": env,
         "wall_time_s": sum(walls.values()),
         "peak_flops": peak,
@@ -656,13 +748,35 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
     }
 
 
+def _vision_grid(out: Path) -> str:
+    """vision_examples.png: held-out images (two digits, one per scene question type) with the vision model's
+    greedy answers (and the expected ones)."""
+    ck = load_checkpoint(out / "vision")
+    adapter = load_vision(out / "vision")
+    engine = Engine(ck.model.eval(), ck.tokenizer, max_batch_size=8)
+    exs = eval_examples(["digits"], 2) + [eval_examples([t], 1, seed=3)[0] for t in VISION_TASKS if t != "digits"]
+    answers = answer_questions(engine, adapter, exs)
+    items = [
+        (ex["images"][0], ex["messages"][0]["content"][-1]["text"], a.strip(), ex["answer"])
+        for ex, a in zip(exs, answers)
+    ]
+    return R.image_grid(out / "vision_examples.png", items)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def _cmd(args) -> int:
     out = Path(args.out)
     t0 = time.time()
     if args.time_budget < 0:
         raise CLIError(f"--time-budget must be >= 0 seconds, got {args.time_budget}")
-    state = run_pipeline(out, smoke=args.smoke, scale=args.scale, nproc=args.nproc, time_budget=args.time_budget)
+    state = run_pipeline(
+        out,
+        smoke=args.smoke,
+        scale=args.scale,
+        nproc=args.nproc,
+        time_budget=args.time_budget,
+        vision=args.vision,
+    )
     print("\nbuilding the report card ...", flush=True)
     rep = build_report(out, state)
     R.write_report(out, rep)
@@ -713,5 +827,10 @@ def register(sub) -> None:
         default=0.0,
         help="seconds shared among the training stages, which cut their schedules to fit (default 0: the run is "
         "defined by its steps and only the wall time depends on the machine)",
+    )
+    p.add_argument(
+        "--vision",
+        action="store_true",
+        help="then image input: clip-train, sft-vision on the chat model, eval-vision (+ ~10 min on 2 cores)",
     )
     p.set_defaults(func=_cmd)
