@@ -39,18 +39,18 @@ class SFTVisionConfig(TrainConfig):
     )
     train_encoder: bool = field(default=False, metadata={"help": "also fine-tune the image encoder"})
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
-    digit_share: float = field(default=0.35, metadata={"help": "share of digit questions (the rest: scene questions)"})
+    digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
     eval_n: int = field(default=40, metadata={"help": "held-out questions per task for the periodic evaluation"})
     out: str = field(default="runs/vision", metadata={"help": "checkpoint directory to write"})
     max_steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=5e-5, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     time_budget: float = field(
-        default=300.0, metadata={"help": "seconds of training; max_steps is cut to fit (0 = no limit)"}
+        default=330.0, metadata={"help": "seconds of training; max_steps is cut to fit (0 = no limit)"}
     )
 
 

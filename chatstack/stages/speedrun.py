@@ -754,7 +754,9 @@ def _vision_grid(out: Path) -> str:
     ck = load_checkpoint(out / "vision")
     adapter = load_vision(out / "vision")
     engine = Engine(ck.model.eval(), ck.tokenizer, max_batch_size=8)
-    exs = eval_examples(["digits"], 2) + [eval_examples([t], 1, seed=3)[0] for t in VISION_TASKS if t != "digits"]
+    exs = eval_examples(["digits"], 2) + [
+        eval_examples([t], 1, seed=i)[0] for i, t in enumerate(VISION_TASKS) if t != "digits"
+    ]
     answers = answer_questions(engine, adapter, exs)
     items = [
         (ex["images"][0], ex["messages"][0]["content"][-1]["text"], a.strip(), ex["answer"])
