@@ -279,7 +279,7 @@ class EstimateArgs:
 def vision_params(vision: dict) -> dict[str, int]:
     """Parameters of the image encoder (chatstack.vision.encoder.ImageEncoder: one 3x3 conv at full size, two at
     1/2 and two at 1/4, each + GroupNorm; a LayerNorm on the tokens; the CLIP head) and of the projection (a
-    two-layer MLP width -> n_embd -> n_embd), from a VisionConfig dict."""
+    two-layer MLP width -> n_embd -> n_embd, and a position embedding per image token), from a VisionConfig dict."""
     c1, c2, c3 = vision["clip"]["channels"]
     e, h = vision["clip"]["embed_dim"], vision["n_embd"]
 
@@ -287,7 +287,7 @@ def vision_params(vision: dict) -> dict[str, int]:
         return 9 * cin * cout + cout + 2 * cout  # weights + bias + GroupNorm
 
     encoder = conv(3, c1) + conv(c1, c2) + conv(c2, c2) + conv(c2, c3) + conv(c3, c3) + 2 * c3 + c3 * e + e
-    projection = c3 * h + h + h * h + h
+    projection = c3 * h + h + h * h + h + int(vision["image_tokens"]) * h
     return {"image_encoder": encoder, "projection": projection}
 
 

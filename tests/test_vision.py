@@ -126,7 +126,7 @@ def test_projection_pools_the_grid_row_major():
             )
         )
     )
-    assert torch.allclose(ad.projection(grid), pooled, atol=1e-6)
+    assert torch.allclose(ad.projection(grid), pooled + ad.projection.pos, atol=1e-6)
     with pytest.raises(ValueError, match="image_tokens"):
         VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=9)
 
@@ -439,8 +439,8 @@ def test_estimate_counts_the_image_encoder(tmp_path):
 
 @pytest.mark.slow
 def test_speedrun_vision_stages_and_report(tmp_path):
-    from chatstack.stages.speedrun import build_report, run_pipeline
     from chatstack.stages.report import write_report
+    from chatstack.stages.speedrun import build_report, run_pipeline
 
     out = tmp_path / "sr"
     make_tiny_vision_checkpoint(out / "sft", vision=False)  # stands in for the speedrun's chat model

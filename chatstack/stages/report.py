@@ -188,11 +188,12 @@ def image_grid(path: Path, items: list[tuple], cols: int = 3) -> str:
         ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         ax.set_title(question, fontsize=8, wrap=True)
         ok = answer.strip().lower().strip(".!?") == expected.strip().lower()
+        shown = answer if len(answer) <= 16 else answer[:15] + "…"
         ax.text(
             0.5,
             -0.08,
-            f"answer: {answer!r}" + ("" if ok else f" (expected {expected!r})"),
-            fontsize=9,
+            f"answer: {shown!r}" + ("" if ok else f" (expected {expected!r})"),
+            fontsize=8,
             ha="center",
             va="top",
             transform=ax.transAxes,

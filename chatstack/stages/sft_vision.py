@@ -37,7 +37,9 @@ class SFTVisionConfig(TrainConfig):
     image_tokens: int = field(
         default=16, metadata={"help": "image tokens per image: 16 (the encoder's 4x4 grid), 4 or 1"}
     )
-    train_encoder: bool = field(default=False, metadata={"help": "also fine-tune the image encoder"})
+    train_encoder: bool = field(
+        default=True, metadata={"help": "fine-tune the image encoder too (--no-train-encoder: keep it frozen)"}
+    )
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
     digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
     eval_n: int = field(default=40, metadata={"help": "held-out questions per task for the periodic evaluation"})

@@ -62,6 +62,9 @@ class Projection(nn.Module):
         self.grid, self.side = grid, math.isqrt(image_tokens)
         self.fc1 = nn.Linear(width, n_embd)
         self.fc2 = nn.Linear(n_embd, n_embd)
+        # where each cell is: the convolutions are translation-equivariant, so a cell's features alone do not
+        # say where it sits (what ViT's position embeddings add to its patches)
+        self.pos = nn.Parameter(torch.randn(image_tokens, n_embd) * 0.02)
         # start near the scale of the GPT's token embeddings (std 0.02 at init): the first steps then do not
         # swamp the residual stream
         nn.init.normal_(self.fc2.weight, std=0.02)
@@ -72,7 +75,7 @@ class Projection(nn.Module):
         if self.side != self.grid:
             x = tokens.transpose(1, 2).reshape(B, C, self.grid, self.grid)
             tokens = F.adaptive_avg_pool2d(x, self.side).flatten(2).transpose(1, 2)  # (B, n, C)
-        return self.fc2(F.gelu(self.fc1(tokens)))
+        return self.fc2(F.gelu(self.fc1(tokens))) + self.pos
 
 
 class VisionAdapter(nn.Module):
