@@ -201,7 +201,7 @@ class Tokenizer:
         return self.eot_id
 
     def render_multimodal(
-        self, messages, image_tokens: int, generation_prompt: bool = False
+        self, messages: Sequence[dict], image_tokens: int, generation_prompt: bool = False
     ) -> tuple[list[int], list[int], list[int]]:
         """ChatML with images: (ids, loss_mask, image_positions).
 

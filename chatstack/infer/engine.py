@@ -338,7 +338,9 @@ class Engine:
             raise ValueError(f"prompt token id {bad[0]} outside the vocabulary (0..{self.cfg.vocab_size - 1})")
         return ids
 
-    def check_embeds(self, prompt_ids: Sequence[int], embeds) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def check_embeds(
+        self, prompt_ids: Sequence[int], embeds: Optional[tuple[Sequence[int] | torch.Tensor, torch.Tensor]]
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(positions, values) on the engine's device, checked against the prompt and the model; or None."""
         if embeds is None:
             return None
@@ -355,7 +357,11 @@ class Engine:
         return pos.to(self.device), val.detach().to(self.device, self.model.tok_emb.weight.dtype)
 
     def add_request(
-        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, _collect: bool = False, embeds=None
+        self,
+        prompt_ids: Sequence[int],
+        params: Optional[SamplingParams] = None,
+        _collect: bool = False,
+        embeds: Optional[tuple[Sequence[int] | torch.Tensor, torch.Tensor]] = None,
     ) -> int:
         """Queue a request; it joins the running batch at the next `step()`. Returns its request id.
 
@@ -977,7 +983,10 @@ class Engine:
         return [self.done.pop(rid) for rid in rids]
 
     def stream(
-        self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None, embeds=None
+        self,
+        prompt_ids: Sequence[int],
+        params: Optional[SamplingParams] = None,
+        embeds: Optional[tuple[Sequence[int] | torch.Tensor, torch.Tensor]] = None,
     ) -> Iterator[TokenEvent]:
         """One request, its tokens as they come. Closing the iterator early cancels the request. embeds: as
         add_request takes them."""

@@ -18,6 +18,7 @@ import random
 
 import torch
 
+from chatstack.tokenizer import Tokenizer
 from chatstack.vision import data as D
 
 TASKS = ["digits"] + [f"scene-{q}" for q in D.QUESTION_TYPES]
@@ -36,7 +37,7 @@ def digit_example(image: torch.Tensor, label: int, rng: random.Random) -> dict:
     }
 
 
-def scene_example(scene: D.Scene, qtype: str, rng: random.Random, image=None) -> dict:
+def scene_example(scene: D.Scene, qtype: str, rng: random.Random, image: torch.Tensor | None = None) -> dict:
     q, a = D.scene_question(scene, qtype, rng)
     return {
         "messages": [image_message(q), {"role": "assistant", "content": a}],
@@ -83,7 +84,7 @@ class TrainExamples:
     """Training examples by global index: a digit question with probability digit_share, else a scene
     conversation (1-3 questions about one scene)."""
 
-    def __init__(self, seed: int, digit_share: float = 0.4):
+    def __init__(self, seed: int, digit_share: float = 0.4) -> None:
         self.seed, self.digit_share = seed, digit_share
         self.x, self.y = D.digits("train")
 
@@ -98,7 +99,7 @@ class TrainExamples:
                 return scene_conversation(s, rng)
 
 
-def collate(examples: list[dict], tokenizer, image_tokens: int, max_len: int) -> dict:
+def collate(examples: list[dict], tokenizer: Tokenizer, image_tokens: int, max_len: int) -> dict:
     """Right-padded rows: idx/targets (B, T) with targets -1 off the assistant's tokens, images (N, 3, 32, 32),
     and img_row / img_start (N,): where each image's `image_tokens` positions begin."""
     rows, imgs, img_row, img_start = [], [], [], []

@@ -24,9 +24,13 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # annotations only: Pillow is imported where images are made
+    from PIL import Image
 
 SIZE = 32
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -36,7 +40,7 @@ QUESTION_TYPES = ["colour", "shape", "count", "position"]
 BUILTINS = ("digits", "scenes")
 
 
-def to_tensor(img) -> torch.Tensor:
+def to_tensor(img: Image.Image) -> torch.Tensor:
     """A Pillow image (any mode, any size) -> (3, 32, 32) float in [0, 1]."""
     from PIL import Image  # noqa: PLC0415 (optional: only image code needs it)
 
@@ -46,7 +50,7 @@ def to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def to_pil(x: torch.Tensor):
+def to_pil(x: torch.Tensor) -> Image.Image:
     """(3, H, W) float in [0, 1] -> a Pillow RGB image."""
     from PIL import Image  # noqa: PLC0415 (optional: only image code needs it)
 
@@ -78,7 +82,7 @@ def decode_image(data: bytes, where: str = "image") -> torch.Tensor:
         raise ValueError(f"{where}: cannot decode the image ({e})") from None
 
 
-def load_image(path) -> torch.Tensor:
+def load_image(path: str | Path) -> torch.Tensor:
     """An image file -> (3, 32, 32); ValueError naming the file when it is missing or no image."""
     p = Path(path)
     if not p.is_file():

@@ -38,7 +38,7 @@ class CLIPConfig:
     text_len: int = 64  # bytes per caption (longer ones are cut)
     image_size: int = SIZE
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         problems = []
         if len(self.channels) != 3 or min(self.channels) <= 0:
@@ -81,7 +81,7 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 class ImageEncoder(nn.Module):
     """(B, 3, 32, 32) in [0, 1] -> image tokens (B, 16, width) and a CLIP embedding (B, embed_dim)."""
 
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
         c1, c2, c3 = cfg.channels
@@ -122,7 +122,7 @@ def encode_text_bytes(texts: list[str], max_len: int) -> tuple[torch.Tensor, tor
 class TextEncoder(nn.Module):
     """Bytes (B, L) -> a CLIP embedding (B, embed_dim)."""
 
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
         w = cfg.text_width
@@ -144,7 +144,7 @@ class TextEncoder(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig) -> None:
         super().__init__()
         self.config = cfg
         self.image = ImageEncoder(cfg)
@@ -159,7 +159,7 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image.embed(images), dim=-1)
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits (B, B)) of a batch of matching (image, caption) pairs."""
         img = F.normalize(self.image.embed(images), dim=-1)
         txt = F.normalize(self.text(ids, mask), dim=-1)

@@ -30,7 +30,7 @@ class VisionConfig:
     n_embd: int = 128  # the GPT's width
     image_tokens: int = 16  # a square number <= the encoder's grid cells
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if isinstance(self.clip, dict):
             self.clip = CLIPConfig.from_dict(self.clip)
         side = math.isqrt(max(self.image_tokens, 0))
@@ -57,7 +57,7 @@ class VisionConfig:
 class Projection(nn.Module):
     """(B, g*g, width) encoder tokens -> (B, n, n_embd): pool to n cells, then a two-layer MLP per cell."""
 
-    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int):
+    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int) -> None:
         super().__init__()
         self.grid, self.side = grid, math.isqrt(image_tokens)
         self.fc1 = nn.Linear(width, n_embd)
@@ -81,7 +81,7 @@ class Projection(nn.Module):
 class VisionAdapter(nn.Module):
     """Image encoder + projection: what a vision chat checkpoint adds next to its GPT."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.config = cfg
         self.encoder = ImageEncoder(cfg.clip)

@@ -22,6 +22,7 @@ import torch.nn as nn
 from safetensors.torch import load_model
 
 from chatstack.checkpoint import CheckpointError, load_weights, read_config
+from chatstack.tokenizer import Tokenizer
 from chatstack.vision.encoder import CLIP, CLIPConfig
 from chatstack.vision.projection import VisionAdapter, VisionConfig
 
@@ -41,7 +42,9 @@ def place_images(x: torch.Tensor, embeds: torch.Tensor, img_row: torch.Tensor, i
 class VisionChatModel(nn.Module):
     """GPT + VisionAdapter for training; the loop sees one module, the checkpoint gets two weight files."""
 
-    def __init__(self, gpt: nn.Module, adapter: VisionAdapter, train_encoder: bool = False, zero_images: bool = False):
+    def __init__(
+        self, gpt: nn.Module, adapter: VisionAdapter, train_encoder: bool = False, zero_images: bool = False
+    ) -> None:
         super().__init__()
         self.gpt, self.vision = gpt, adapter
         self.config = gpt.config
@@ -51,7 +54,14 @@ class VisionChatModel(nn.Module):
     def checkpoint_parts(self) -> dict:
         return {"model": self.gpt, "vision": self.vision}
 
-    def forward(self, idx, targets=None, images=None, img_row=None, img_start=None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        img_row: torch.Tensor | None = None,
+        img_start: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.gpt.tok_emb(idx)  # (B, T, h)
         if images is not None and images.numel():
             e = self.vision(images)  # (N, n, h)
@@ -61,7 +71,7 @@ class VisionChatModel(nn.Module):
         return self.gpt(idx, targets, embeds=x)
 
 
-def vision_config_of(cfg: dict, where) -> Optional[VisionConfig]:
+def vision_config_of(cfg: dict, where: str | os.PathLike) -> Optional[VisionConfig]:
     v = cfg.get("vision")
     if v is None:
         return None
@@ -71,7 +81,7 @@ def vision_config_of(cfg: dict, where) -> Optional[VisionConfig]:
         raise CheckpointError(f"{Path(where) / 'config.json'}: bad 'vision' field ({e})") from e
 
 
-def load_vision(path: str | os.PathLike, device="cpu") -> Optional[VisionAdapter]:
+def load_vision(path: str | os.PathLike, device: str | torch.device = "cpu") -> Optional[VisionAdapter]:
     """The image encoder + projection of a vision chat checkpoint, or None when it is text-only."""
     path = Path(path)
     vcfg = vision_config_of(read_config(path), path)
@@ -88,7 +98,7 @@ def load_vision(path: str | os.PathLike, device="cpu") -> Optional[VisionAdapter
     return adapter.to(device).eval()
 
 
-def load_clip(path: str | os.PathLike, device="cpu"):
+def load_clip(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CLIP, dict]:
     """(CLIP model, config dict) of a `chatstack clip-train` checkpoint (kind "clip")."""
     path = Path(path)
     cfg = read_config(path)
@@ -118,7 +128,11 @@ def image_embeds(adapter: VisionAdapter, images: list[torch.Tensor], zero: bool 
 
 
 def render_request(
-    tokenizer, adapter: Optional[VisionAdapter], messages: list[dict], images: list[torch.Tensor], zero: bool = False
+    tokenizer: Tokenizer,
+    adapter: Optional[VisionAdapter],
+    messages: list[dict],
+    images: list[torch.Tensor],
+    zero: bool = False,
 ) -> tuple[list[int], Optional[tuple[list[int], torch.Tensor]]]:
     """(prompt ids ending in `<|im_start|>assistant\\n`, engine embeds or None) for messages whose image parts
     take `images` in order. A text-only model (adapter None) given an image part raises ValueError."""
