@@ -4,11 +4,11 @@ the checkpoint's vision part, and the clip-train / sft-vision / eval-vision / ch
     python -m pytest tests/test_vision.py -q
 """
 
+import io
 import json
 import math
 import random
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from helpers import small_tokenizer
 
 from chatstack.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from chatstack.cli import main
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPT
 from chatstack.presets import get_preset
@@ -269,19 +270,30 @@ def test_render_request_and_eval_answers(tmp_path):
 
 
 # ---- the commands -----------------------------------------------------------------------------------------------
-def _cli(*args, check=True):
-    r = subprocess.run(
-        [sys.executable, "-m", "chatstack.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(r.stderr[-3000:])
-    return r
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `chatstack ARGS` in this process: (returncode, stdout, stderr)."""
+
+    def run(*args, check=True, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))  # StringIO.isatty() is False: piped mode
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out, err = capsys.readouterr()
+        if check and rc != 0:
+            raise AssertionError(err[-3000:])
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+    return run
 
 
 @pytest.mark.slow
-def test_clip_train_sft_vision_eval_vision_contract(tmp_path):
+def test_clip_train_sft_vision_eval_vision_contract(tmp_path, cli):
     clip = tmp_path / "clip"
-    _cli(
+    cli(
         "clip-train",
         "--builtin",
         "digits",
@@ -299,11 +311,11 @@ def test_clip_train_sft_vision_eval_vision_contract(tmp_path):
         "0",
         "--no-progress",
     )
-    res = json.loads(_cli("eval-vision", clip, "--json").stdout)
+    res = json.loads(cli("eval-vision", clip, "--json").stdout)
     assert {"zero_shot_accuracy", "n"} <= set(res) and res["n"] == 359
     base = make_tiny_vision_checkpoint(tmp_path / "base", vision=False)
     vis = tmp_path / "vis"
-    _cli(
+    cli(
         "sft-vision",
         "--base",
         base,
@@ -325,12 +337,12 @@ def test_clip_train_sft_vision_eval_vision_contract(tmp_path):
         "0",
         "--no-progress",
     )
-    res = json.loads(_cli("eval-vision", vis, "--json", "--n", "2", "--ablation").stdout)
+    res = json.loads(cli("eval-vision", vis, "--json", "--n", "2", "--ablation").stdout)
     assert set(res["tasks"]) == {"digits", "scene-colour", "scene-shape", "scene-count", "scene-position"}
     assert all({"accuracy", "n"} <= set(v) for v in res["tasks"].values())
     assert "ablation_zero_images" in res
     # resume: the GPT and the vision part both come back from the checkpoint
-    _cli(
+    cli(
         "sft-vision",
         "--base",
         base,
@@ -355,44 +367,26 @@ def test_clip_train_sft_vision_eval_vision_contract(tmp_path):
     )
 
 
-def test_bad_input_errors(tmp_path):
-    r = _cli("clip-train", "--out", tmp_path / "c", check=False)
+def test_bad_input_errors(tmp_path, cli):
+    r = cli("clip-train", "--out", tmp_path / "c", check=False)
     assert r.returncode != 0 and "--builtin" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("clip-train", "--builtin", "cats", "--out", tmp_path / "c", check=False)
+    r = cli("clip-train", "--builtin", "cats", "--out", tmp_path / "c", check=False)
     assert "unknown dataset 'cats'" in r.stderr
     base = make_tiny_vision_checkpoint(tmp_path / "base", vision=False)
-    r = _cli("sft-vision", "--base", base, "--clip", base, "--out", tmp_path / "v", check=False)
+    r = cli("sft-vision", "--base", base, "--clip", base, "--out", tmp_path / "v", check=False)
     assert "not a CLIP checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("eval-vision", base, check=False)
+    r = cli("eval-vision", base, check=False)
     assert "text-only" in r.stderr
-    r = _cli("chat", base, "--image", tmp_path / "x.png", check=False)
+    r = cli("chat", base, "--image", tmp_path / "x.png", check=False)
     assert "text-only" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_chat_image_flag_and_command(tmp_path):
+def test_chat_image_flag_and_command(tmp_path, cli):
     path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4)
     png = tmp_path / "digit.png"
     D.to_pil(D.digits("test")[0][0]).save(png)
     inp = f"What digit is this?\n/image {png}\nAnd this one?\n/image {tmp_path / 'nope.png'}\n"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "chatstack.cli",
-            "chat",
-            path,
-            "--image",
-            str(png),
-            "--max-new-tokens",
-            "3",
-            "--temperature",
-            "0",
-        ],
-        input=inp,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cli("chat", path, "--image", png, "--max-new-tokens", "3", "--temperature", "0", stdin=inp)
     assert r.returncode == 0, r.stderr
     assert "image attached" in r.stderr and "no such image file" in r.stderr
 
@@ -419,7 +413,7 @@ def test_chat_session_keeps_images_with_their_turns(tmp_path):
     assert any("dropped the oldest turn" in n for n in notes)
 
 
-def test_estimate_counts_the_image_encoder(tmp_path):
+def test_estimate_counts_the_image_encoder(tmp_path, cli):
     from chatstack.estimate import vision_params
 
     path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4, block_size=64)
@@ -431,10 +425,10 @@ def test_estimate_counts_the_image_encoder(tmp_path):
     }
     full = VisionAdapter(VisionConfig(n_embd=128))
     assert vision_params(full.config.to_dict())["image_encoder"] == sum(p.numel() for p in full.encoder.parameters())
-    res = json.loads(_cli("estimate", "--checkpoint", path, "--images", "2", "--json").stdout)
+    res = json.loads(cli("estimate", "--checkpoint", path, "--images", "2", "--json").stdout)
     assert res["vision"]["image_token_share"] == pytest.approx(8 / 64)
     assert res["vision"]["total_params"] == res["params"] + sum(p.numel() for p in ad.parameters())
-    assert "image encoder" in _cli("estimate", "--checkpoint", path).stdout
+    assert "image encoder" in cli("estimate", "--checkpoint", path).stdout
 
 
 @pytest.mark.slow
