@@ -279,7 +279,8 @@ class EstimateArgs:
 def vision_params(vision: dict) -> dict[str, int]:
     """Parameters of the image encoder (chatstack.vision.encoder.ImageEncoder: one 3x3 conv at full size, two at
     1/2 and two at 1/4, each + GroupNorm; a LayerNorm on the tokens; the CLIP head) and of the projection (a
-    two-layer MLP width -> n_embd -> n_embd, and a position embedding per image token), from a VisionConfig dict."""
+    two-layer MLP width -> n_embd -> n_embd, a position embedding per image token, and with a global token a
+    two-layer MLP embed_dim -> n_embd -> n_embd), from a VisionConfig dict."""
     c1, c2, c3 = vision["clip"]["channels"]
     e, h = vision["clip"]["embed_dim"], vision["n_embd"]
 
@@ -287,7 +288,10 @@ def vision_params(vision: dict) -> dict[str, int]:
         return 9 * cin * cout + cout + 2 * cout  # weights + bias + GroupNorm
 
     encoder = conv(3, c1) + conv(c1, c2) + conv(c2, c2) + conv(c2, c3) + conv(c3, c3) + 2 * c3 + c3 * e + e
-    projection = c3 * h + h + h * h + h + int(vision["image_tokens"]) * h
+    n = int(vision["image_tokens"]) + int(bool(vision.get("global_token")))
+    projection = c3 * h + h + h * h + h + n * h  # the cells' MLP and a position per token
+    if vision.get("global_token"):
+        projection += e * h + h + h * h + h  # the CLIP embedding's MLP
     return {"image_encoder": encoder, "projection": projection}
 
 
@@ -319,10 +323,11 @@ def estimate(a: EstimateArgs) -> dict:
     vis = None
     if a.vision is not None:
         vp = vision_params(a.vision)
-        n_img = int(a.vision["image_tokens"]) * a.images
+        per_image = int(a.vision["image_tokens"]) + int(bool(a.vision.get("global_token")))
+        n_img = per_image * a.images
         vis = {
             **vp,
-            "image_tokens": int(a.vision["image_tokens"]),
+            "image_tokens": per_image,
             "images": a.images,
             "image_token_share": n_img / cfg.block_size,  # of the context, with `images` images in it
             "total_params": int(n) + vp["image_encoder"] + vp["projection"],

@@ -451,3 +451,18 @@ def test_speedrun_vision_stages_and_report(tmp_path):
     }
     md = (out / "report.md").read_text()
     assert "## Vision (held-out images)" in md and "image tokens zeroed" in md
+
+
+def test_global_token_is_the_projected_clip_embedding(tmp_path):
+    from chatstack.estimate import vision_params
+
+    torch.manual_seed(0)
+    ad = VisionAdapter(VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=4, global_token=True))
+    imgs = torch.rand(3, 3, 32, 32)
+    out = ad(imgs)
+    assert out.shape == (3, 5, 32) and ad.image_tokens == 5
+    emb = F.normalize(ad.encoder.embed(imgs), dim=-1)  # what CLIP compares with captions
+    assert torch.allclose(out[:, 0], ad.projection.glob(emb) + ad.projection.pos[0], atol=1e-5)
+    assert vision_params(ad.config.to_dict())["projection"] == sum(p.numel() for p in ad.projection.parameters())
+    path = make_tiny_vision_checkpoint(tmp_path / "g", image_tokens=4, global_token=True)
+    assert load_vision(path).image_tokens == 5

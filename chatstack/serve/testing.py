@@ -53,7 +53,7 @@ TINY_CLIP = dict(channels=[8, 8, 16], embed_dim=16, text_width=16, text_layers=1
 
 
 def make_tiny_vision_checkpoint(
-    path, image_tokens: int = 4, vision: bool = True, block_size: int = 256, seed: int = 0
+    path, image_tokens: int = 4, vision: bool = True, block_size: int = 256, seed: int = 0, global_token: bool = False
 ) -> str:
     """make_tiny_checkpoint's GPT with a random image encoder + projection next to it (vision.safetensors and
     config.json's "vision" field, as chatstack sft-vision writes them); vision=False: the text-only checkpoint."""
@@ -62,7 +62,9 @@ def make_tiny_vision_checkpoint(
     tok = Tokenizer.train([_TEXT] * 20, vocab_size=300, show_progress=False)
     torch.manual_seed(seed)
     cfg = get_preset("nano", vocab_size=tok.vocab_size, block_size=block_size)
-    vcfg = VisionConfig(clip=CLIPConfig(**TINY_CLIP), n_embd=cfg.n_embd, image_tokens=image_tokens)
+    vcfg = VisionConfig(
+        clip=CLIPConfig(**TINY_CLIP), n_embd=cfg.n_embd, image_tokens=image_tokens, global_token=global_token
+    )
     model = VisionChatModel(GPT(cfg), VisionAdapter(vcfg))
     config = {
         "model": cfg.to_dict(),

@@ -35,7 +35,10 @@ class SFTVisionConfig(TrainConfig):
     base: str = field(default="", metadata={"help": "chat (or base) GPT checkpoint to build on"})
     clip: str = field(default="", metadata={"help": "a chatstack clip-train checkpoint: its image encoder is used"})
     image_tokens: int = field(
-        default=16, metadata={"help": "image tokens per image: 16 (the encoder's 4x4 grid), 4 or 1"}
+        default=16, metadata={"help": "grid-cell tokens per image: 16 (the encoder's 4x4 grid), 4 or 1"}
+    )
+    global_token: bool = field(
+        default=True, metadata={"help": "one more token per image: its CLIP embedding (--no-global-token: cells only)"}
     )
     train_encoder: bool = field(
         default=True, metadata={"help": "fine-tune the image encoder too (--no-train-encoder: keep it frozen)"}
@@ -59,14 +62,14 @@ class SFTVisionConfig(TrainConfig):
 class VisionSFTTask:
     """Rows of one image-question-answer conversation each; loss on the answer and its <|im_end|>."""
 
-    def __init__(self, cfg: SFTVisionConfig, tokenizer, block_size: int):
-        self.cfg, self.tok, self.block_size = cfg, tokenizer, block_size
+    def __init__(self, cfg: SFTVisionConfig, tokenizer, block_size: int, tokens_per_image: int):
+        self.cfg, self.tok, self.block_size, self.n_img = cfg, tokenizer, block_size, tokens_per_image
         self.examples = TrainExamples(cfg.seed, cfg.digit_share)
 
     def train_batch(self, step, micro, rank, world):
         B = self.cfg.batch_size
         start = ((step * self.cfg.grad_accum + micro) * world + rank) * B
-        return collate([self.examples(start + i) for i in range(B)], self.tok, self.cfg.image_tokens, self.block_size)
+        return collate([self.examples(start + i) for i in range(B)], self.tok, self.n_img, self.block_size)
 
     def count_tokens(self, batch) -> int:
         return int(batch["n_tokens"])
@@ -96,7 +99,9 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
         raise ValueError(f"{cfg.base}: the checkpoint has no tokenizer.json")
     clip, clip_cfg = load_clip(cfg.clip)
     gpt, tok = ck.model, ck.tokenizer
-    vcfg = VisionConfig(clip=clip.config, n_embd=gpt.config.n_embd, image_tokens=cfg.image_tokens)
+    vcfg = VisionConfig(
+        clip=clip.config, n_embd=gpt.config.n_embd, image_tokens=cfg.image_tokens, global_token=cfg.global_token
+    )
     adapter = VisionAdapter(vcfg)
     adapter.encoder.load_state_dict(clip.image.state_dict())
     model = VisionChatModel(gpt, adapter, train_encoder=cfg.train_encoder, zero_images=cfg.zero_images)
@@ -105,7 +110,8 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
     log(
         f"sft-vision: GPT {gpt.num_params():,} params + image encoder {n_enc:,} "
         f"({'trained' if cfg.train_encoder else 'frozen'}) + projection {n_proj:,}; "
-        f"{cfg.image_tokens} image tokens of {gpt.config.n_embd} per image"
+        f"{vcfg.tokens_per_image} image tokens of {gpt.config.n_embd} per image"
+        + (" (the grid's cells and a global CLIP token)" if cfg.global_token else "")
     )
     base_cfg = read_config(cfg.base)
     ckpt_config = {
@@ -119,7 +125,7 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
         "params": {"gpt": gpt.num_params(), "image_encoder": n_enc, "projection": n_proj},
         "train": asdict(cfg),
     }
-    task = VisionSFTTask(cfg, tok, gpt.config.block_size)
+    task = VisionSFTTask(cfg, tok, gpt.config.block_size, vcfg.tokens_per_image)
     return train(model, task, cfg, ckpt_config, tok)
 
 

@@ -28,7 +28,12 @@ from chatstack.vision.encoder import CLIPConfig, ImageEncoder
 class VisionConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     n_embd: int = 128  # the GPT's width
-    image_tokens: int = 16  # a square number <= the encoder's grid cells
+    image_tokens: int = 16  # grid cells per image: a square number <= the encoder's grid cells
+    global_token: bool = False  # one more token per image: the image's CLIP embedding, projected
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image_tokens + int(self.global_token)
 
     def __post_init__(self) -> None:
         if isinstance(self.clip, dict):
@@ -44,38 +49,59 @@ class VisionConfig:
             raise ValueError(f"n_embd must be positive, got {self.n_embd}")
 
     def to_dict(self) -> dict:
-        return {"clip": self.clip.to_dict(), "n_embd": self.n_embd, "image_tokens": self.image_tokens}
+        return {
+            "clip": self.clip.to_dict(),
+            "n_embd": self.n_embd,
+            "image_tokens": self.image_tokens,
+            "global_token": self.global_token,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> VisionConfig:
-        unknown = set(d) - {"clip", "n_embd", "image_tokens"}
+        unknown = set(d) - {"clip", "n_embd", "image_tokens", "global_token"}
         if unknown:
             raise ValueError(f"unknown VisionConfig field(s): {sorted(unknown)}")
-        return cls(clip=CLIPConfig.from_dict(d["clip"]), n_embd=int(d["n_embd"]), image_tokens=int(d["image_tokens"]))
+        return cls(
+            clip=CLIPConfig.from_dict(d["clip"]),
+            n_embd=int(d["n_embd"]),
+            image_tokens=int(d["image_tokens"]),
+            global_token=bool(d.get("global_token", False)),
+        )
 
 
 class Projection(nn.Module):
-    """(B, g*g, width) encoder tokens -> (B, n, n_embd): pool to n cells, then a two-layer MLP per cell."""
+    """(B, g*g, width) encoder tokens -> (B, n, n_embd): pool to n cells, then a two-layer MLP per cell; with
+    embed_dim, a first token more from the image's (unit-length) CLIP embedding through its own MLP."""
 
-    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int) -> None:
+    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int, embed_dim: int = 0) -> None:
         super().__init__()
         self.grid, self.side = grid, math.isqrt(image_tokens)
         self.fc1 = nn.Linear(width, n_embd)
         self.fc2 = nn.Linear(n_embd, n_embd)
+        # the CLIP embedding was trained to match captions naming colours, shapes and their order: one token of
+        # it hands the GPT that summary directly (the cells carry the detail)
+        self.glob = None
+        if embed_dim:
+            self.glob = nn.Sequential(nn.Linear(embed_dim, n_embd), nn.GELU(), nn.Linear(n_embd, n_embd))
+            nn.init.normal_(self.glob[2].weight, std=0.02)
+            nn.init.zeros_(self.glob[2].bias)
         # where each cell is: the convolutions are translation-equivariant, so a cell's features alone do not
         # say where it sits (what ViT's position embeddings add to its patches)
-        self.pos = nn.Parameter(torch.randn(image_tokens, n_embd) * 0.02)
+        self.pos = nn.Parameter(torch.randn(image_tokens + int(bool(embed_dim)), n_embd) * 0.02)
         # start near the scale of the GPT's token embeddings (std 0.02 at init): the first steps then do not
         # swamp the residual stream
         nn.init.normal_(self.fc2.weight, std=0.02)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = tokens.shape
         if self.side != self.grid:
             x = tokens.transpose(1, 2).reshape(B, C, self.grid, self.grid)
             tokens = F.adaptive_avg_pool2d(x, self.side).flatten(2).transpose(1, 2)  # (B, n, C)
-        return self.fc2(F.gelu(self.fc1(tokens))) + self.pos
+        out = self.fc2(F.gelu(self.fc1(tokens)))  # (B, n, h)
+        if self.glob is not None:
+            out = torch.cat([self.glob(F.normalize(embedding, dim=-1))[:, None], out], dim=1)  # (B, 1 + n, h)
+        return out + self.pos
 
 
 class VisionAdapter(nn.Module):
@@ -85,12 +111,16 @@ class VisionAdapter(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = ImageEncoder(cfg.clip)
-        self.projection = Projection(cfg.clip.width, cfg.n_embd, cfg.clip.grid, cfg.image_tokens)
+        embed_dim = cfg.clip.embed_dim if cfg.global_token else 0
+        self.projection = Projection(cfg.clip.width, cfg.n_embd, cfg.clip.grid, cfg.image_tokens, embed_dim)
 
     @property
     def image_tokens(self) -> int:
-        return self.config.image_tokens
+        """GPT positions per image (the cells, and the global token if any)."""
+        return self.config.tokens_per_image
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, 32, 32) in [0, 1] -> (B, image_tokens, n_embd)."""
-        return self.projection(self.encoder.tokens(images))
+        cells = self.encoder.tokens(images)  # (B, g*g, width)
+        emb = self.encoder.head(cells.mean(1)) if self.projection.glob is not None else None
+        return self.projection(cells, emb)
