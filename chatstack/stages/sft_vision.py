@@ -41,7 +41,8 @@ class SFTVisionConfig(TrainConfig):
         default=True, metadata={"help": "one more token per image: its CLIP embedding (--no-global-token: cells only)"}
     )
     train_encoder: bool = field(
-        default=True, metadata={"help": "fine-tune the image encoder too (--no-train-encoder: keep it frozen)"}
+        default=False,
+        metadata={"help": "fine-tune the image encoder too (it loses what CLIP taught it: docs/vision.md)"},
     )
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
     digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
