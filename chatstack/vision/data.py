@@ -6,7 +6,7 @@
 Every image becomes a (3, 32, 32) float tensor in [0, 1] (`to_tensor`): the encoder's one input shape.
 
 digits  scikit-learn's `load_digits()` (1,797 8x8 greyscale images, UCI, BSD-3 via scikit-learn), split once
-        by a fixed permutation: 80% train, 20% held out (360 images), the same split for every stage.
+        by a fixed permutation: 1,438 train, 359 held out (a fifth), the same split for every stage.
         Ink is bright on a dark ground, as the data stores it; upscaled to 32x32 (bilinear).
 scenes  1-3 shapes (circle, square, triangle) in distinct colours (red, green, blue, yellow), one per column
         band of a 32x32 canvas, drawn with Pillow from a seed. Questions with known answers: colour, shape,
@@ -107,7 +107,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 3, 32, 32), labels (N,)) of the train (1,437) or test (360) split."""
+    """(images (N, 3, 32, 32), labels (N,)) of the train (1,438) or test (359) split."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     x, y, perm = _digits()
