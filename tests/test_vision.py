@@ -466,3 +466,27 @@ def test_global_token_is_the_projected_clip_embedding(tmp_path):
     assert vision_params(ad.config.to_dict())["projection"] == sum(p.numel() for p in ad.projection.parameters())
     path = make_tiny_vision_checkpoint(tmp_path / "g", image_tokens=4, global_token=True)
     assert load_vision(path).image_tokens == 5
+
+
+def test_preempted_image_rows_come_back_with_their_images():
+    # tests/test_kv_budget.py's setting (a budget of 4 rows x one block forces preemptions), with image embeddings
+    from helpers import nano_model
+
+    from chatstack.infer.kv_cache import KV_BLOCK
+
+    tok = small_tokenizer()
+    gpt = nano_model("nano-llama", tok.vocab_size, seed=3, block_size=256)
+    c = gpt.config
+    budget_mb = 4 * KV_BLOCK * c.n_layer * 2 * c.n_kv_head * c.head_dim * 4 / 2**20
+    words = ["The quick brown fox", "To be, or not", "What is 12 plus 30?", "héllo wörld", "User asks, then"]
+    prompts = [tok.encode(w) for w in words] + [tok.encode("The quick brown fox jumps over the lazy dog again")]
+    torch.manual_seed(1)
+    embeds = [([0, 1], torch.randn(2, c.n_embd)) for _ in prompts]
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]) for n in [200, 180, 90, 60, 170, 100]
+    ]
+    small = Engine(gpt, tok, max_batch_size=8, kv_cache_mb=budget_mb)
+    got = small.generate(prompts, params, embeds=embeds)
+    assert small.preemptions > 0
+    ref = Engine(gpt, tok, max_batch_size=8).generate(prompts, params, embeds=embeds)
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]

@@ -599,15 +599,21 @@ class Engine:
             self.running.append(r)
             self._fit_or_fail(len(self.running), max(self._need(x) for x in self.running))
             n, kv = 0, None
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and r.embeds is None:
                 self.prefix_cache.check_weights(self._weights_signature())
                 n, kv = self.prefix_cache.lookup(ids)
             if n:
                 self.cache.write(slot, kv, n)
             self.cache.prefill(slot, 1, start=n)
+            idx = torch.tensor([ids[n:]], device=self.device)
+            extra = {}
+            if r.embeds is not None:  # an image row: its image embeddings again (n is 0 here)
+                x = self.model.tok_emb(idx)
+                x[0, r.embeds[0]] = r.embeds[1]
+                extra["embeds"] = x
             bound = self._bind_weights()
             try:
-                self.model.hidden_states(torch.tensor([ids[n:]], device=self.device), cache=self.cache)
+                self.model.hidden_states(idx, cache=self.cache, **extra)
             finally:
                 self._unbind_weights(bound)
 
