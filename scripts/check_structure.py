@@ -23,6 +23,7 @@ LAYERS = [
         [
             "chatstack.kernels",
             "chatstack.model",
+            "chatstack.heads",
             "chatstack.presets",
             "chatstack.checkpoint",
             "chatstack.estimate",
