@@ -39,6 +39,10 @@ COMMAND_MODULES = [
     "chatstack.stages.speedrun",  # speedrun
     "chatstack.stages.recipe",  # recipe smollm2
     "chatstack.stages.align_bench",  # align-bench
+    "chatstack.stages.finetune_task",
+    "chatstack.stages.eval_task",
+    "chatstack.stages.eval_code",
+    "chatstack.stages.eval_long",
 ]
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
-from chatstack.checkpoint import CheckpointError
+from chatstack.checkpoint import CheckpointError, load_checkpoint
 from chatstack.data.mixture import Mixture
 from chatstack.data.shards import DataError, Split
 from chatstack.estimate import flops_per_token as estimate_flops
@@ -45,6 +45,13 @@ class PretrainConfig(TrainConfig):
         default="", metadata={"help": "tokenizer to check the shards against (default: the one saved in the data dir)"}
     )
     preset: str = field(default="tiny", metadata={"help": "model size (chatstack.presets)"})
+    init: str = field(
+        default="",
+        metadata={
+            "help": "start from this checkpoint's weights and architecture (continued pretraining / "
+            "fine-tuning on new text; its tokenizer must be the data's)"
+        },
+    )
     n_layer: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     n_head: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
     n_embd: int = field(default=0, metadata={"help": "override the preset (0 = keep)"})
@@ -227,7 +234,17 @@ def run(cfg: PretrainConfig):
         for ds in mixture.datasets:
             ds.check_tokenizer(load_tokenizer_arg(cfg.tokenizer), cfg.tokenizer)
     val = primary.split("val") if "val" in primary.meta["splits"] else None
-    mcfg = build_model_config(cfg, tok.vocab_size)
+    init = None
+    if cfg.init:
+        init = load_checkpoint(cfg.init, with_tokenizer=False)
+        mcfg = init.model.config  # the architecture is the starting checkpoint's; the preset flags are ignored
+        if mcfg.vocab_size != tok.vocab_size:
+            raise DataError(
+                f"--init {cfg.init}: its vocabulary ({mcfg.vocab_size}) is not the data's "
+                f"tokenizer's ({tok.vocab_size}); prepare the data with the checkpoint's tokenizer"
+            )
+    else:
+        mcfg = build_model_config(cfg, tok.vocab_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_tokens:
         per_micro = cfg.batch_size * mcfg.block_size * world
@@ -238,6 +255,8 @@ def run(cfg: PretrainConfig):
         cfg.grad_accum = cfg.batch_tokens // per_micro
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = PretrainGPT(mcfg)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
     task = PretrainTask(mcfg, mixture, val, tok, cfg, world)
     if int(os.environ.get("RANK", "0")) == 0:
         srcs = ", ".join(f"{d['path']} ({d['train_tokens']:,} tok, w={d['weight']})" for d in mixture.describe())
@@ -247,7 +266,7 @@ def run(cfg: PretrainConfig):
         )
     ckpt_config = {
         "stage": "base",
-        "parent": None,
+        "parent": str(cfg.init) if cfg.init else None,
         "model": mcfg.to_dict(),
         "tokenizer": tok.info() if hasattr(tok, "info") else {"vocab_size": tok.vocab_size},
         "data": mixture.describe(),
