@@ -45,6 +45,11 @@ class GPTConfig:
     ffn_hidden: Optional[int] = None  # None = 4h (gelu) / 8h/3 rounded to 64 (swiglu)
     pos: str = "learned"  # "learned" | "rope"
     rope_base: float = 10000.0
+    # RoPE scaling for contexts beyond the trained one (Llama family): "none" | "linear" (position
+    # interpolation) | "ntk" (NTK-aware base change) | "yarn" (NTK-by-parts + attention temperature)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # new context / trained context
+    rope_original_context: int = 0  # the context the model was trained at (0 = block_size)
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (tanh approximation, as GPT-2) | "swiglu"
@@ -73,6 +78,14 @@ class GPTConfig:
             problems.append(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             problems.append("rope needs an even head dimension")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            problems.append(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        elif self.rope_scaling != "none" and self.pos != "rope":
+            problems.append(
+                f"rope_scaling {self.rope_scaling!r} needs pos='rope' (this model has {self.pos} positions)"
+            )
+        if self.rope_factor < 1:
+            problems.append(f"rope_factor must be >= 1, got {self.rope_factor}")
         for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, f) <= 0:
                 problems.append(f"{f} must be positive, got {getattr(self, f)}")
@@ -99,6 +112,64 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
     return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+
+
+def with_rope_scaling(cfg: GPTConfig, kind: str, factor: float) -> GPTConfig:
+    """The config of `cfg`'s model read at `factor` x its trained context with RoPE scaling `kind`.
+    The trained context is kept in rope_original_context; block_size becomes original x factor."""
+    original = cfg.rope_original_context or cfg.block_size
+    d = cfg.to_dict()
+    if kind == "none":
+        d.update(rope_scaling="none", rope_factor=1.0, rope_original_context=0, block_size=original)
+    else:
+        d.update(
+            rope_scaling=kind,
+            rope_factor=float(factor),
+            rope_original_context=original,
+            block_size=int(original * factor),
+        )
+    return GPTConfig.from_dict(d)
+
+
+def rope_frequencies(cfg: GPTConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (hd/2,) in float64, attention factor) under cfg's RoPE scaling."""
+    hd, base, s = cfg.head_dim, cfg.rope_base, cfg.rope_factor
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if cfg.rope_scaling == "linear":
+        # position interpolation (Chen et al. 2023): position p is read as p / s
+        return inv_freq / s, 1.0
+    if cfg.rope_scaling == "ntk":
+        # NTK-aware: a larger base stretches low frequencies most and leaves the highest almost unchanged
+        return 1.0 / ((base * s ** (hd / (hd - 2))) ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)), 1.0
+    if cfg.rope_scaling == "yarn":
+        # YaRN (Peng et al. 2023), as Hugging Face computes it: dimensions that rotate more than beta_fast=32
+        # times over the trained context keep their frequency, those under beta_slow=1 are interpolated by s,
+        # a linear ramp between; attention logits get the temperature (0.1 ln s + 1)^2 through cos and sin
+        original = cfg.rope_original_context or cfg.block_size
+
+        def corr_dim(rot: float) -> float:
+            return hd * math.log(original / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(corr_dim(32.0)), 0)
+        high = min(math.ceil(corr_dim(1.0)), hd - 1)
+        ramp = ((torch.arange(hd // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = inv_freq / s * (1 - extrapolate) + inv_freq * extrapolate
+        return inv_freq, (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+    return inv_freq, 1.0
+
+
+def scaled_rope_tables(cfg: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for cfg.block_size positions under cfg's RoPE scaling (plain RoPE when "none")."""
+    if cfg.rope_scaling == "none":
+        return rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
+    inv_freq, attn_factor = rope_frequencies(cfg)
+    freqs = torch.outer(torch.arange(cfg.block_size, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * attn_factor).float(), (emb.sin() * attn_factor).float()
 
 
 def rope_tables(head_dim: int, max_pos: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +429,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
+            cos, sin = scaled_rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -374,6 +445,18 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def set_rope_scaling(self, kind: str, factor: float = 1.0) -> None:
+        """Read positions up to factor x the trained context with RoPE scaling `kind` ("none" restores the
+        trained tables). Changes the config (block_size, rope_*) and the cos/sin tables; weights stay."""
+        if self.config.pos != "rope":
+            raise ValueError(f"RoPE scaling needs a rope model; this one has {self.config.pos} positions")
+        cfg = with_rope_scaling(self.config, kind, factor)
+        cos, sin = scaled_rope_tables(cfg)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        self.config = cfg
+        for block in self.blocks:
+            block.attn.cfg = cfg
 
     def num_params(self, exclude_positions: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once

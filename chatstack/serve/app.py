@@ -96,6 +96,12 @@ class ServerConfig:
         default=256,
         metavar="MB",
     )
+    rope_scaling: Optional[str] = _opt(
+        "RoPE scaling for a longer context (rope models; default: the checkpoint's config.json): "
+        "linear | ntk | yarn | none, with --rope-factor",
+        choices=["none", "linear", "ntk", "yarn"],
+    )
+    rope_factor: float = _opt("with --rope-scaling: context = factor x the trained one", default=1.0)
     prefill_chunk: int = _opt(
         "prefill longer prompts this many tokens per engine step, so running streams keep going while a long "
         "prompt is read; 0 = whole prompts at once",
@@ -184,11 +190,15 @@ def load_engine(
     prefix_cache_mb: float = 0,
     prefill_chunk: int = 0,
     kv_cache_mb: Optional[float] = None,
+    rope_scaling: Optional[str] = None,
+    rope_factor: float = 1.0,
 ):
     ckpt = load_checkpoint(ckpt_path, device=device or "cpu")
     if ckpt.tokenizer is None:
         raise ValueError(f"{ckpt_path}: the checkpoint has no tokenizer.json")
     ckpt.model.eval()
+    if rope_scaling:
+        ckpt.model.set_rope_scaling(rope_scaling, rope_factor)
     engine = Engine(
         ckpt.model,
         ckpt.tokenizer,
@@ -229,6 +239,8 @@ def create_app(
                 cfg.prefix_cache_mb,
                 cfg.prefill_chunk,
                 cfg.kv_cache_mb,
+                cfg.rope_scaling,
+                cfg.rope_factor,
             )
             st.vision = load_vision(str(source), device=cfg.device or "cpu")
             st.attach(engine, model_name or name, aliases=(str(source), str(Path(source).resolve())))

@@ -34,6 +34,7 @@ from chatstack.infer.prompting import (
     load_examples,
     self_consistency,
 )
+from chatstack.model import ROPE_SCALINGS
 from chatstack.vision.data import load_image
 from chatstack.vision.vlm import load_vision, render_request
 
@@ -46,6 +47,17 @@ class SamplingArgs:
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = off)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass (1.0 = off)"})
+    rope_scaling: str = field(
+        default="",
+        metadata={
+            "help": "RoPE scaling for a longer context (rope models): linear | ntk | yarn | none "
+            "(default: what the checkpoint's config.json says)",
+            "choices": ["", *ROPE_SCALINGS],
+        },
+    )
+    rope_factor: float = field(
+        default=1.0, metadata={"help": "with --rope-scaling: context = factor x the trained one"}
+    )
     seed: Optional[int] = field(default=None, metadata={"help": "fixes the random draws (reproducible output)"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings (not printed)"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda | mps"})
@@ -124,6 +136,11 @@ class StreamTimer:
 
 
 def _engine(ck, args) -> Engine:
+    if args.rope_scaling:
+        try:
+            ck.model.set_rope_scaling(args.rope_scaling, args.rope_factor)
+        except ValueError as e:
+            raise CLIError(f"--rope-scaling: {e}") from None
     try:
         engine = Engine(ck.model, ck.tokenizer, quantize=args.quantize or None, prefix_cache_mb=args.prefix_cache_mb)
     except ValueError as e:
