@@ -81,12 +81,13 @@ def test_docstring_function_pairs(tmp_path):
 
 
 class _StubEngine:
-    def __init__(self):
-        self.params = []
+    def __init__(self, text="\n    return a + b"):
+        self.params, self.prompts, self.text = [], [], text
 
     def generate(self, prompts, params, progress=False):
         self.params += params
-        return [Completion(list(p), [], "    return a + b", "stop") for p in prompts]
+        self.prompts += prompts
+        return [Completion(list(p), [], self.text, "stop") for p in prompts]
 
 
 def test_generate_completions_passes_humaneval_stops_and_distinct_seeds():
@@ -98,6 +99,10 @@ def test_generate_completions_passes_humaneval_stops_and_distinct_seeds():
     assert [(r["task_id"], r["sample"]) for r in out] == [(p["task_id"], s) for p in probs for s in range(3)]
     assert all(p.stop == STOP_SEQUENCES for p in eng.params)
     assert len({p.seed for p in eng.params}) == 6
+    # the prompt goes in without its final newline; the completion is relative to the full prompt again
+    assert eng.prompts[0] == tok.encode(probs[0]["prompt"].rstrip())
+    assert out[0]["completion"] == "    return a + b"
+    assert score_samples(probs[:1], out[:3], ks=(1,))["pass@1"] == 1.0
 
 
 def test_prompt_too_long_counts_as_failed():

