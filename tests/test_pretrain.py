@@ -291,3 +291,40 @@ def test_fsdp_smoke_on_gloo(tmp_path):
     ref = load_checkpoint(tmp_path / "one")
     for (n, p), (_, q) in zip(ck.model.named_parameters(), ref.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-4), n
+
+
+def test_pretrain_init_continues_from_a_checkpoint(tmp_path, capsys):
+    data = make_dataset(tmp_path)
+    first = tmp_path / "base"
+    assert main(["pretrain", "--data", str(data), "--out", str(first), "--max-steps", "4", *NANO]) == 0
+    start = load_checkpoint(first).model.state_dict()
+    second = tmp_path / "more"
+    # --init: the starting checkpoint's architecture and weights (the preset flags are ignored)
+    rc = main(
+        [
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(second),
+            "--max-steps",
+            "1",
+            "--lr",
+            "0",
+            "--min-lr",
+            "0",
+            "--init",
+            str(first),
+            "--preset",
+            "tiny",
+        ]
+    )
+    assert rc == 0
+    ck = load_checkpoint(second)
+    assert ck.config["parent"] == str(first) and ck.config["model"] == load_checkpoint(first).config["model"]
+    for k, v in ck.model.state_dict().items():  # lr 0: the weights are the starting ones
+        torch.testing.assert_close(v, start[k])
+    capsys.readouterr()
+    other = make_dataset(tmp_path, name="other", vocab_size=280)
+    assert main(["pretrain", "--data", str(other), "--out", str(tmp_path / "x"), "--init", str(first)]) == 2
+    assert "--init" in capsys.readouterr().err
