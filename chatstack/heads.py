@@ -21,6 +21,7 @@ are only text tokens that follow text tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -104,7 +105,7 @@ def collate(examples: list[list[list[int]]], base_vocab: Optional[int] = None, p
 class TaskModel(nn.Module):
     """GPT (vocabulary + 3 special rows) + dropout + one linear head on the extract token's final state."""
 
-    def __init__(self, cfg: GPTConfig, kind: str, n_classes: int, base_vocab: int, head_dropout: float = 0.1):
+    def __init__(self, cfg: GPTConfig, kind: str, n_classes: int, base_vocab: int, head_dropout: float = 0.1) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown task type {kind!r}; choose one of {', '.join(KINDS)}")
@@ -141,7 +142,9 @@ class TaskModel(nn.Module):
             m.gpt.load_state_dict(own)
         return m
 
-    def features(self, idx: torch.Tensor, last: torch.Tensor, with_lm: bool = False):
+    def features(
+        self, idx: torch.Tensor, last: torch.Tensor, with_lm: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx (B, S, T), last (B, S) -> final states at the extract tokens (B, S, h) [, lm logits (B, S, T, V+3)]."""
         B, S, T = idx.shape
         h = self.gpt.hidden_states(idx.reshape(B * S, T))  # (B*S, T, h)
@@ -150,7 +153,9 @@ class TaskModel(nn.Module):
             return feats, None
         return feats, self.gpt.lm_head(h).view(B, S, T, -1)
 
-    def scores(self, idx, last, with_lm: bool = False):
+    def scores(
+        self, idx: torch.Tensor, last: torch.Tensor, with_lm: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Task logits: (B, n_classes) for classify/entail/similar, (B, n_options) for choice."""
         feats, lm = self.features(idx, last, with_lm)
         if self.kind == "similar":
@@ -177,7 +182,9 @@ class TaskModel(nn.Module):
 
 
 # ---- examples -> tensors, accuracy, loading ------------------------------------------------------------------
-def encode_examples(kind: str, encode, rows: list[dict], base_vocab: int, max_len: int, labels: list) -> list:
+def encode_examples(
+    kind: str, encode: Callable[[str], list[int]], rows: list[dict], base_vocab: int, max_len: int, labels: list
+) -> list:
     """[(sequences, label index)] for a list of example dicts; a label not among `labels` raises ValueError."""
     index = {lab: i for i, lab in enumerate(labels)}
     out = []
@@ -231,7 +238,7 @@ def accuracy(model: TaskModel, encoded: list, batch_size: int = 64) -> float:
     return sum(int(p == y) for p, (_, y) in zip(preds, encoded)) / len(encoded)
 
 
-def load_task_model(path, device="cpu") -> tuple[TaskModel, dict]:
+def load_task_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, dict]:
     """A task checkpoint (kind "task", written by `chatstack finetune-task`) -> (model, its config.json)."""
     cfg = read_config(path)
     if cfg.get("kind") != "task" or "task" not in cfg:

@@ -57,7 +57,7 @@ BUILTIN_SETS = {
 
 
 # ---- users' files ------------------------------------------------------------------------------------
-def check_example(row, kind: str, where: str) -> dict:
+def check_example(row: object, kind: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object")
     for f in FIELDS[kind] + ("label",):
@@ -131,6 +131,7 @@ def chatterbot_topics(min_per_topic: int = 40) -> tuple[list[dict], list[dict]]:
 
 
 # ---- Shakespeare -----------------------------------------------------------------------------------------
+Speech = tuple[str, list[str]]  # (speaker, verse lines)
 _SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]{0,24}\.$")
 
 
@@ -147,7 +148,7 @@ def play_speeches(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _plays(names) -> list[list[tuple[str, list[str]]]]:
+def _plays(names: tuple[str, ...]) -> list[list[tuple[str, list[str]]]]:
     docs = dict(builtin_documents("shakespeare", "val"))
     missing = [n for n in names if n not in docs]
     if missing:
@@ -155,7 +156,7 @@ def _plays(names) -> list[list[tuple[str, list[str]]]]:
     return [play_speeches(docs[n]) for n in names]
 
 
-def _entail(speeches, rng) -> list[dict]:
+def _entail(speeches: list[Speech], rng: random.Random) -> list[dict]:
     lines = [l for _, v in speeches for l in v]
     out = []
     for _, verse in speeches:
@@ -170,7 +171,7 @@ def _entail(speeches, rng) -> list[dict]:
     return out
 
 
-def _similar(speeches, rng, n: int) -> list[dict]:
+def _similar(speeches: list[Speech], rng: random.Random, n: int) -> list[dict]:
     by_speaker: dict[str, list[str]] = {}
     for who, verse in speeches:
         by_speaker.setdefault(who, []).extend(verse)
@@ -187,7 +188,7 @@ def _similar(speeches, rng, n: int) -> list[dict]:
     return out
 
 
-def _choice(speeches, rng) -> list[dict]:
+def _choice(speeches: list[Speech], rng: random.Random) -> list[dict]:
     lines = [l for _, v in speeches for l in v]
     out = []
     for _, verse in speeches:
