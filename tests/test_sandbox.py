@@ -158,3 +158,12 @@ def test_isolation_is_reported():
     assert r.isolation in ("namespaces", "user-namespaces", "rlimits-only")
     if sys.platform.startswith("linux") and os.geteuid() == 0:
         assert r.isolation == "namespaces"
+
+
+def test_limits_hold_without_namespaces():
+    # the fallback where namespaces are unavailable: resource limits and the guard still contain a sample
+    lim = dict(wall_s=3, cpu_s=1, memory_mb=256, namespaces=False)
+    assert run_program("print(1)", SandboxLimits(**lim)).isolation == "rlimits-only"
+    assert run_program("while True:\n    pass", SandboxLimits(**lim)).status in ("cpu_limit", "timeout")
+    assert run_program("x = bytearray(2 * 1024 ** 3)", SandboxLimits(**lim)).status == "memory_limit"
+    assert run_program("import os\nos.system('true')", SandboxLimits(**lim)).status == "failed"

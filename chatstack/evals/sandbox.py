@@ -26,8 +26,9 @@ What a program gets (each layer is independent; a later one still holds if an ea
 What it does not cover: kernel exploits (namespaces share the host kernel; no seccomp filter is installed),
 reading world-readable files outside the hidden directories (/etc, /usr: read-only but visible), CPU
 contention with the evaluator (the program may use its CPU seconds on any core), and side channels.
-Without namespaces (not Linux, or neither root nor user namespaces allowed) only the resource limits,
-the guard and the throwaway directory apply; `isolation_available()` says which, and
+Without namespaces (not Linux, neither root nor user namespaces allowed, or `namespaces=False`) only the
+resource limits, the guard and the throwaway directory apply, the program keeps the launcher's user (as root
+the process limit then does not bind) and runs in its own process group, which the launcher kills at the end; `isolation_available()` says which, and
 `SandboxLimits(require_isolation=True)` refuses to run without namespaces.
 """
 
@@ -89,6 +90,7 @@ class SandboxLimits:
     tmpfs_mb: int = 64  # size of the program's /tmp
     guard: bool = True
     require_isolation: bool = False  # refuse to run without namespaces
+    namespaces: bool = True  # False: resource limits, guard and throwaway directory only
 
     def check(self):
         for name in ("wall_s", "cpu_s", "memory_mb", "max_processes", "max_output_bytes", "tmpfs_mb"):
@@ -161,7 +163,7 @@ def run_program(
                 {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
             ),
             "hide": sorted({os.path.realpath(p) for p in (*hide, os.getcwd(), os.path.expanduser("~"))}),
-            "try_namespaces": sys.platform.startswith("linux"),
+            "try_namespaces": limits.namespaces and sys.platform.startswith("linux"),
         }
         t0 = time.perf_counter()
         # the launcher is this file run by path with -I: it imports nothing from chatstack or site-packages
@@ -352,11 +354,17 @@ def _child(spec: dict, iso: str, out_fds: tuple):
     os.dup2(stdin_fd, 0)
     os.dup2(out_fd, 1)
     os.dup2(err_fd, 2)
-    if as_root:
+    # as root with namespaces: run as nobody (the Python installation is bound back readable). Without them it
+    # may be unreadable to nobody (/root is 0700), so the program keeps the launcher's user; its own process
+    # group lets the launcher kill what it started
+    drop = as_root and iso != "rlimits-only"
+    if drop:
         os.chown(work, NOBODY, NOBODY)
         os.chown(prog, NOBODY, NOBODY)
+    else:
+        os.setsid()
     _set_limits(lim, as_root)
-    if as_root:
+    if drop:
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
@@ -371,6 +379,18 @@ def _child(spec: dict, iso: str, out_fds: tuple):
         "OMP_NUM_THREADS": "1",
     }
     os.execve(spec["python"], [spec["python"], "-I", "-B", prog], env)
+
+
+def _kill(pid: int, iso: str) -> None:
+    """SIGKILL the program: with namespaces its PID 1 (the kernel then kills everything in the namespace),
+    without them its process group."""
+    try:
+        if iso == "rlimits-only":
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _launcher(spec: dict) -> dict:
@@ -417,7 +437,7 @@ def _launcher(spec: dict) -> dict:
         if now > deadline:
             if status is None:
                 timed_out = True
-                os.kill(pid, signal.SIGKILL)  # PID 1 of its namespace: the kernel then kills all it started
+                _kill(pid, iso)  # namespaces: PID 1, so the kernel kills all it started
                 _, status = os.waitpid(pid, 0)
             break
         for key, _ in sel.select(timeout=min(0.05, max(deadline - now, 0))):
@@ -429,7 +449,9 @@ def _launcher(spec: dict) -> dict:
             buf += chunk[: max(cap - len(buf), 0)]
             if len(chunk) > 0 and len(buf) >= cap and status is None:
                 output_exceeded = True
-                os.kill(pid, signal.SIGKILL)
+                _kill(pid, iso)
+    if iso == "rlimits-only":
+        _kill(pid, iso)  # whatever the program left running in its process group
     setup_error = os.read(r, 2000).decode(errors="replace")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     report = {
