@@ -202,3 +202,8 @@ def test_kv_cache_estimate_at_32k():
     assert kv_cache_bytes(smol, 1, 32768) == 2 * 30 * 32768 * 3 * 64 * 2 == 754_974_720
     big = get_preset("gpt3-175b")
     assert kv_cache_bytes(big, 1, 32768) == 2 * 96 * 32768 * 12288 * 2
+
+
+def test_a_length_equal_to_the_context_is_allowed(llama_ckpt, capsys):
+    assert main(["eval-long", str(llama_ckpt), "--lengths", "256", "--depths", "0.5", "--n", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["lengths"]["256"]["prompt_tokens"] <= 256 - 8

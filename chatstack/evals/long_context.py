@@ -31,6 +31,7 @@ TASK = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER_TOKENS = 8  # greedy tokens generated after the prompt
 
 
 def _needle(key: int) -> str:
@@ -87,11 +88,11 @@ def evaluate_passkey(
             hits = 0
             for _ in range(n):
                 key = rng.randrange(10000, 100000)
-                ids = passkey_prompt(tok, L, d, key, chat)
-                if len(ids) >= model.config.block_size:
-                    ids = ids[-(model.config.block_size - 8) :]
+                ids = passkey_prompt(tok, L - ANSWER_TOKENS, d, key, chat)  # prompt + answer fit in L
+                if len(ids) > model.config.block_size - ANSWER_TOKENS:  # only a tokenizer far off its estimate
+                    ids = ids[-(model.config.block_size - ANSWER_TOKENS) :]
                 n_prompt = max(n_prompt, len(ids))
-                c = engine.generate([ids], SamplingParams(max_new_tokens=8, temperature=0))[0]
+                c = engine.generate([ids], SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=0))[0]
                 ok = first_number(c.text) == key
                 hits += ok
                 out["samples"].append({"length": L, "depth": d, "key": key, "reply": c.text, "correct": ok})

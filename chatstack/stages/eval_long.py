@@ -64,7 +64,7 @@ def run(ckpt: str, cfg: EvalLongConfig, log=print) -> dict:
         except ValueError as e:
             raise CLIError(f"--rope-scaling: {e}") from None
     context = model.config.block_size
-    too_long = [L for L in cfg.lengths if L > context - 16]
+    too_long = [L for L in cfg.lengths if L > context]
     if too_long:
         hint = (
             "; add --rope-scaling linear|ntk|yarn --rope-factor F to read F x the trained context"
