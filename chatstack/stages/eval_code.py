@@ -163,6 +163,10 @@ def format_table(res: dict) -> str:
         "  ".join(f"{k} {res[k]:.1%}" for k in ks),
         "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(res["statuses"].items())),
     ]
+    if len(res["per_task"]) <= 50:  # small sets (a --score file, --limit): one line per task
+        for tid, t in res["per_task"].items():
+            outcomes = ", ".join(f"{k} {v}" for k, v in sorted(t["statuses"].items()))
+            lines.append(f"  {tid:24s} {t['correct']}/{t['n']}  ({outcomes})")
     solved = [tid for tid, t in res["per_task"].items() if t["correct"]]
     lines.append(f"solved at least once: {len(solved)} ({', '.join(solved[:12])}{' ...' if len(solved) > 12 else ''})")
     return "\n".join(lines)
