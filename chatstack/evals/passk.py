@@ -7,7 +7,9 @@
 Codex (Chen et al. 2021) draws n >= k samples per problem, counts the c correct ones and estimates
 pass@k = E[1 - C(n-c, k) / C(n, k)]: the chance that a random k-subset of the n samples holds a correct
 one. Computed as a product, 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
-The one estimator for every eval that reports pass@k (eval-code, and the sampled task metrics).
+The estimator itself is chatstack.evals.metrics.pass_at_k (re-exported here), the one implementation every
+eval that reports pass@k uses (eval-code, and eval's sampled task metrics); this module adds the mean over
+problems.
 """
 
 from __future__ import annotations
@@ -16,16 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem with n samples of which c are correct."""
-    if not (0 <= c <= n) or k < 1:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and k >= 1, got n={n} c={c} k={k}")
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
-    if n - c < k:
-        return 1.0  # every k-subset holds a correct sample
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+from chatstack.evals.metrics import pass_at_k  # the one estimator (also used by eval --samples)
 
 
 def mean_pass_at_k(counts: Iterable[tuple[int, int]], ks: Sequence[int]) -> dict[str, float]:
