@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 
 
 def pct(xs, q):
@@ -113,20 +114,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{a.port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(
-                    f"server did not start: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
-                )
-            try:
-                h = httpx.get(url + "/health", timeout=2)
-                if h.status_code == 200:
-                    model = h.json()["model"]
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        model = wait_ready(proc, url)
         rows = []
         for label, n_sub in (("streams only", 0), ("streams + submitters", a.submitters)):
             lat, n = asyncio.run(phase(url, model, a.streams, n_sub, a.duration))

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 from tqdm import tqdm
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -183,19 +184,8 @@ def start_server(ckpt: str, port: int, max_batch_size: int, threads: int) -> sub
         str(threads),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("server did not become healthy in 120 s")
+    wait_ready(proc, f"http://127.0.0.1:{port}", timeout=120)
+    return proc
 
 
 def fuzz(url: str, max_examples: int) -> int:

@@ -22,6 +22,7 @@ import sys
 import time
 
 import httpx
+from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 
 PROMPTS = ["Say hi.", "Tell me a story about a cat.", "What is the capital of France?", "Write a poem about rain."]
 
@@ -119,20 +120,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{a.port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(
-                    f"server did not start: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
-                )
-            try:
-                h = httpx.get(url + "/health", timeout=2)
-                if h.status_code == 200:
-                    model = h.json()["model"]
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        model = wait_ready(proc, url)
         time.sleep(2)
         idle = rss_mb(proc.pid)
         t0 = time.time()

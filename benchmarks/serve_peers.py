@@ -32,6 +32,7 @@ import sys
 import time
 
 import httpx
+from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
@@ -81,21 +82,6 @@ async def level(url, model, clients, max_tokens, duration):
         await asyncio.gather(*[client(c, url, model, max_tokens, t0 + duration, stats) for _ in range(clients)])
         wall = time.perf_counter() - t0
     return stats["tokens"] / wall, pct(stats["ttft"], 0.5), pct(stats["ttft"], 0.95), stats["errors"]
-
-
-def wait_ready(proc, url, timeout=600):
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        for path in ("/health", "/v1/models"):
-            try:
-                if httpx.get(url + path, timeout=2).status_code == 200:
-                    return httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
-            except (httpx.HTTPError, KeyError, ValueError):
-                pass
-        time.sleep(0.5)
-    raise RuntimeError("server not ready")
 
 
 def configs(a):
@@ -179,7 +165,7 @@ def main() -> int:
             proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             url = f"http://127.0.0.1:{port}"
             try:
-                model = wait_ready(proc, url)
+                model = wait_ready(proc, url, timeout=600)
                 asyncio.run(level(url, model, 1, 8, 3))  # warm-up
                 for c in a.clients:
                     row = asyncio.run(level(url, model, c, a.max_tokens, a.duration))
