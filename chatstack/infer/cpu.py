@@ -27,6 +27,7 @@ import functools
 import mmap
 import os
 import platform
+import time
 import warnings
 
 import torch
@@ -242,12 +243,19 @@ def zeros_unpooled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 # threads and 0.23 s with one. GNU OpenMP's default wait also spins before it sleeps, burning the core the late
 # thread needs; chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless it is set, or
 # CHATSTACK_THREAD_POLICY=0). apply_thread_policy() then runs as many threads as there are idle CPUs: the CPUs this
-# process may use (affinity, cgroup quota) minus the load other processes put on them (the 1-minute load average
-# less this process's own busy threads), at least one. The engine re-applies it every THREAD_POLICY_INTERVAL_S of
-# stepping, so a server follows the machine's load; the training loop applies it at start-up.
+# process may use (affinity, cgroup quota) minus what other processes use of them right now. "Right now" is
+# measured from /proc/stat over a short window (or since the previous look), less this process's own CPU time:
+# the 1-minute load average lags by a minute, so a stage started just after another (the speedrun's pretraining
+# after its data stage) saw the finished stage's load and ran on one thread of an idle 2-core machine. Processes
+# at a higher nice value than ours yield their CPU to us and are not counted. Where /proc/stat is missing, the
+# load average (less this process's own busy threads) stands in. The engine re-applies it every
+# THREAD_POLICY_INTERVAL_S of stepping, so a server follows the machine's load; the training loop applies it at
+# start-up.
 
 THREAD_POLICY_INTERVAL_S = 30.0
+LOAD_WINDOW_S = 0.25  # the shortest window a fresh look at /proc/stat measures over
 _max_threads: int | None = None  # torch's count when the policy first ran: the most it ever sets
+_last_look: tuple[float, float, float] | None = None  # (monotonic time, others' busy CPU-s, own CPU-s) at the last look
 
 
 def available_cpus() -> int:
@@ -266,14 +274,62 @@ def available_cpus() -> int:
     return max(1, n)
 
 
+def busy_cpu_seconds(stat_line: str | None = None, count_niced: bool | None = None) -> float | None:
+    """CPU-seconds the whole machine has spent busy since boot, from the "cpu" line of /proc/stat (None where there
+    is none). The "nice" column (processes at a positive nice value) counts only when this process is niced
+    itself: at nice 0 they yield their CPU to us."""
+    if stat_line is None:
+        try:
+            with open("/proc/stat") as f:
+                stat_line = f.readline()
+        except OSError:
+            return None
+    parts = stat_line.split()
+    if len(parts) < 9 or parts[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (float(x) for x in parts[1:9])
+    if count_niced is None:
+        count_niced = os.getpriority(os.PRIO_PROCESS, 0) > 0
+    busy = user + system + irq + softirq + steal + (nice if count_niced else 0.0)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def others_load(window_s: float = LOAD_WINDOW_S) -> float | None:
+    """CPUs' worth of work other processes are doing now: the machine's busy CPU-time less this process's own,
+    per second, since the previous look if that was between `window_s` and 60 s ago, else over a fresh
+    `window_s` (this call then sleeps that long). None where /proc/stat is missing."""
+    global _last_look
+
+    def look() -> tuple[float, float, float] | None:
+        busy = busy_cpu_seconds()
+        return None if busy is None else (time.monotonic(), busy, time.process_time())
+
+    now = look()
+    if now is None:
+        return None
+    prev = _last_look
+    if prev is None or not window_s <= now[0] - prev[0] <= 60.0:
+        prev = now
+        time.sleep(window_s)
+        now = look()
+        if now is None:
+            return None
+    _last_look = now
+    dt = now[0] - prev[0]
+    # our own CPU time shows in the nice column when we are niced: it is counted there, so subtract it either way
+    return max(0.0, ((now[1] - prev[1]) - (now[2] - prev[2])) / max(dt, 1e-6))
+
+
 def idle_cpus(own_busy_threads: float = 0.0) -> float:
-    """CPUs not used by other processes: available_cpus() minus the 1-minute load average, of which
-    `own_busy_threads` is this process's own share."""
+    """CPUs not used by other processes: available_cpus() minus their current load (others_load); without
+    /proc/stat, minus the 1-minute load average, of which `own_busy_threads` is this process's own share."""
     n = available_cpus()
-    try:
-        others = max(0.0, os.getloadavg()[0] - own_busy_threads)
-    except (AttributeError, OSError):
-        return float(n)
+    others = others_load()
+    if others is None:
+        try:
+            others = max(0.0, os.getloadavg()[0] - own_busy_threads)
+        except (AttributeError, OSError):
+            return float(n)
     return max(0.0, n - others)
 
 
