@@ -3,6 +3,9 @@
 
 import json
 
+import pytest
+import torch
+
 from chatstack.stages import dpo as dpo_mod
 from chatstack.stages.self_improve import vote
 
@@ -124,3 +127,27 @@ def test_self_improve_runs_without_labels(nano_ckpt, tmp_path, capsys):
         return
     conf = json.loads((out / "config.json").read_text())
     assert conf["stage"] == "self-improve" and conf["self_improve"]["kept"] >= 1
+
+
+def test_nll_term_adds_the_chosen_answers_per_token_nll(nano_ckpt, tmp_path):
+    """RPO: loss = DPO + nll_coef * mean over pairs of -log pi(y_w) / |y_w| (checked against a direct computation)."""
+    from chatstack.checkpoint import load_checkpoint
+    from chatstack.data.preferences import load_preferences
+    from chatstack.rlhf.group import dpo_loss, sequence_logprobs
+
+    ck = load_checkpoint(nano_ckpt)
+    tok, model = ck.tokenizer, ck.model
+    rows, pairs = dpo_mod.pair_rows(load_preferences(str(_rankings(tmp_path / "r.jsonl", 4))), tok, 64)
+    which = [w for w, _ in pairs] + [l for _, l in pairs]
+    batch = dpo_mod.collate_rows(rows, which, tok.eot_id)
+    lp = sequence_logprobs(model, batch["idx"], batch["plen"], batch["resp"], batch["mask"]).detach()
+    batch["ref"] = lp + 0.1 * torch.arange(len(which))  # any reference
+    P = len(pairs)
+    plain, _ = dpo_loss(lp[:P], lp[P:], batch["ref"][:P], batch["ref"][P:], 0.2)
+    nll = -(lp[:P] / batch["mask"][:P].sum(1)).mean()
+    for coef in (0.0, 0.7):
+        cfg = dpo_mod.DPOConfig(beta=0.2, nll_coef=coef)
+        task = dpo_mod.DPOTask(rows, pairs, [], [], None, None, tok, cfg)
+        loss, stats = task.loss(model, batch)
+        assert loss.item() == pytest.approx((plain + coef * nll).item(), rel=1e-5)
+        assert ("nll_chosen" in stats) == (coef > 0)

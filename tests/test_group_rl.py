@@ -59,6 +59,24 @@ def test_per_sequence_normalisation_weighs_answers_equally():
     m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     assert pc.reduce_loss(x, m, "seq").item() == pytest.approx((1.0 + 3.0) / 2)
     assert pc.reduce_loss(x, m, "token").item() == pytest.approx(7.0 / 5)
+    assert pc.reduce_loss(x, m, "sum", horizon=8.0).item() == pytest.approx((4.0 + 3.0) / 2 / 8.0)
+    with pytest.raises(ValueError, match="'sum'"):
+        pc.reduce_loss(x, m, "mean")
+
+
+def test_summed_loss_is_the_policy_gradient():
+    """With norm "sum" and fresh samples (ratio 1), the surrogate's gradient is -(1/H) * mean_b A_b * grad log pi(y_b):
+    the REINFORCE gradient of the answers' whole log-probabilities, whatever their lengths."""
+    torch.manual_seed(0)
+    theta = torch.randn(2, 5, requires_grad=True)  # per-row "logits" over positions (stand-in log-probs)
+    logp = torch.log_softmax(theta, -1)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0]])
+    adv = torch.tensor([[0.7] * 5, [-1.3] * 5]) * mask
+    loss, _ = pc.policy_loss(logp, logp.detach(), adv, mask, norm="sum", horizon=4.0)
+    (g,) = torch.autograd.grad(loss, theta)
+    seq_logp = (torch.log_softmax(theta, -1) * mask).sum(1)
+    (want,) = torch.autograd.grad(-(torch.tensor([0.7, -1.3]) * seq_logp).mean() / 4.0, theta)
+    assert torch.allclose(g, want, atol=1e-6)
 
 
 def test_dpo_loss_by_hand():

@@ -113,17 +113,22 @@ def gae(
     return adv, returns
 
 
-def reduce_loss(x: torch.Tensor, mask: torch.Tensor, norm: str = "token") -> torch.Tensor:
+def reduce_loss(x: torch.Tensor, mask: torch.Tensor, norm: str = "token", horizon: float = 1.0) -> torch.Tensor:
     """A per-token loss (B, R) to a scalar. "token": mean over all real tokens of the batch (long answers weigh
-    more); "seq": mean over each answer's tokens, then over answers (every answer weighs the same)."""
+    more); "seq": mean over each answer's tokens, then over answers (every answer weighs the same, and each token
+    of a long answer weighs less); "sum": sum over each answer's tokens, mean over answers, divided by the constant
+    `horizon` (Dr. GRPO, Liu et al. 2025): for a sequence-level advantage this is the policy gradient itself,
+    A * grad log pi(answer), with no bias from the answer's length."""
     if norm == "token":
         return masked_mean(x, mask)
+    if norm == "sum":
+        return (x * mask.to(x.dtype)).sum(1).mean() / horizon
     if norm == "seq":
         m = mask.to(x.dtype)
         rows = m.sum(1) > 0
         per_row = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         return per_row[rows].mean() if bool(rows.any()) else per_row.sum() * 0.0
-    raise ValueError(f"loss normalisation must be 'token' or 'seq', got {norm!r}")
+    raise ValueError(f"loss normalisation must be 'token', 'seq' or 'sum', got {norm!r}")
 
 
 def policy_loss(
@@ -133,13 +138,14 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     norm: str = "token",
+    horizon: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (a loss to minimise), with clip fraction and approx-KL (k3, old||new)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = reduce_loss(torch.maximum(unclipped, clipped), mask, norm)
+    loss = reduce_loss(torch.maximum(unclipped, clipped), mask, norm, horizon)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)  # k3 estimate of KL(old || new)
@@ -153,12 +159,13 @@ def value_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
     norm: str = "token",
+    horizon: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped value loss: 0.5 * max((V - G)^2, (V_clipped - G)^2), V_clipped within +-clip of V_old."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     l1 = (values - returns) ** 2
     l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * reduce_loss(torch.maximum(l1, l2), mask, norm)
+    loss = 0.5 * reduce_loss(torch.maximum(l1, l2), mask, norm, horizon)
     with torch.no_grad():
         vclipfrac = masked_mean((l2 > l1).float(), mask)
     return loss, {"value_clipfrac": vclipfrac.item()}

@@ -8,6 +8,7 @@ Every ranking of K answers gives all its C(K,2) (better, worse) pairs (answers t
 paired), the K-wise idea InstructGPT used for its reward model, here fed to DPO (Rafailov et al. 2023):
 
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+           [+ nll_coef * (-log pi(y_w|x) / |y_w|)]       (RPO: `--nll-coef`, Pang et al. 2024)
 
 with summed response log-probs; the reference (the SFT model, frozen) scores every answer once, before
 training. The policy trains through chatstack.train.loop (AdamW, warmup + cosine, checkpoints, exact
@@ -40,6 +41,13 @@ class DPOConfig(TrainConfig):
     sft: str = field(default="", metadata={"help": "SFT checkpoint: the initial policy and the frozen reference"})
     data: list[str] = field(default_factory=list, metadata={"help": "rankings / pairs JSONL file(s)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the implicit KL to the reference"})
+    nll_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the chosen answers' per-token negative log-likelihood added to the DPO loss "
+            "(RPO, Pang et al. 2024: keeps the likelihood of good answers from falling with the bad ones')"
+        },
+    )
     val_frac: float = field(default=0.1, metadata={"help": "fraction of prompts held out (by prompt hash)"})
     max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "pairs per micro-batch"})
@@ -111,7 +119,14 @@ class DPOTask:
 
         lp = sequence_logprobs(model, batch["idx"], batch["plen"], batch["resp"], batch["mask"])
         P = lp.numel() // 2
-        return dpo_loss(lp[:P], lp[P:], batch["ref"][:P], batch["ref"][P:], self.cfg.beta)
+        loss, stats = dpo_loss(lp[:P], lp[P:], batch["ref"][:P], batch["ref"][P:], self.cfg.beta)
+        if self.cfg.nll_coef > 0:
+            # DPO alone lowers the chosen answers' likelihood too (both fall, the rejected faster): on a small
+            # model that drifts the policy off its good answers; an NLL term on them holds it (RPO)
+            nll = -(lp[:P] / batch["mask"][:P].sum(1).clamp_min(1.0)).mean()
+            loss = loss + self.cfg.nll_coef * nll
+            stats["nll_chosen"] = nll.item()
+        return loss, stats
 
     def evaluate(self, model) -> dict[str, float]:
 

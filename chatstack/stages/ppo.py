@@ -102,8 +102,9 @@ class PPOConfig(LoraArgs):
         default="seq",
         metadata={
             "help": "seq: every answer weighs the same (mean over its tokens, "
-            "then over answers); token: mean over all tokens",
-            "choices": ["seq", "token"],
+            "then over answers); token: mean over all tokens; sum: sum over each answer's tokens / "
+            "--max-new-tokens (the unbiased policy gradient, Dr. GRPO)",
+            "choices": ["seq", "token", "sum"],
         },
     )
     prompt_filter: int = field(
@@ -364,12 +365,13 @@ def policy_update(
     the clipped surrogate (for one epoch over fresh samples the ratio is 1 and it is the plain policy gradient),
     + vf_coef * the clipped value loss when there are value targets (PPO), + kl_coef * k3 KL to the reference
     in the loss (rloo/grpo; PPO puts its KL in the reward), + ptx_coef * the pretraining loss (PPO-ptx).
-    Losses are normalised per answer (`loss_norm` "seq") or per token ("token")."""
+    Losses are normalised per answer (`loss_norm` "seq"), per token ("token") or summed per answer ("sum")."""
     device = ro.idx.device
     rows = keep.nonzero().flatten().tolist()
     acc: dict[str, float] = {}
     n_mb = 0
     kl_in_loss = cfg.algo != "ppo" and kl_coef > 0
+    horizon = float(cfg.max_new_tokens)  # the constant "sum" divides by: the same for every minibatch
     T = cfg.temperature
     for epoch in range(cfg.ppo_epochs):
         perm = [rows[k] for k in torch.randperm(len(rows), generator=g).tolist()]
@@ -381,15 +383,17 @@ def policy_update(
             m = ro.mask[mb, :R]
             logits, values = policy(ro.idx[mb, :L], ro.prompt_lens[mb], ro.resp[mb, :R], with_value=ret is not None)
             logp = pc.logprobs_of(logits, ro.resp[mb, :R], T)
-            pg, s1 = pc.policy_loss(logp, ro.logp[mb, :R], adv[mb, :R], m, cfg.cliprange, cfg.loss_norm)
+            pg, s1 = pc.policy_loss(logp, ro.logp[mb, :R], adv[mb, :R], m, cfg.cliprange, cfg.loss_norm, horizon)
             loss = pg
             parts = {"policy_loss": pg.item(), **s1}
             if ret is not None:
-                vf, s2 = pc.value_loss(values, ro.values[mb, :R], ret[mb, :R], m, cfg.cliprange_value, cfg.loss_norm)
+                vf, s2 = pc.value_loss(
+                    values, ro.values[mb, :R], ret[mb, :R], m, cfg.cliprange_value, cfg.loss_norm, horizon
+                )
                 loss = loss + cfg.vf_coef * vf
                 parts.update(value_loss=vf.item(), **s2)
             if kl_in_loss:
-                kl = pc.reduce_loss(pc.kl_estimate(logp, ro.ref_logp[mb, :R], "k3"), m, cfg.loss_norm)
+                kl = pc.reduce_loss(pc.kl_estimate(logp, ro.ref_logp[mb, :R], "k3"), m, cfg.loss_norm, horizon)
                 loss = loss + kl_coef * kl
                 parts["kl_loss"] = kl.item()
             with torch.no_grad():
