@@ -68,6 +68,8 @@ def test_dpo_learns_the_preferred_answers(nano_ckpt, tmp_path):
                 "--no-progress",
                 "--beta",
                 "0.5",
+                "--nll-coef",
+                "0",
             ]
         )
         == 0

@@ -130,6 +130,14 @@ class PPOConfig(LoraArgs):
     lr: float = field(default=2e-5, metadata={"help": "learning rate (constant after warmup)"})
     warmup: int = field(default=5, metadata={"help": "warmup iterations"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
+    final_norm_lr_mult: float = field(
+        default=1.0,
+        metadata={
+            "help": "learning-rate multiplier for the final norm's parameters, which set the scale of the logits "
+            "(how sharp sampling is): Adam moves each parameter by about lr per step, so at the body's lr "
+            "sharpening the whole distribution takes thousands of iterations (docs/rlhf.md)"
+        },
+    )
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     # -- PPO
     kl_coef: float = field(default=0.2, metadata={"help": "beta: KL penalty per token (initial value if adaptive)"})
@@ -323,6 +331,15 @@ def ptx_val_loss(lm, val_tokens: torch.Tensor, T: int, n_rows: int = 32) -> floa
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
+def separate_group(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr_mult: float) -> None:
+    """Move `params` out of the optimizer's groups into one of their own whose lr is `lr_mult` times the rest
+    (the loop sets each group's lr to lr * group["lr_mult"]). Before the first step only."""
+    ids = {id(p) for p in params}
+    for gr in opt.param_groups:
+        gr["params"] = [p for p in gr["params"] if id(p) not in ids]
+    opt.add_param_group({"params": params, "weight_decay": 0.0, "lr_mult": lr_mult})
+
+
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
@@ -530,6 +547,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
     if cfg.lora_rank:  # adapters on the policy's matrices; the value head trains in full
         apply_lora(policy, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_targets)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
+    if cfg.final_norm_lr_mult != 1.0:
+        separate_group(opt, list(policy.lm.norm_f.parameters()), cfg.final_norm_lr_mult)
     kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
 
     out = Path(cfg.out)
@@ -644,7 +663,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         torch.manual_seed(_seed(cfg.seed, it, 1))
         lr = lr_at(it, cfg.lr, cfg.lr, cfg.warmup, max_iters)
         for gr in opt.param_groups:
-            gr["lr"] = lr
+            gr["lr"] = lr * gr.get("lr_mult", 1.0)
         g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
         pick = [j for j in pick for _ in range(cfg.group)]  # a group's answers sit next to each other

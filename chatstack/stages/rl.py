@@ -9,7 +9,9 @@ update, the same checkpoints, metrics.jsonl and exact `--resume`) with these def
 samples `--group` K answers for each of `--rollout-batch` prompts; each answer's advantage is its reward
 minus the mean of its K-1 siblings (RLOO) or of its group (GRPO, no std scaling unless `--adv-scale std`);
 groups whose K rewards are all equal are dropped; no critic; the KL to the frozen SFT model is in the loss
-(k3, weight `--kl-coef`); losses are per answer (`--loss-norm seq`). metrics.jsonl has per iteration
+(k3, weight `--kl-coef`); each answer's token losses are summed (`--loss-norm sum`: the policy gradient of
+the whole answer, whatever its length); small steps (lr 2e-5, two passes of minibatch 64 per rollout) with the
+final norm, which scales the logits, at 50x the lr. metrics.jsonl has per iteration
 `reward` (mean score), `kl` (k1 nats per answer to the reference), `kept_frac` (answers in groups with a
 signal), `entropy`, `response_length`, ... The defaults were chosen by the sweep in docs/rlhf.md.
 """
@@ -27,15 +29,27 @@ from chatstack.stages.ppo import PPOConfig, _cmd
 class RLConfig(PPOConfig):
     algo: str = field(default="rloo", metadata={"help": "rloo (leave-one-out baseline) | grpo (group mean) | ppo"})
     group: int = field(default=8, metadata={"help": "answers sampled per prompt (K >= 2)"})
-    rollout_batch: int = field(default=16, metadata={"help": "prompts per iteration (each sampled --group times)"})
+    rollout_batch: int = field(default=32, metadata={"help": "prompts per iteration (each sampled --group times)"})
     minibatch: int = field(default=64, metadata={"help": "answers per update step"})
-    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (1: plain on-policy gradient)"})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout (the second is PPO-clipped)"})
     lr: float = field(
-        default=1e-4, metadata={"help": "learning rate (constant after warmup; the sweep is in docs/rlhf.md)"}
+        default=2e-5, metadata={"help": "learning rate (constant after warmup; the sweep is in docs/rlhf.md)"}
+    )
+    final_norm_lr_mult: float = field(
+        default=50.0,
+        metadata={"help": "learning-rate multiplier for the final norm (the logits' scale: how sharp sampling is)"},
+    )
+    loss_norm: str = field(
+        default="sum",
+        metadata={
+            "help": "sum: each answer's token losses summed / --max-new-tokens (the policy gradient); seq: mean "
+            "per answer; token: mean over all tokens",
+            "choices": ["seq", "token", "sum"],
+        },
     )
     warmup: int = field(default=5, metadata={"help": "warmup iterations (Adam's first steps are the largest)"})
     kl_coef: float = field(default=0.05, metadata={"help": "weight of the k3 KL to the reference in the loss"})
-    iterations: int = field(default=100, metadata={"help": "iterations (rollout + update)"})
+    iterations: int = field(default=40, metadata={"help": "iterations (rollout + update)"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
     eval_every: int = field(default=0, metadata={"help": "held-out eval every N iterations (0 = start and end only)"})
     eval_n: int = field(default=100, metadata={"help": "held-out questions per task per eval"})
