@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatstack.cli import main
-from chatstack.tokenizer import IM_END, IM_START, Tokenizer
+from chatstack.tokenizer import GIL_FREE_CHARS, IM_END, IM_START, Tokenizer
 
 CORPUS = [
     "To be, or not to be, that is the question: 12 + 34 = 46.",
@@ -60,6 +60,27 @@ def test_gpt2_matches_tiktoken_and_round_trips(gpt2, tiktoken_gpt2, s):
 @given(st.text())
 def test_trained_round_trip(trained, s):
     assert trained.decode(trained.encode(s)) == s
+
+
+def test_long_texts_encode_the_same_through_the_gil_free_call(gpt2, tiktoken_gpt2):
+    """Texts over GIL_FREE_CHARS go through `encode_batch` (it releases the GIL; `encode` holds it): same ids."""
+    text = "".join(CORPUS) * (GIL_FREE_CHARS // len("".join(CORPUS)) + 2)
+    assert len(text) > GIL_FREE_CHARS
+    assert gpt2.encode(text) == gpt2.hf.encode(text, add_special_tokens=False).ids == tiktoken_gpt2.encode(text)
+    calls = []
+
+    class Spy:  # the HF tokenizer, recording which call was made
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    real, gpt2.hf = gpt2.hf, Spy()
+    try:
+        gpt2.encode(text)
+        gpt2.encode("short")
+    finally:
+        gpt2.hf = real
+    assert calls == ["encode_batch", "encode"]
 
 
 def test_digits_split_one_per_token(trained):

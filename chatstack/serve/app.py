@@ -20,6 +20,7 @@ the rankings JSONL that `chatstack reward` reads.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -260,7 +261,9 @@ def create_app(
     async def lifespan(app):
         if isinstance(source, (str, os.PathLike)):
             threading.Thread(target=_load, name="chatstack-load", daemon=True).start()
+        lag = asyncio.create_task(watch_loop_lag(st.metrics.loop_lag))
         yield
+        lag.cancel()
         if st.scheduler is not None:
             st.scheduler.stop()
         if st.rankings is not None:
@@ -330,6 +333,16 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def watch_loop_lag(hist, interval: float = 0.02) -> None:
+    """Observe how late a timer fires on this event loop: what every request waits on top of its own work when the
+    loop is blocked by a handler, or its thread waits for the GIL or a CPU (chatstack_event_loop_lag_seconds)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(interval)
+        hist.observe(max(0.0, loop.time() - t - interval))
 
 
 # what each endpoint can answer besides 200, as the OpenAPI document lists it (document_statuses)

@@ -15,6 +15,8 @@ conventions (`_total` counters, `_seconds` histograms) and vLLM's where one exis
     chatstack_engine_step_seconds                  time of one engine step (histogram)
     chatstack_prefix_cache_reused_tokens           prompt tokens not prefilled thanks to the prefix cache (so far)
     chatstack_prefix_cache_bytes                   memory the prefix cache holds
+    chatstack_event_loop_lag_seconds               how late a 20 ms timer fires on the HTTP event loop (histogram):
+                                                   time the loop spent blocked or waiting for the GIL / a CPU
 """
 
 from __future__ import annotations
@@ -150,6 +152,11 @@ class ServerMetrics:
             "chatstack_kv_cache_bytes", "Bytes of keys/values held: running rows, prompts being read, the prefix cache."
         )
         self.kv_budget = Gauge("chatstack_kv_cache_budget_bytes", "The KV cache budget (--kv-cache-mb).")
+        self.loop_lag = Histogram(
+            "chatstack_event_loop_lag_seconds",
+            "How late a 20 ms timer fires on the HTTP event loop (blocked, or waiting for the GIL or a CPU).",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.preemptions = Gauge(
             "chatstack_preemptions_total",
             "Rows taken out of the batch to stay within the KV budget (recomputed later).",
@@ -174,6 +181,7 @@ class ServerMetrics:
             self.kv_bytes,
             self.kv_budget,
             self.preemptions,
+            self.loop_lag,
         ):
             lines += m.render()
         return "\n".join(lines) + "\n"

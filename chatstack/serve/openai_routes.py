@@ -44,6 +44,19 @@ def _seed_for(seed: Optional[int], i: int) -> Optional[int]:
     return s if s <= P.SEED_MAX else s - 2**64
 
 
+# request text longer than this (characters) is tokenized on a worker thread: the tokenizer reads ~1 MB/s of CPU, so
+# a 1 MB prompt tokenized on the event loop's thread held up every other request (and /health) for a second or more
+OFF_LOOP_CHARS = 4096
+
+
+async def off_loop_if_long(n_chars: int, fn, *args):
+    """fn(*args), on a worker thread when the text it reads is long (chatstack.tokenizer releases the GIL for long
+    texts, so the event loop runs meanwhile); short texts inline (a thread hop costs more than they do)."""
+    if n_chars > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
 def _token_text(tok, tid: int) -> tuple[str, list[int]]:
     b = tok.token_bytes(tid)
     return b.decode("utf-8", errors="backslashreplace"), list(b)
@@ -156,8 +169,9 @@ async def _render(st, req: P.ChatCompletionRequest):
     model (st.vision) and data: URLs, else a 400 naming the part."""
     urls = req.image_urls()
     if not urls:
+        messages = req.chat_messages()
         try:
-            return st.tokenizer.render_prompt(req.chat_messages()), None
+            return await off_loop_if_long(_chars(messages), st.tokenizer.render_prompt, messages), None
         except ValueError as e:
             raise P.APIError(400, str(e), param="messages") from e
     if st.vision is None:
@@ -174,6 +188,10 @@ async def _render(st, req: P.ChatCompletionRequest):
         return await asyncio.to_thread(render_request, st.tokenizer, st.vision, req.multimodal_messages(), images)
     except ValueError as e:
         raise P.APIError(400, str(e), param="messages") from e
+
+
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) if isinstance(m.get("content"), str) else 0 for m in messages)
 
 
 def add_openai_routes(app: FastAPI, st) -> None:
@@ -337,7 +355,7 @@ def add_openai_routes(app: FastAPI, st) -> None:
         prompts = []
         for j, p in enumerate(req.prompts()):
             if isinstance(p, str):
-                ids = tok.encode(p)
+                ids = await off_loop_if_long(len(p), tok.encode, p)
                 if not ids:
                     raise P.APIError(
                         400, "prompt is empty: a base model needs at least one token to continue", param="prompt"

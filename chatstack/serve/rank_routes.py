@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse
 
 from chatstack.data.preferences import PreferenceError, parse_record
 from chatstack.serve import protocol as P
-from chatstack.serve.openai_routes import _collect, _sampling_params, _watch_disconnect, check_context, submit
+from chatstack.serve.openai_routes import (
+    _chars,
+    _collect,
+    _sampling_params,
+    _watch_disconnect,
+    check_context,
+    off_loop_if_long,
+    submit,
+)
 
 
 def read_rank_prompts(path: str) -> list[list[dict]]:
@@ -73,7 +81,7 @@ def add_rank_routes(app: FastAPI, st) -> None:
         st.ready()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt_ids = st.tokenizer.render_prompt(messages)
+            prompt_ids = await off_loop_if_long(_chars(messages), st.tokenizer.render_prompt, messages)
         except ValueError as e:
             raise P.APIError(400, str(e), param="messages") from e
         check_context(st, prompt_ids, "messages")
