@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
@@ -82,7 +83,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's policy)")
     ap.add_argument("--top", type=int, default=12, help="ops listed per row count")
     a = ap.parse_args()
-    if a.threads:
+    if a.threads:  # fixed: the engine's thread policy keeps it (chatstack.infer.cpu)
+        os.environ["CHATSTACK_THREADS"] = str(a.threads)
         torch.set_num_threads(a.threads)
     if a.checkpoint:
         ck = load_checkpoint(a.checkpoint)
@@ -117,7 +119,8 @@ def main() -> int:
         in_ops = sum(e.self_cpu_time_total for e in events if e.key not in PHASES.values() and e.key != "engine step")
         in_ops = in_ops / a.steps / 1e3
         print(
-            f"\n## {rows} row(s): {plain:.2f} ms per decode step ({rows / plain * 1e3:.0f} tokens/s) without the profiler"
+            f"\n## {rows} row(s), {torch.get_num_threads()} thread(s): {plain:.2f} ms per decode step "
+            f"({rows / plain * 1e3:.0f} tokens/s) without the profiler"
         )
         print(
             f"under the profiler {profiled:.2f} ms; inside torch ops {in_ops:.2f} ms, outside (Python) "
