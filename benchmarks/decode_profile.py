@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from decode import _IdTokenizer  # a sibling benchmark (this folder is on sys.path when run as a script)
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from chatstack.checkpoint import load_checkpoint
@@ -36,17 +37,6 @@ PHASES = {  # engine method -> label
     "_admit": "admission",
     "_trim": "trim KV memory",
 }
-
-
-class _IdTokenizer:
-    """Just enough tokenizer for the engine: no stop tokens, one byte per token."""
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-        self.eot_id = self.im_end_id = None
-
-    def token_bytes(self, i):
-        return b"x"
 
 
 def label_phases(engine: Engine) -> None:
