@@ -124,6 +124,27 @@ def test_weight_decay_only_on_matrices():
         build_adamw(m, 1e-3, 0.1, impl=impl)
 
 
+def test_lr_scale_makes_its_own_groups_and_scales_the_schedule(tmp_path):
+    m = nano()
+    for p in m.blocks[0].parameters():
+        p.lr_scale = 0.1
+    groups = param_groups(m, 0.1)
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 1.0, 0.1, 0.1]
+    scaled = {id(p) for g in groups[2:] for p in g["params"]}
+    assert scaled == {id(p) for p in m.blocks[0].parameters()}
+    assert sum(p.numel() for g in groups for p in g["params"]) == m.num_params()
+    # the loop gives each group the schedule's lr times its scale: the scaled block moves ~10x less
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    cfg = TrainConfig(
+        out=str(tmp_path / "s"), max_steps=1, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0, progress=False
+    )
+    train(m, ToyTask(4, 1), cfg, {"stage": "toy", "model": m.config.to_dict()}, None)
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in m.named_parameters()}
+    # Adam's first step moves every weight by ~lr (the sign of its gradient)
+    assert moved["blocks.0.attn.qkv.weight"] == pytest.approx(1e-3, rel=0.05)
+    assert moved["blocks.1.attn.qkv.weight"] == pytest.approx(1e-2, rel=0.05)
+
+
 def test_trains_and_writes_metrics_and_checkpoint(tmp_path):
     path = run(tmp_path, "a", steps=30)
     curve, rows = losses(path)

@@ -69,6 +69,40 @@ def test_scene_answers_match_the_pixels():
     assert not any(s.held_out() for s in D.scenes("train", 50, 0))
 
 
+def test_counterfactual_keeps_the_layout_and_changes_the_caption():
+    rng = random.Random(0)
+    kinds = set()
+    for s in D.scenes("train", 60, 1):
+        c = D.counterfactual(s, rng)
+        assert c.caption() != s.caption() and len(c.objects) == len(s.objects)
+        assert sorted((o.x, o.y, o.r) for o in c.objects) == sorted((o.x, o.y, o.r) for o in s.objects)
+        assert [o.x for o in c.objects] == sorted(o.x for o in c.objects)
+        if len(s.objects) > 1:  # the same colours and shapes, differently bound or placed
+            assert {o.colour for o in c.objects} == {o.colour for o in s.objects}
+            assert {o.shape for o in c.objects} == {o.shape for o in s.objects}
+            same_pairs = {(o.colour, o.shape) for o in c.objects} == {(o.colour, o.shape) for o in s.objects}
+            kinds.add("place" if same_pairs else "binding")
+    assert kinds == {"place", "binding"}
+
+
+def test_clip_hard_negatives_follow_their_scene():
+    from chatstack.stages.clip_train import CLIPTask, CLIPTrainConfig
+
+    cfg = CLIPTrainConfig(builtin="scenes", batch_size=16, hard_negatives=1.0)
+    task = CLIPTask(cfg, ["scenes"], 64)
+    b = task.train_batch(3, 0, 0, 1)
+    assert torch.equal(b["ids"], task.train_batch(3, 0, 0, 1)["ids"])  # a pure function of the step
+    caps = [bytes((b["ids"][i][b["mask"][i]] - 1).tolist()).decode() for i in range(16)]
+    for a, c in zip(caps[0::2], caps[1::2]):  # every scene, then the same layout rearranged
+        assert a != c and len(a.split()) == len(c.split())
+        if "left of" in a:  # the same words in another order
+            assert sorted(a.split()) == sorted(c.split())
+        else:  # one object: one word changed
+            assert sum(x != y for x, y in zip(a.split(), c.split())) == 1
+    plain = CLIPTask(CLIPTrainConfig(builtin="scenes", batch_size=16), ["scenes"], 64).train_batch(3, 0, 0, 1)
+    assert not torch.equal(plain["ids"], b["ids"])
+
+
 def test_decode_image_errors(tmp_path):
     import io
 

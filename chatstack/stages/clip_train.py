@@ -39,6 +39,10 @@ class CLIPTrainConfig(TrainConfig):
     embed_dim: int = field(default=64, metadata={"help": "shared image/text embedding width"})
     channels: str = field(default="32,64,96", metadata={"help": "conv widths of the encoder's three stages"})
     scene_share: float = field(default=0.5, metadata={"help": "with digits,scenes: share of scene pairs per batch"})
+    hard_negatives: float = field(
+        default=0.0,
+        metadata={"help": "share of scenes followed in the batch by the same layout with attributes rearranged"},
+    )
     out: str = field(default="runs/clip", metadata={"help": "checkpoint directory to write"})
     max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=64, metadata={"help": "pairs per batch (the contrastive negatives)"})
@@ -105,23 +109,32 @@ class CLIPTask:
         if "digits" in sources:
             self.dx, self.dy = D.digits("train")
 
-    def _pair(self, rng: random.Random):
+    def _pair(self, rng: random.Random, prev: D.Scene | None = None):
+        """(image, caption, scene or None); with `prev`, a hard negative of it when one is drawn."""
         if self.folder is not None:
-            return self.folder[0][rng.randrange(len(self.folder[0]))]
+            return (*self.folder[0][rng.randrange(len(self.folder[0]))], None)
+        if prev is not None and self.cfg.hard_negatives > 0 and rng.random() < self.cfg.hard_negatives:
+            s = D.counterfactual(prev, rng)
+            if not s.held_out():
+                return s.draw(), s.caption(), None
         use_scene = "scenes" in self.sources and ("digits" not in self.sources or rng.random() < self.cfg.scene_share)
         if use_scene:
             while True:
                 s = D.random_scene(rng)
                 if not s.held_out():
-                    return s.draw(), s.caption()
+                    return s.draw(), s.caption(), s
         j = rng.randrange(len(self.dx))
         img = self.dx[j]
         dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)  # a random shift: the digits are few
-        return torch.roll(img, (dy, dx), (1, 2)), D.digit_caption(int(self.dy[j]), rng)
+        return torch.roll(img, (dy, dx), (1, 2)), D.digit_caption(int(self.dy[j]), rng), None
 
     def train_batch(self, step, micro, rank, world):
         start = ((step * self.cfg.grad_accum + micro) * world + rank) * self.cfg.batch_size
-        pairs = [self._pair(random.Random(f"{self.cfg.seed}-{start + i}")) for i in range(self.cfg.batch_size)]
+        pairs, prev = [], None
+        for i in range(self.cfg.batch_size):
+            img, cap, scene = self._pair(random.Random(f"{self.cfg.seed}-{start + i}"), prev)
+            pairs.append((img, cap))
+            prev = scene
         ids, mask = encode_text_bytes([c for _, c in pairs], self.text_len)
         return {"images": torch.stack([p for p, _ in pairs]), "ids": ids, "mask": mask}
 
@@ -148,6 +161,8 @@ def run_clip_train(cfg: CLIPTrainConfig, log=print):
     except ValueError:
         raise ValueError(f"--channels: expected three comma-separated integers, got {cfg.channels!r}") from None
     ccfg = CLIPConfig(channels=channels, embed_dim=cfg.embed_dim)
+    if not 0.0 <= cfg.hard_negatives <= 1.0:
+        raise ValueError(f"--hard-negatives must be in [0, 1], got {cfg.hard_negatives}")
     sources, folder = (
         (parse_builtin(cfg.builtin), None) if cfg.builtin else (["data"], read_caption_folder(cfg.data, cfg.seed))
     )

@@ -42,7 +42,10 @@ class SFTVisionConfig(TrainConfig):
     )
     train_encoder: bool = field(
         default=False,
-        metadata={"help": "fine-tune the image encoder too (it loses what CLIP taught it: docs/vision.md)"},
+        metadata={"help": "fine-tune the image encoder too, at --encoder-lr-scale times the learning rate"},
+    )
+    encoder_lr_scale: float = field(
+        default=0.1, metadata={"help": "with --train-encoder: the encoder's learning rate as a share of --lr"}
     )
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
     digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
@@ -105,12 +108,16 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
     )
     adapter = VisionAdapter(vcfg)
     adapter.encoder.load_state_dict(clip.image.state_dict())
+    if not cfg.encoder_lr_scale > 0:
+        raise ValueError(f"--encoder-lr-scale must be positive, got {cfg.encoder_lr_scale}")
+    for p in adapter.encoder.parameters():
+        p.lr_scale = cfg.encoder_lr_scale  # read by chatstack.train.optim.param_groups
     model = VisionChatModel(gpt, adapter, train_encoder=cfg.train_encoder, zero_images=cfg.zero_images)
     n_enc = sum(p.numel() for p in adapter.encoder.parameters())
     n_proj = sum(p.numel() for p in adapter.projection.parameters())
     log(
         f"sft-vision: GPT {gpt.num_params():,} params + image encoder {n_enc:,} "
-        f"({'trained' if cfg.train_encoder else 'frozen'}) + projection {n_proj:,}; "
+        f"({f'trained at {cfg.encoder_lr_scale:g}x the lr' if cfg.train_encoder else 'frozen'}) + projection {n_proj:,}; "
         f"{vcfg.tokens_per_image} image tokens of {gpt.config.n_embd} per image"
         + (" (the grid's cells and a global CLIP token)" if cfg.global_token else "")
     )

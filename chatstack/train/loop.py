@@ -405,7 +405,7 @@ def train(
     while step < max_steps:
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, max_steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         torch.manual_seed(_step_seed(cfg.seed, step, rank))  # dropout masks: a function of the step alone
         loss_sum = torch.zeros((), device=device)
         extras: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
     from chatstack.train.optim import build_adamw, lr_at
     opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    for g in opt.param_groups: g["lr"] = lr_at(step, max_lr, min_lr, warmup, max_steps)
+    for g in opt.param_groups: g["lr"] = lr_at(step, max_lr, min_lr, warmup, max_steps) * g.get("lr_scale", 1.0)
 
 Decay applies to every parameter of 2+ dimensions (linear weights and embeddings); biases and norm
 gains (1-D) are never decayed, as in GPT-2/3 and nanoGPT. `impl="auto"` picks the fused kernel where it
@@ -18,13 +18,26 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+    """[decay, no_decay] groups, then one pair more per distinct `lr_scale` attribute a parameter carries (a
+    group's "lr_scale" multiplies the schedule's learning rate: e.g. a pretrained part trained more gently)."""
+    groups: dict[float, tuple[list, list]] = {1.0: ([], [])}
+    seen = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # a tied weight (lm_head = tok_emb) is one parameter
+        decay, no_decay = groups.setdefault(float(getattr(p, "lr_scale", 1.0)), ([], []))
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    out = []
+    for scale, (decay, no_decay) in groups.items():
+        if scale != 1.0 and not (decay or no_decay):
+            continue
+        extra = {} if scale == 1.0 else {"lr_scale": scale}
+        out += [
+            {"params": decay, "weight_decay": weight_decay, **extra},
+            {"params": no_decay, "weight_decay": 0.0, **extra},
+        ]
+    return [g for g in out if g["params"] or "lr_scale" not in g]
 
 
 def build_adamw(

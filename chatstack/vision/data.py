@@ -191,6 +191,32 @@ def random_scene(rng: random.Random, n: int | None = None) -> Scene:
     return Scene(tuple(objs))
 
 
+def counterfactual(scene: Scene, rng: random.Random) -> Scene:
+    """The same layout with its attributes rearranged, so its caption differs (a CLIP hard negative: telling
+    the two apart takes which colour goes with which shape and what is left of what, not the set of words).
+    One object: another shape or colour. Several: the colours, the shapes, or the places moved round."""
+    objs = list(scene.objects)
+    if len(objs) == 1:
+        o = objs[0]
+        if rng.random() < 0.5:
+            o = Obj(rng.choice([s for s in SHAPES if s != o.shape]), o.colour, o.x, o.y, o.r)
+        else:
+            o = Obj(o.shape, rng.choice([c for c in COLOURS if c != o.colour]), o.x, o.y, o.r)
+        return Scene((o,))
+    n, k = len(objs), rng.randint(1, len(objs) - 1)  # a cyclic shift by k moves every object's attribute
+    kind = rng.choice(["colour", "shape", "place"])
+    new = []
+    for i, o in enumerate(objs):
+        src = objs[(i + k) % n]
+        if kind == "colour":
+            new.append(Obj(o.shape, src.colour, o.x, o.y, o.r))
+        elif kind == "shape":
+            new.append(Obj(src.shape, o.colour, o.x, o.y, o.r))
+        else:
+            new.append(Obj(o.shape, o.colour, src.x, src.y, src.r))
+    return Scene(tuple(sorted(new, key=lambda o: o.x)))
+
+
 def scenes(split: str, n: int, seed: int) -> list[Scene]:
     """n scenes of a split (test: hash 0 mod 10; train: the rest), drawn from `seed`."""
     if split not in ("train", "test"):
