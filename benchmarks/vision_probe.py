@@ -11,6 +11,7 @@ Logistic regressions (scikit-learn) fitted on encoder outputs of training scenes
   cell shape / cell colour   an object's shape / colour from the one token at its centre (the local
                              representation a GPT's attention reads when it looks an object up)
   column of colour c         which band the object of colour c is in (absent, 0, 1, 2), from all tokens
+  a left of b                for each pair of colours, on scenes holding both: is the one left of the other
 Peers in the same run: the raw pixels (3x32x32 = 3,072 numbers), and the mean of the grid tokens (position
 pooled away), for the same probes.
 """
@@ -120,6 +121,15 @@ def main() -> None:
     for name, keys in probes.items():
         accs = [np.mean([fit_score(r["train"], ltr[k], r["test"], lte[k]) for k in keys]) for r in reps.values()]
         print(f"{name:22s}" + "".join(f"{x:16.3f}" for x in accs))
+    pairs = [k for k in ltr if k.startswith("order_")]
+    accs = []
+    for r in reps.values():
+        per = []
+        for k in pairs:
+            mtr, mte = ltr[k] >= 0, lte[k] >= 0
+            per.append(fit_score(r["train"][mtr], ltr[k][mtr], r["test"][mte], lte[k][mte]))
+        accs.append(np.mean(per))
+    print(f"{'a left of b':22s}" + "".join(f"{x:16.3f}" for x in accs))
     ftr, str_, ctr = cell_rows(tr, cells["train"], grid)
     fte, ste, cte = cell_rows(te, cells["test"], grid)
     print(f"{'cell shape':22s}{fit_score(ftr, str_, fte, ste):16.3f}")

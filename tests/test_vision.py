@@ -88,19 +88,24 @@ def test_counterfactual_keeps_the_layout_and_changes_the_caption():
 def test_clip_hard_negatives_follow_their_scene():
     from chatstack.stages.clip_train import CLIPTask, CLIPTrainConfig
 
-    cfg = CLIPTrainConfig(builtin="scenes", batch_size=16, hard_negatives=1.0)
-    task = CLIPTask(cfg, ["scenes"], 64)
-    b = task.train_batch(3, 0, 0, 1)
-    assert torch.equal(b["ids"], task.train_batch(3, 0, 0, 1)["ids"])  # a pure function of the step
-    caps = [bytes((b["ids"][i][b["mask"][i]] - 1).tolist()).decode() for i in range(16)]
-    for a, c in zip(caps[0::2], caps[1::2]):  # every scene, then the same layout rearranged
-        assert a != c and len(a.split()) == len(c.split())
-        if "left of" in a:  # the same words in another order
-            assert sorted(a.split()) == sorted(c.split())
-        else:  # one object: one word changed
-            assert sum(x != y for x, y in zip(a.split(), c.split())) == 1
-    plain = CLIPTask(CLIPTrainConfig(builtin="scenes", batch_size=16), ["scenes"], 64).train_batch(3, 0, 0, 1)
-    assert not torch.equal(plain["ids"], b["ids"])
+    def captions(hard_negatives):
+        cfg = CLIPTrainConfig(builtin="scenes", batch_size=16, hard_negatives=hard_negatives)
+        b = CLIPTask(cfg, ["scenes"], 64).train_batch(3, 0, 0, 1)
+        return [bytes((b["ids"][i][b["mask"][i]] - 1).tolist()).decode() for i in range(16)]
+
+    def rearranged(a, c):  # the same layout with attributes moved: same words in another order, or one word changed
+        if a == c or len(a.split()) != len(c.split()):
+            return False
+        if "left of" in a:
+            return sorted(a.split()) == sorted(c.split())
+        return sum(x != y for x, y in zip(a.split(), c.split())) == 1
+
+    hard = captions(1.0)
+    assert hard == captions(1.0)  # a pure function of the step
+    # every scene is followed by its rearrangement (unless that one is held out: then by a fresh scene)
+    assert sum(rearranged(a, c) for a, c in zip(hard, hard[1:])) >= 6
+    plain = captions(0.0)  # (two random one-shape scenes differ in one word by chance: 1 time in 4)
+    assert sum(rearranged(a, c) for a, c in zip(plain, plain[1:])) <= 3
 
 
 def test_decode_image_errors(tmp_path):

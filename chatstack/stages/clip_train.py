@@ -8,7 +8,10 @@
 The same loop as every other stage (chatstack.train.loop) with batches of (image, caption) pairs; the
 checkpoint is an ordinary checkpoint directory of kind "clip" (config.json's "model" is the CLIPConfig).
 Captions: digits get one of a few templates ("a handwritten seven", "the number 7", ...), scenes their
-description ("a red circle left of a blue square"). Training images of digits are shifted by up to 2
+description ("a red circle left of a blue square"). --hard-negatives (default 0.5): that share of scenes is
+followed in its batch by the same layout with colours, shapes or places moved round ("a blue circle left of a
+red square"), so matching captions takes which colour goes with which shape and what is left of what, not
+only the set of words in them. Training images of digits are shifted by up to 2
 pixels (the one augmentation). The held-out images (20% of the digits, hash-held-out scenes, 10% of --data)
 are never trained on; --eval-every reports zero-shot accuracy on them while training.
 """
@@ -40,7 +43,7 @@ class CLIPTrainConfig(TrainConfig):
     channels: str = field(default="32,64,96", metadata={"help": "conv widths of the encoder's three stages"})
     scene_share: float = field(default=0.5, metadata={"help": "with digits,scenes: share of scene pairs per batch"})
     hard_negatives: float = field(
-        default=0.0,
+        default=0.5,
         metadata={"help": "share of scenes followed in the batch by the same layout with attributes rearranged"},
     )
     out: str = field(default="runs/clip", metadata={"help": "checkpoint directory to write"})
