@@ -20,7 +20,7 @@ import torch
 
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.vision import data as D
-from chatstack.vision.chat_data import eval_examples
+from chatstack.vision.chat_data import eval_examples, question_of
 from chatstack.vision.encoder import CLIP, zero_shot_classify
 from chatstack.vision.vlm import render_request
 
@@ -113,7 +113,7 @@ def chat_metrics(
             shown.append(
                 {
                     "task": ex["task"],
-                    "question": ex["messages"][0]["content"][-1]["text"],
+                    "question": question_of(ex["messages"][0]),
                     "expected": ex["answer"],
                     "answer": a,
                 }

@@ -50,7 +50,7 @@ from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPTConfig
 from chatstack.stages import report as R
 from chatstack.vision.chat_data import TASKS as VISION_TASKS
-from chatstack.vision.chat_data import eval_examples
+from chatstack.vision.chat_data import eval_examples, question_of
 from chatstack.vision.vlm import load_vision
 
 SAMPLE_PROMPTS = ["Hi! How are you today?", "Who are you?", "What do you like to do for fun?"]
@@ -758,10 +758,7 @@ def _vision_grid(out: Path) -> str:
         eval_examples([t], 1, seed=i)[0] for i, t in enumerate(VISION_TASKS) if t != "digits"
     ]
     answers = answer_questions(engine, adapter, exs)
-    items = [
-        (ex["images"][0], ex["messages"][0]["content"][-1]["text"], a.strip(), ex["answer"])
-        for ex, a in zip(exs, answers)
-    ]
+    items = [(ex["images"][0], question_of(ex["messages"][0]), a.strip(), ex["answer"]) for ex, a in zip(exs, answers)]
     return R.image_grid(out / "vision_examples.png", items)
 
 

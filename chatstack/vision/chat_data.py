@@ -28,6 +28,12 @@ def image_message(question: str, n_images: int = 1) -> dict:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}
 
 
+def question_of(message: dict) -> str:
+    """The text of a user message whose content may be a list of parts."""
+    c = message["content"]
+    return c if isinstance(c, str) else " ".join(p["text"] for p in c if p.get("type") == "text")
+
+
 def digit_example(image: torch.Tensor, label: int, rng: random.Random) -> dict:
     return {
         "messages": [image_message(rng.choice(D.DIGIT_QUESTIONS)), {"role": "assistant", "content": str(label)}],
@@ -134,4 +140,4 @@ if __name__ == "__main__":
     ex = TrainExamples(0)
     for i in range(6):
         e = ex(i)
-        print(e["task"], "|", e["messages"][0]["content"][-1]["text"], "->", e["answer"])
+        print(e["task"], "|", question_of(e["messages"][0]), "->", e["answer"])
