@@ -222,22 +222,22 @@ def test_rl_with_a_reward_checkpoint_as_policy_is_one_line(sft_ckpt, tmp_path, c
         assert flag in err and len(err.splitlines()) == 1
 
 
-def test_separate_group_gives_the_final_norm_its_own_learning_rate():
-    from chatstack.stages.ppo import separate_group
+def test_the_final_norm_gets_its_own_learning_rate():
+    """--final-norm-lr-mult: the final norm's parameters form their own optimizer group whose lr is the multiple."""
     from chatstack.train.optim import build_adamw
     from tests.helpers import nano_model
 
     model = nano_model()
-    opt = build_adamw(model, 1e-3, 0.1)
-    n_before = sum(len(g["params"]) for g in opt.param_groups)
     norm = list(model.norm_f.parameters())
-    separate_group(opt, norm, 30.0)
-    assert sum(len(g["params"]) for g in opt.param_groups) == n_before  # every parameter exactly once
-    last = opt.param_groups[-1]
-    assert {id(p) for p in last["params"]} == {id(p) for p in norm} and last["lr_mult"] == 30.0
-    assert all(id(p) not in {id(q) for q in norm} for g in opt.param_groups[:-1] for p in g["params"])
+    for p in norm:
+        p.lr_scale = 30.0  # as chatstack.stages.ppo sets it
+    opt = build_adamw(model, 1e-3, 0.1)
+    scaled = [g for g in opt.param_groups if g.get("lr_scale") == 30.0]
+    assert {id(p) for g in scaled for p in g["params"]} == {id(p) for p in norm}
+    n_params = len({id(p) for p in model.parameters()})
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_params  # every parameter exactly once
     for g in opt.param_groups:  # as the RL loop sets them
-        g["lr"] = 1e-4 * g.get("lr_mult", 1.0)
+        g["lr"] = 1e-4 * g.get("lr_scale", 1.0)
     before = [p.detach().clone() for p in model.parameters()]
     x = torch.randint(0, model.config.vocab_size, (2, 8))
     _, loss = model(x, targets=x)

@@ -331,15 +331,6 @@ def ptx_val_loss(lm, val_tokens: torch.Tensor, T: int, n_rows: int = 32) -> floa
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def separate_group(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr_mult: float) -> None:
-    """Move `params` out of the optimizer's groups into one of their own whose lr is `lr_mult` times the rest
-    (the loop sets each group's lr to lr * group["lr_mult"]). Before the first step only."""
-    ids = {id(p) for p in params}
-    for gr in opt.param_groups:
-        gr["params"] = [p for p in gr["params"] if id(p) not in ids]
-    opt.add_param_group({"params": params, "weight_decay": 0.0, "lr_mult": lr_mult})
-
-
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
@@ -546,9 +537,10 @@ def run_ppo(cfg: PPOConfig) -> Path:
     check_flags(policy, cfg.lora_rank, cfg.lora_targets, 0)
     if cfg.lora_rank:  # adapters on the policy's matrices; the value head trains in full
         apply_lora(policy, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_targets)
-    opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     if cfg.final_norm_lr_mult != 1.0:
-        separate_group(opt, list(policy.lm.norm_f.parameters()), cfg.final_norm_lr_mult)
+        for p in policy.lm.norm_f.parameters():
+            p.lr_scale = cfg.final_norm_lr_mult  # its own optimizer group (chatstack.train.optim.param_groups)
+    opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
 
     out = Path(cfg.out)
@@ -663,7 +655,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         torch.manual_seed(_seed(cfg.seed, it, 1))
         lr = lr_at(it, cfg.lr, cfg.lr, cfg.warmup, max_iters)
         for gr in opt.param_groups:
-            gr["lr"] = lr * gr.get("lr_mult", 1.0)
+            gr["lr"] = lr * gr.get("lr_scale", 1.0)
         g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
         pick = [j for j in pick for _ in range(cfg.group)]  # a group's answers sit next to each other
