@@ -34,6 +34,7 @@ from chatstack.model import GPT, GPTConfig, lm_loss
 START, DELIM, EXTRACT = 0, 1, 2  # offsets past the base vocabulary
 N_SPECIAL = 3
 KINDS = ("classify", "entail", "similar", "choice")
+SPECIAL_INITS = ("random", "mean")
 
 
 def n_sequences(kind: str, n_options: int = 0) -> int:
@@ -124,12 +125,26 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_base(
-        cls, base: Optional[GPT], kind: str, n_classes: int, cfg: Optional[GPTConfig] = None, head_dropout: float = 0.1
+        cls,
+        base: Optional[GPT],
+        kind: str,
+        n_classes: int,
+        cfg: Optional[GPTConfig] = None,
+        head_dropout: float = 0.1,
+        special_init: str = "random",
+        dropout: Optional[float] = None,
     ) -> TaskModel:
-        """A task model whose decoder starts from `base`'s weights (None: random initialisation of `cfg`)."""
+        """A task model whose decoder starts from `base`'s weights (None: random initialisation of `cfg`).
+
+        special_init: how the three new embedding rows start: "random" (N(0, 0.02), as GPT-1) or "mean" (the
+        mean of the base's rows, so a special token first reads as an average token to the pretrained layers).
+        dropout: the decoder's dropout while fine-tuning (None: the base's)."""
+        if special_init not in SPECIAL_INITS:
+            raise ValueError(f"special_init must be one of {', '.join(SPECIAL_INITS)}, got {special_init!r}")
         base_cfg = base.config if base is not None else cfg
         V = base_cfg.vocab_size
-        new_cfg = GPTConfig.from_dict({**base_cfg.to_dict(), "vocab_size": V + N_SPECIAL})
+        over = {"vocab_size": V + N_SPECIAL} if dropout is None else {"vocab_size": V + N_SPECIAL, "dropout": dropout}
+        new_cfg = GPTConfig.from_dict({**base_cfg.to_dict(), **over})
         m = cls(new_cfg, kind, n_classes, V, head_dropout)
         if base is not None:
             sd = base.state_dict()
@@ -137,6 +152,8 @@ class TaskModel(nn.Module):
             for k, v in sd.items():
                 if k in ("tok_emb.weight", "lm_head.weight") and v.size(0) == V:
                     own[k][:V] = v  # the base rows; rows V.. (the specials) keep their fresh init
+                    if special_init == "mean":
+                        own[k][V:] = v.mean(0)
                 elif k in own:
                     own[k].copy_(v)
             m.gpt.load_state_dict(own)

@@ -112,6 +112,10 @@ def test_from_base_copies_weights_and_adds_three_rows():
     torch.testing.assert_close(m.gpt.blocks[0].mlp.fc.weight, base.blocks[0].mlp.fc.weight)
     r = TaskModel.from_base(None, "classify", 2, cfg=base.config)
     assert not torch.equal(r.gpt.blocks[0].mlp.fc.weight, base.blocks[0].mlp.fc.weight)
+    mean = TaskModel.from_base(base, "classify", 2, special_init="mean", dropout=0.1)
+    torch.testing.assert_close(mean.gpt.tok_emb.weight[V:], base.tok_emb.weight.mean(0).expand(3, -1))
+    torch.testing.assert_close(mean.gpt.tok_emb.weight[:V], base.tok_emb.weight)
+    assert mean.config.dropout == 0.1 and m.config.dropout == base.config.dropout
 
 
 def test_builtin_sets_are_built_and_split_by_play():
@@ -184,12 +188,23 @@ def test_finetune_and_eval_task_cli(base_ckpt, tmp_path, capsys):
     assert main(["eval-task", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["task"] == "similar" and res["n"] == 4 and 0 <= res["accuracy"] <= 1
+    assert res["ci95"][0] <= res["accuracy"] <= res["ci95"][1]
     # the same checkpoint on a file with the same fields; its metrics show the auxiliary LM loss was trained
     assert main(["eval-task", str(out), "--data", str(train), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 40 and res["accuracy"] > 0.9  # the labels follow the first sentence: learnable
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("lm_loss" in m for m in metrics)
+
+
+def test_epochs_set_the_step_count(base_ckpt, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"the cat {i}", "label": i % 2}) + "\n" for i in range(40)))
+    out = tmp_path / "cls"
+    argv = ["finetune-task", "--base", str(base_ckpt), "--task", "classify", "--data", str(train), "--out", str(out)]
+    assert main([*argv, "--epochs", "1.5", "--batch-size", "8", "--no-progress", "--eval-every", "0"]) == 0
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 7  # 36 training examples (4 held out) x 1.5 epochs / 8 per batch, rounded up
 
 
 def test_cli_errors(base_ckpt, tmp_path, capsys):

@@ -20,7 +20,8 @@ Built-in sets (real text nobody here wrote; the splits are fixed):
       line that follows it in the same speech (label 1) or a random line of the same play (label 0), 50/50.
   shakespeare-similar (similar): two lines of the same play, label 1 if the same character speaks both, 50/50.
   shakespeare-choice (choice): context = two consecutive lines of a speech, four options: the line that
-      follows them and three random lines of the same play; label = the true line's (random) position.
+      follows them and three random lines of the same play; label = the true line's (random) position. One
+      example per line that has two lines before it in its speech (consecutive examples share context lines).
 Every Shakespeare set is split by play (train: Hamlet + Henry V; test: Twelfth Night) and seeded.
 """
 
@@ -192,7 +193,7 @@ def _choice(speeches: list[Speech], rng: random.Random) -> list[dict]:
     lines = [l for _, v in speeches for l in v]
     out = []
     for _, verse in speeches:
-        for i in range(0, len(verse) - 2, 3):
+        for i in range(len(verse) - 2):  # every position: each example has its own true line
             ctx, true = verse[i] + "\n" + verse[i + 1], verse[i + 2]
             wrong = []
             while len(wrong) < 3:

@@ -3,8 +3,9 @@
     chatstack eval-task runs/task/entail --json              # its built-in test split (or its held-out 10%)
     chatstack eval-task runs/task/topics --data test.jsonl    # your own examples (same fields as training)
 
-Output (--json): {"task", "accuracy", "n", "checkpoint", "data", "labels", "majority_baseline"}; the
-majority baseline is the accuracy of always answering the commonest test label (or 1/options for choice).
+Output (--json): {"task", "accuracy", "ci95", "n", "checkpoint", "data", "labels", "majority_baseline"};
+ci95 is the 95% percentile-bootstrap interval of the accuracy over the examples; the majority baseline is the
+accuracy of always answering the commonest test label (or 1/options for choice).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from chatstack.args import CLIError
 from chatstack.checkpoint import CheckpointError, load_tokenizer
 from chatstack.data.shards import DataError
 from chatstack.data.task_sets import builtin_task_set, read_task_file
-from chatstack.heads import accuracy, encode_examples, load_task_model
+from chatstack.evals.metrics import bootstrap_ci
+from chatstack.heads import encode_examples, load_task_model, predict
 
 
-def evaluate(path: str, data: str = "", device: str = "cpu") -> dict:
+def evaluate(path: str, data: str = "", device: str = "cpu", per_example: bool = False) -> dict:
+    """Accuracy (+ its 95% bootstrap interval over the examples) of a task checkpoint; per_example adds
+    "correct", one 0/1 per example in file order (for paired comparisons of two checkpoints)."""
     try:
         model, cfg = load_task_model(path, device)
         tok = load_tokenizer(path)
@@ -52,9 +56,11 @@ def evaluate(path: str, data: str = "", device: str = "cpu") -> dict:
         majority = sum(1 / len(r["options"]) for r in rows) / len(rows)
     else:
         majority = Counter(r["label"] for r in rows).most_common(1)[0][1] / len(rows)
-    return {
+    correct = [int(p == y) for p, (_, y) in zip(predict(model, enc), enc)]
+    out = {
         "task": t["kind"],
-        "accuracy": accuracy(model, enc),
+        "accuracy": sum(correct) / len(correct),
+        "ci95": list(bootstrap_ci(correct, seed=0)),
         "n": len(enc),
         "checkpoint": str(path),
         "data": source,
@@ -62,6 +68,9 @@ def evaluate(path: str, data: str = "", device: str = "cpu") -> dict:
         "majority_baseline": majority,
         "random_init": t.get("random_init", False),
     }
+    if per_example:
+        out["correct"] = correct
+    return out
 
 
 def _cmd(args) -> int:
@@ -70,7 +79,8 @@ def _cmd(args) -> int:
         print(json.dumps(res))
     else:
         print(
-            f"{res['task']} on {res['data']}: accuracy {res['accuracy']:.1%} (n={res['n']}; "
+            f"{res['task']} on {res['data']}: accuracy {res['accuracy']:.1%} "
+            f"(95% interval {res['ci95'][0]:.1%}-{res['ci95'][1]:.1%}, n={res['n']}; "
             f"majority baseline {res['majority_baseline']:.1%})"
         )
     return 0

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -33,7 +34,7 @@ from chatstack.args import CLIError, add_dataclass_args, dataclass_from_args
 from chatstack.checkpoint import CheckpointError, load_checkpoint
 from chatstack.data.shards import DataError
 from chatstack.data.task_sets import BUILTIN_SETS, KINDS, builtin_task_set, label_names, read_task_file
-from chatstack.heads import TaskModel, accuracy, encode_examples, make_batch
+from chatstack.heads import SPECIAL_INITS, TaskModel, accuracy, encode_examples, make_batch
 from chatstack.train.loop import TrainConfig, train
 
 
@@ -54,7 +55,19 @@ class FinetuneTaskConfig(TrainConfig):
         default=False, metadata={"help": "same architecture, random initial weights (the no-pretraining baseline)"}
     )
     head_dropout: float = field(default=0.1, metadata={"help": "dropout before the linear head"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout inside the decoder while fine-tuning"})
+    special_init: str = field(
+        default="random",
+        metadata={
+            "help": "initial start/delim/extract embeddings: random (GPT-1) or mean (of the base's rows)",
+            "choices": list(SPECIAL_INITS),
+        },
+    )
     max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    epochs: float = field(
+        default=0.0,
+        metadata={"help": "passes over the training examples; > 0 sets the steps to ceil(epochs x n / batch size)"},
+    )
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine"})
@@ -134,7 +147,11 @@ def run(cfg: FinetuneTaskConfig):
         raise CLIError("--out: give the checkpoint directory to write")
     if cfg.max_len < 8:
         raise CLIError(f"--max-len must be at least 8, got {cfg.max_len}")
+    if cfg.epochs < 0:
+        raise CLIError(f"--epochs must be >= 0, got {cfg.epochs}")
     train_rows, eval_rows, source = load_data(cfg)
+    if cfg.epochs > 0:
+        cfg = replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * len(train_rows) / cfg.batch_size)))
     try:
         ck = load_checkpoint(cfg.base)
     except CheckpointError as e:
@@ -154,7 +171,13 @@ def run(cfg: FinetuneTaskConfig):
         raise CLIError(f"{cfg.eval_data or source}: {e}") from None
     torch.manual_seed(cfg.seed)
     model = TaskModel.from_base(
-        None if cfg.random_init else ck.model, cfg.task, len(labels), cfg=base_cfg, head_dropout=cfg.head_dropout
+        None if cfg.random_init else ck.model,
+        cfg.task,
+        len(labels),
+        cfg=base_cfg,
+        head_dropout=cfg.head_dropout,
+        special_init=cfg.special_init,
+        dropout=cfg.dropout,
     )
     task_info = {
         "kind": cfg.task,
@@ -167,6 +190,7 @@ def run(cfg: FinetuneTaskConfig):
         "builtin": cfg.builtin or None,
         "random_init": cfg.random_init,
         "lm_coef": cfg.lm_coef,
+        "special_init": cfg.special_init,
         "n_train": len(train_enc),
         "n_eval": len(eval_enc),
     }
@@ -181,7 +205,8 @@ def run(cfg: FinetuneTaskConfig):
     }
     print(
         f"{cfg.task} on {source}: {len(train_enc):,} train / {len(eval_enc):,} eval examples, "
-        f"{'random init' if cfg.random_init else 'from ' + str(cfg.base)}, lm_coef {cfg.lm_coef}"
+        f"{'random init' if cfg.random_init else 'from ' + str(cfg.base)}, lm_coef {cfg.lm_coef}, "
+        f"{cfg.max_steps} steps of {cfg.batch_size}"
     )
     return train(model, TaskTrainer(train_enc, eval_enc, V, cfg), cfg, ckpt_config, ck.tokenizer)
 
