@@ -98,29 +98,38 @@ def _continuation_logp(model, tok, pairs: list[tuple[str, str]], batch: int = 64
 
 def zero_shot_correct(base: str, kind: str, train: list[dict], test: list[dict]) -> list[int] | None:
     """The base LM with no fine-tuning, where its next-line likelihood answers the task (GPT-1's zero-shot
-    heuristics): choice = the option with the highest log p(option | context); entail = log p(h | p) -
-    log p(h) (pointwise mutual information) above a threshold chosen on the training examples. None for the
-    other task types."""
+    heuristics), scored by pointwise mutual information log p(line | previous text) - log p(line | newline),
+    so short or common lines get no edge: choice = the option with the highest PMI given the context;
+    entail = PMI of the hypothesis given the premise above a threshold chosen on the training examples.
+    None for the other task types."""
     if kind not in ("choice", "entail"):
         return None
     ck = load_checkpoint(base)
     model, tok = ck.model.eval(), ck.tokenizer
+
+    def pmi(pairs: list[tuple[str, str]]) -> list[float]:
+        cond = _continuation_logp(model, tok, [(p + "\n", c) for p, c in pairs])
+        prior = _continuation_logp(model, tok, [("\n", c) for _, c in pairs])
+        return [a - b for a, b in zip(cond, prior)]
+
     if kind == "choice":
-        lp = _continuation_logp(model, tok, [(r["context"] + "\n", o) for r in test for o in r["options"]])
+        lp = pmi([(r["context"], o) for r in test for o in r["options"]])
         right, i = [], 0
         for r in test:
             k = len(r["options"])
             right.append(int(max(range(k), key=lambda j: lp[i + j]) == r["label"]))
             i += k
         return right
-
-    def pmi(rows):
-        cond = _continuation_logp(model, tok, [(r["premise"] + "\n", r["hypothesis"]) for r in rows])
-        prior = _continuation_logp(model, tok, [("\n", r["hypothesis"]) for r in rows])
-        return [a - b for a, b in zip(cond, prior)]
-
-    s_tr, s_te = pmi(train), pmi(test)
-    best = max(sorted(s_tr), key=lambda t: sum((s > t) == bool(r["label"]) for s, r in zip(s_tr, train)))
+    s_tr = pmi([(r["premise"], r["hypothesis"]) for r in train])
+    s_te = pmi([(r["premise"], r["hypothesis"]) for r in test])
+    # the threshold with the best training accuracy: predict 1 above it (one pass over the sorted scores)
+    pairs = sorted(zip(s_tr, (bool(r["label"]) for r in train)))
+    right = sum(y for _, y in pairs)  # threshold below every score: all predicted 1
+    best, best_right = pairs[0][0] - 1.0, right
+    for s, y in pairs:
+        right += -1 if y else 1
+        if right > best_right:
+            best, best_right = s, right
     return [int((s > best) == bool(r["label"])) for s, r in zip(s_te, test)]
 
 
