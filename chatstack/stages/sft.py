@@ -13,7 +13,8 @@ tokenizer and the architecture come from the base checkpoint; the output is an o
 built-in skills are new to the base model and a lower rate learned them far more slowly (docs/sft.md).
 
 Data: `--data` JSONL files ({"messages": [...]}; see chatstack.data.conversations), or when none are given
-the built-in mix (chatstack.data.chat_builtin): chit-chat, chatterbot Q&A, identity, verifiable tasks.
+the built-in mix (chatstack.data.chat_builtin): chit-chat, chatterbot Q&A, identity, verifiable tasks, and on
+request (`--mix ...,replay=1`) the base model's own replies to open questions (chatstack.data.replay).
 Held-out loss (`val_loss`) is measured on --val-data, or on the built-in held-out split, or on 5% of --data.
 """
 
@@ -24,6 +25,7 @@ import os
 import random
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ from chatstack.data.conversations import (
     read_jsonl,
     resolve_seq_len,
 )
+from chatstack.data.replay import replay_conversations, replay_prompts
 from chatstack.evals.tasks_eval import conversation_loss
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.model import GPT
@@ -68,6 +71,7 @@ class SFTConfig(TrainConfig):
         default="",
         metadata={
             "help": "built-in source weights (repeats per epoch); default 'chitchat=0.3,chatterbot=0.5,identity=2,tasks=6'"
+            "; replay=W adds the base model's own replies (see --replay)"
         },
     )
     task_mix: str = field(
@@ -78,6 +82,14 @@ class SFTConfig(TrainConfig):
         },
     )
     chitchat: int = field(default=2000, metadata={"help": "built-in: chit-chat conversations to use"})
+    replay: int = field(
+        default=300,
+        metadata={
+            "help": "built-in source 'replay' (--mix ...,replay=W): the base model's own greedy replies to this many "
+            "open questions, so a pretrained chat model keeps chatting (chatstack.data.replay)"
+        },
+    )
+    replay_tokens: int = field(default=160, metadata={"help": "replay: longest reply generated, in tokens"})
     tasks_per_task: int = field(default=4000, metadata={"help": "built-in: training examples per verifiable task"})
     on_long: str = field(
         default="truncate",
@@ -186,8 +198,25 @@ class SFTTask:
         return "\n".join(lines)
 
 
-def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
-    """(train encoded, val encoded, summaries) from --data/--val-data or the built-in mix."""
+def _replay(cfg: SFTConfig, model: GPT, tokenizer, log=print) -> list[list[dict]]:
+    """The 'replay' source: the base model's greedy replies to --replay open questions (cached in OUT)."""
+    prompts = replay_prompts(cfg.replay, cfg.seed)
+
+    def generate(qs: list[str]) -> list[tuple[str, bool]]:
+        log(f"replay: the base model answers {len(qs)} open questions (up to {cfg.replay_tokens} tokens each)")
+        was_training = model.training
+        eng = Engine(model.eval(), tokenizer, max_batch_size=32)
+        ids = [tokenizer.render_prompt([{"role": "user", "content": q}]) for q in qs]
+        outs = eng.generate(ids, SamplingParams(max_new_tokens=cfg.replay_tokens, temperature=0.0), progress=True)
+        model.train(was_training)
+        return [(o.text, o.finish_reason == "stop") for o in outs]
+
+    return replay_conversations(Path(cfg.out) / "replay.jsonl", prompts, generate)
+
+
+def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print, model: GPT | None = None):
+    """(train encoded, val encoded, summaries) from --data/--val-data or the built-in mix; `model` (the base)
+    answers the 'replay' source's questions."""
     system = cfg.system or None
     if cfg.data:
         tr_sum, convs = LoadSummary(), []
@@ -211,9 +240,21 @@ def load_sft_data(cfg: SFTConfig, tokenizer, max_len: int, log=print):
             va_sum = LoadSummary()
     else:
         mix = parse_mix(cfg.mix)
+        replay_w = mix.pop("replay", 0.0)
         sizes = {"chitchat": cfg.chitchat, "tasks_per_task": cfg.tasks_per_task}
         train_mix = builtin_mix("train", seed=cfg.seed, mix=mix, sizes=sizes, task_weights=parse_mix(cfg.task_mix))
         val_mix = builtin_mix("test", seed=cfg.seed, mix=mix, sizes=sizes)
+        if replay_w > 0:
+            if model is None:
+                raise ValueError("--mix replay=W needs the base model to answer the replay questions")
+            if cfg.replay <= 0:
+                raise ValueError(f"--mix names replay but --replay is {cfg.replay}; give a positive count")
+            replay = _replay(cfg, model, tokenizer, log)
+            rng = random.Random(f"replay-mix|{cfg.seed}")
+            whole, frac = int(replay_w), replay_w - int(replay_w)
+            chosen = replay * whole + [c for c in replay if rng.random() < frac]
+            train_mix += [{"messages": c, "source": "replay"} for c in chosen]
+            rng.shuffle(train_mix)
         convs = [c["messages"] for c in train_mix]
         tr_sum = LoadSummary()
         for c in train_mix:
@@ -241,7 +282,7 @@ def run_sft(cfg: SFTConfig, log=print, stage: str = "sft", extra: dict | None = 
     check_flags(model, cfg.lora_rank, cfg.lora_targets, cfg.train_layers)
     T = resolve_seq_len(cfg.seq_len, model.config.block_size)
     row_len = T + 1  # inputs are row[:-1], targets row[1:]: a row holds block_size + 1 tokens
-    train_enc, val_enc, tr_sum, va_sum = load_sft_data(cfg, tok, row_len, log)
+    train_enc, val_enc, tr_sum, va_sum = load_sft_data(cfg, tok, row_len, log, model=model)
     train_rows = pack(train_enc, row_len, tok.eot_id, seed=cfg.seed, packed=cfg.packing)
     val_rows = pack(val_enc, row_len, tok.eot_id, seed=cfg.seed, packed=True)
     if len(train_rows) == 0:
