@@ -247,3 +247,24 @@ def test_the_final_norm_gets_its_own_learning_rate():
     # Adam's first step moves a parameter by about its lr: the norm's by ~3e-3, the rest by ~1e-4
     assert max(moved[id(p)] for p in norm) > 1e-3
     assert max(v for k, v in moved.items() if k not in {id(p) for p in norm}) < 5e-4
+
+
+def test_rl_with_lora_trains_the_adapters_and_the_final_norm(sft_ckpt, tmp_path):
+    """Under LoRA the final norm stays trainable (--final-norm-lr-mult, default 50): the merged checkpoint
+    differs from the SFT model in the adapted matrices and the final norm, and nowhere else."""
+    from chatstack.checkpoint import load_checkpoint
+    from chatstack.cli import main
+
+    # --algo ppo: its value head gives every answer an advantage, so an untrained model's all-wrong groups
+    # still produce a gradient
+    args = ["rl", "--policy", str(sft_ckpt), "--reward", "judge", "--tasks", "add,compare", "--algo", "ppo"]
+    args += ["--group", "2", "--rollout-batch", "4", "--minibatch", "8", "--max-new-tokens", "4", "--eval-n", "1"]
+    args += ["--lr", "1e-2"]
+    args += ["--iterations", "2", "--warmup", "0", "--time-budget", "0", "--no-progress"]
+    args += ["--lora-rank", "2", "--lora-targets", "qkv", "--out", str(tmp_path / "rl")]
+    assert main(args) == 0
+    base = load_checkpoint(sft_ckpt).model.state_dict()
+    got = load_checkpoint(tmp_path / "rl").model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], got[k])}
+    assert "norm_f.weight" in changed and any(k.endswith("attn.qkv.weight") for k in changed)
+    assert all(k.startswith("norm_f.") or k.endswith("attn.qkv.weight") for k in changed), changed

@@ -135,7 +135,8 @@ class PPOConfig(LoraArgs):
         metadata={
             "help": "learning-rate multiplier for the final norm's parameters, which set the scale of the logits "
             "(how sharp sampling is): Adam moves each parameter by about lr per step, so at the body's lr "
-            "sharpening the whole distribution takes thousands of iterations (docs/rlhf.md)"
+            "sharpening the whole distribution takes thousands of iterations (docs/rlhf.md); with --lora-rank "
+            "a multiplier other than 1 also trains the final norm in full (it is saved in the weights)"
         },
     )
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
@@ -539,6 +540,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
         apply_lora(policy, cfg.lora_rank, cfg.lora_scale_alpha, cfg.lora_targets)
     if cfg.final_norm_lr_mult != 1.0:
         for p in policy.lm.norm_f.parameters():
+            p.requires_grad_(True)  # LoRA froze it; its gain is the logits' scale, the cheapest knob to sharpen
             p.lr_scale = cfg.final_norm_lr_mult  # its own optimizer group (chatstack.train.optim.param_groups)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
