@@ -281,3 +281,12 @@ def test_time_budget_replans_after_a_slow_start(tmp_path, clock):
 def test_mixed_precision_runs(tmp_path, dtype):
     curve, _ = losses(run(tmp_path, dtype, steps=4, dtype=dtype))
     assert all(math.isfinite(l) for _, l in curve)
+
+
+def test_progress_bar_shows_the_tasks_held_out_number():
+    from chatstack.train.loop import _val_postfix
+
+    assert _val_postfix({"step": 4, "val_loss": 1.25, "val_ppl": 3.5}) == {"val": "1.250"}
+    # a reward model has no held-out loss: its accuracy is shown, not a made-up 0.000
+    assert _val_postfix({"step": 4, "val_accuracy": 0.8}) == {"accuracy": "0.800"}
+    assert _val_postfix({}) == {}

@@ -264,7 +264,7 @@ def render_markdown(rep: dict) -> str:
         lines += [
             "## Alignment",
             "",
-            f"RL (PPO, built-in judge reward) against the SFT model on held-out questions ({a.get('n_per_task')} per "
+            f"RL ({a.get('method', 'PPO, built-in judge reward')}) against the SFT model on held-out questions ({a.get('n_per_task')} per "
             f"task, {k} samples each at temperature 1): **avg@{k} {100 * a['sft'].get('avg_at_k', 0):.1f}% -> "
             f"{100 * a['rl'].get('avg_at_k', 0):.1f}% ({a['avg_at_k_delta']:+.1f} points, paired 95% interval "
             f"[{lo:+.1f}, {hi:+.1f}])**; greedy {100 * a['sft'].get('accuracy', 0):.1f}% -> "
@@ -325,8 +325,9 @@ def render_markdown(rep: dict) -> str:
             [
                 name,
                 f"{s['completed']:,} / {s['planned']:,}" if s.get("planned") else "",
-                s.get("wall_s"),
+                round(s["wall_s"]) if s.get("wall_s") is not None else None,
                 s.get("expected_idle_s"),
+                s.get("peak_rss_gb"),
                 s.get("params"),
                 s.get("tokens"),
                 s.get("flops"),
@@ -335,7 +336,18 @@ def render_markdown(rep: dict) -> str:
                 s.get("key"),
             ]
         )
-    header = ["stage", "steps done / planned", "wall s", "idle 2-core s", "params", "tokens", "FLOPs", "FLOP/s", "MFU"]
+    header = [
+        "stage",
+        "steps done / planned",
+        "wall s",
+        "idle 2-core s",
+        "peak RSS GB",
+        "params",
+        "tokens",
+        "FLOPs",
+        "FLOP/s",
+        "MFU",
+    ]
     lines += [
         f"Expected wall time on an idle 2-core CPU: ~{rep.get('expected_idle_wall_s', 0) / 60:.0f} min"
         + (

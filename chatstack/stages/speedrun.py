@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -70,27 +71,37 @@ class Stage:
 # Wall seconds of each stage of the default (work-defined) run on an idle 2-core CPU: what the warnings compare
 # against, and what the report states as the expected wall time (docs/benchmarks.md has the measurements).
 EXPECTED_IDLE_S = {
-    "tokenizer": 10,
-    "data": 8,
-    "pretrain": 400,
-    "eval-base": 15,
-    "sft": 190,
-    "eval-sft": 45,
-    "label": 50,
-    "reward": 100,
-    "rl": 90,
-    "eval-rl": 45,
-    "compare": 20,
+    "tokenizer": 9,
+    "data": 6,
+    "pretrain": 643,
+    "eval-base": 22,
+    "sft": 240,
+    "eval-sft": 29,
+    "label": 79,
+    "reward": 80,
+    "rl": 93,
+    "eval-rl": 29,
+    "compare": 10,
 }
 # How `--time-budget SECONDS` is shared among the training stages (proportional to their idle wall time)
-BUDGET_SHARE = {"pretrain": 400, "sft": 190, "reward": 100, "rl": 90}
+BUDGET_SHARE = {"pretrain": 643, "sft": 240, "reward": 80, "rl": 93}
 SLOW_FACTOR = 2.0  # a stage slower than this multiple of its idle wall time gets a warning
 
 
 class Run:
-    def __init__(self, out: Path, smoke: bool, scale: str, nproc: int, time_budget: float = 0.0):
+    def __init__(
+        self,
+        out: Path,
+        smoke: bool,
+        scale: str,
+        nproc: int,
+        time_budget: float = 0.0,
+        expected: Optional[dict[str, float]] = None,
+    ):
         self.out, self.smoke, self.scale, self.nproc = out, smoke, scale, nproc
         self.time_budget = time_budget
+        # idle wall seconds per stage of this pipeline (the speedrun's by default): the slow-stage warnings
+        self.expected = EXPECTED_IDLE_S if expected is None else expected
 
     def budget(self, stage: str) -> list[str]:
         """--time-budget for a training stage: 0 (the work decides) unless the speedrun has a --time-budget."""
@@ -155,7 +166,7 @@ def stage_check(run: Run, stage: Stage, wall: float) -> dict:
         rec.update(planned=planned, completed=done)
         if planned and done < planned:
             warnings.append(f"{stage.name} completed {done:,} of {planned:,} planned steps (its time budget ran out)")
-    exp = EXPECTED_IDLE_S.get(stage.name)
+    exp = run.expected.get(stage.name)
     if exp and not run.smoke and run.scale == "cpu" and wall > SLOW_FACTOR * exp:
         warnings.append(
             f"{stage.name} took {wall:.0f} s, {wall / exp:.1f}x the ~{exp} s it takes on an idle 2-core CPU "
@@ -452,6 +463,23 @@ def _command(run: Run, stage: Stage, resume: bool) -> list[str]:
     return [sys.executable, "-m", "chatstack.cli", *argv]
 
 
+def _run_child(cmd: list[str]) -> tuple[int, Optional[float]]:
+    """Run one stage's command; return its exit code and its peak resident memory in GB (the kernel's
+    ru_maxrss of that process, or None where os.wait4 is missing; on Linux at least this process's own RSS,
+    which the child inherits across the exec)."""
+    proc = subprocess.Popen(cmd)
+    if not hasattr(os, "wait4"):
+        return proc.wait(), None
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
+    return proc.returncode, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
 def run_pipeline(
     out: Path,
     smoke: bool = False,
@@ -462,12 +490,14 @@ def run_pipeline(
     command: str = "speedrun",
     time_budget: float = 0.0,
     vision: bool = False,
+    expected: Optional[dict[str, float]] = None,
 ) -> dict:
     """Run `stages` (default: the speedrun's) in order, skipping finished ones; `command` is the `chatstack`
-    subcommand that re-runs this pipeline (named in the message when a stage fails)."""
+    subcommand that re-runs this pipeline (named in the message when a stage fails); `expected`: idle wall
+    seconds per stage (default: the speedrun's EXPECTED_IDLE_S)."""
     pipeline = stages if stages is not None else STAGES
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(out, smoke, scale, nproc, time_budget)
+    run = Run(out, smoke, scale, nproc, time_budget, expected)
     state = _load_state(out)
     if state.get("smoke", smoke) != smoke:
         raise SystemExit(f"{out} holds a {'smoke' if state['smoke'] else 'full'} run; use another --out")
@@ -495,12 +525,14 @@ def run_pipeline(
             flush=True,
         )
         t0 = time.time()
-        proc = subprocess.run(cmd)
+        returncode, rss_gb = _run_child(cmd)
         rec["wall_s"] += time.time() - t0
+        if rss_gb is not None:
+            rec["peak_rss_gb"] = round(max(rec.get("peak_rss_gb", 0.0), rss_gb), 3)
         _save_state(out, state)
-        if proc.returncode != 0:
+        if returncode != 0:
             raise SystemExit(
-                f"speedrun: stage {stage.name!r} failed (exit {proc.returncode}); fix it and re-run "
+                f"speedrun: stage {stage.name!r} failed (exit {returncode}); fix it and re-run "
                 f"`chatstack {command} --out {out}{' --smoke' if smoke else ''}` to continue from there"
             )
         rec["done"] = True
@@ -548,7 +580,9 @@ def _stage_numbers(run_dir: Path, name: str, ckpt: str, wall: float, peak: float
     tokens = R.last(rows, "tokens")
     d.update(params=params, tokens=int(tokens) if tokens else None)
     if tokens:
-        flops = E.flops_per_token(cfg, cfg.block_size) * tokens
+        # the attention term at the length the stage trained on (--seq-len), not the model's full context
+        seq = (read_config(run_dir / ckpt).get("train") or {}).get("seq_len") or cfg.block_size
+        flops = E.flops_per_token(cfg, min(int(seq), cfg.block_size)) * tokens
         d.update(flops=flops, flops_per_s=flops / max(wall, 1e-9), mfu=flops / max(wall, 1e-9) / peak)
     return d
 
@@ -580,6 +614,12 @@ def _alignment(out: Path, evals: dict) -> dict:
         t: round(100 * (rl_tasks[t]["accuracy"] - sft_tasks[t]["accuracy"]), 1) for t in rl_tasks if t in sft_tasks
     }
     a["worst_task_greedy_delta"] = min(drops.values()) if drops else None
+    try:  # which method and reward made rl/ (the report names them)
+        rc = json.loads((out / "rl" / "config.json").read_text())
+        algo, reward = rc.get("algo") or rc.get("stage", "ppo"), rc.get("reward_model", "")
+        a["method"] = f"{algo.upper()}, " + ("built-in judge reward" if reward == "judge" else "reward-model reward")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pass
     try:
         cmp = json.loads((out / "compare_rl_sft.json").read_text())
         a.update(win_rate=cmp["win_rate"], win_ci=[cmp["ci_low"], cmp["ci_high"]])
@@ -588,8 +628,9 @@ def _alignment(out: Path, evals: dict) -> dict:
     return a
 
 
-def build_report(out: Path, state: Optional[dict] = None) -> dict:
+def build_report(out: Path, state: Optional[dict] = None, expected: Optional[dict[str, float]] = None) -> dict:
     out = Path(out)
+    expected = EXPECTED_IDLE_S if expected is None else expected
     state = state or _load_state(out)
     # measured once, at the first report, and kept: a report rebuilt later on a busy machine must not
     # change every MFU figure of a run that trained on an idle one
@@ -603,6 +644,7 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
     walls = {k: v.get("wall_s", 0.0) for k, v in stages_rec.items()}
     stages = {}
     for name, ckpt in (
+        ("import", None),
         ("tokenizer", None),
         ("data", None),
         ("pretrain", "base"),
@@ -617,15 +659,16 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         ("clip-train", "clip"),
         ("sft-vision", "vision"),
         ("eval-vision", None),
+        ("export", None),
     ):
         if name not in stages_rec:
             continue
         s = _stage_numbers(out, name, ckpt, walls.get(name, 0.0), peak) if ckpt else {"wall_s": walls.get(name, 0.0)}
         s["key"] = stages_rec[name].get("key", "")
-        for k in ("planned", "completed", "warnings"):
+        for k in ("planned", "completed", "warnings", "peak_rss_gb"):
             if k in stages_rec[name]:
                 s[k] = stages_rec[name][k]
-        s["expected_idle_s"] = EXPECTED_IDLE_S.get(name)
+        s["expected_idle_s"] = expected.get(name)
         stages[name] = s
     evals = {}
     for name in ("base", "sft", "rl"):
@@ -716,9 +759,10 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         "shorter): it stands in for human labellers only because these tasks' answers can be checked.",
         "FLOPs are the estimator's 6ND-style training FLOPs (with the attention term); MFU divides the achieved "
         "FLOP/s by the measured peak matmul rate above.",
+        "Peak RSS: the largest resident memory of each stage's process as the kernel counts it (ru_maxrss, read by "
+        "the runner through os.wait4); never below the runner's own ~0.3 GB, which Linux carries over the exec.",
     ]
     warnings = [w for st in stages.values() for w in st.get("warnings", [])]
-    expected = sum(EXPECTED_IDLE_S.values())
     vision = None
     if (out / "eval_vision.json").exists():
         vision = {"eval": json.loads((out / "eval_vision.json").read_text()), "grid": None}
@@ -730,7 +774,7 @@ def build_report(out: Path, state: Optional[dict] = None) -> dict:
         "name": out.name,
         "alignment": alignment,
         "warnings": warnings,
-        "expected_idle_wall_s": expected,
+        "expected_idle_wall_s": sum(expected.values()),
         "time_budget": state.get("time_budget", 0.0),
         "smoke": state.get("smoke", False),
         "vision": vision,

@@ -154,6 +154,17 @@ CPU_BF16_MIN_WIDTH = 96
 AUTO_RECOMPUTE_BYTES = 2e9
 
 
+def _val_postfix(last_eval: dict) -> dict:
+    """The progress bar's held-out number: the task's val_loss, or its first val_* metric (the reward model's
+    val_accuracy) when it has no loss."""
+    if "val_loss" in last_eval:
+        return {"val": f"{last_eval['val_loss']:.3f}"}
+    for k, v in last_eval.items():
+        if k.startswith("val_") and isinstance(v, (int, float)):
+            return {k[4:]: f"{v:.3f}"}
+    return {}
+
+
 def resolve_dtype(name: str, device: torch.device, width: Optional[int] = None) -> torch.dtype:
     """The training precision for --dtype NAME on DEVICE, for a model `width` (n_embd) wide if given.
 
@@ -459,7 +470,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{loss_avg:.4f}",
                     tok_s=f"{tps:,.0f}",
-                    **({"val": f"{last_eval.get('val_loss', 0):.3f}"} if last_eval else {}),
+                    **_val_postfix(last_eval),
                 )
             t_log, tokens_log = now, 0
         if bar is not None:
