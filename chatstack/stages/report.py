@@ -91,6 +91,16 @@ def environment() -> dict:
             ).stdout.strip()
             or None
         )
+        # a run from a tree with uncommitted changes to the code says so: the commit alone is not what ran
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=5,
+        ).stdout.strip()
+        if commit and dirty:
+            commit += "+changes"
     except Exception:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
