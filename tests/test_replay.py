@@ -58,21 +58,15 @@ def base(tmp_path_factory):
     return d
 
 
+def _cfg(base, out: str, replay_weight: int, **kw) -> SFTConfig:
+    """A 1-2 step SFT of the nano base on a few task conversations plus the replay source."""
+    mix = f"tasks=0.05,chitchat=0,chatterbot=0,identity=0,replay={replay_weight}"
+    common = dict(tasks_per_task=20, batch_size=2, eval_every=0, time_budget=0, progress=False)
+    return SFTConfig(base=str(base / "base"), out=str(base / out), mix=mix, **common, **kw)
+
+
 def test_sft_trains_on_the_base_models_own_greedy_replies(base):
-    cfg = SFTConfig(
-        base=str(base / "base"),
-        out=str(base / "sft"),
-        mix="tasks=0.05,chitchat=0,chatterbot=0,identity=0,replay=1",
-        tasks_per_task=20,
-        replay=12,
-        replay_tokens=60,
-        max_steps=2,
-        batch_size=2,
-        warmup_steps=1,
-        eval_every=0,
-        time_budget=0,
-        progress=False,
-    )
+    cfg = _cfg(base, "sft", 1, replay=12, replay_tokens=60, max_steps=2, warmup_steps=1)
     run_sft(cfg, log=lambda s: None)
     rows = [json.loads(line) for line in open(base / "sft" / "replay.jsonl")]
     assert [r["prompt"] for r in rows] == replay_prompts(12, cfg.seed)
@@ -94,18 +88,7 @@ def test_replay_weight_repeats_the_replies(base, monkeypatch):
         return [Completion(list(p), [1], "Fine. And you?", "stop") for p in prompts]
 
     monkeypatch.setattr(Engine, "generate", fake_generate)
-    cfg = SFTConfig(
-        base=str(base / "base"),
-        out=str(base / "sft2"),
-        mix="tasks=0.05,chitchat=0,chatterbot=0,identity=0,replay=2",
-        tasks_per_task=20,
-        replay=5,
-        max_steps=1,
-        batch_size=2,
-        eval_every=0,
-        time_budget=0,
-        progress=False,
-    )
+    cfg = _cfg(base, "sft2", 2, replay=5, max_steps=1)
     run_sft(cfg, log=lambda s: None)
     assert read_config(base / "sft2")["data"]["train"]["sources"]["replay"] == 10
     rows = [json.loads(line) for line in open(base / "sft2" / "replay.jsonl")]
