@@ -11,9 +11,10 @@ Each measurement is a fresh process (the OpenMP wait policy is fixed when torch 
 Three thread policies:
   * torch defaults: CHATSTACK_THREAD_POLICY=0 and OMP_WAIT_POLICY unset (GNU OpenMP spins before it sleeps), all
     of torch's threads;
-  * all CPUs, passive waits: OMP_WAIT_POLICY=PASSIVE (what the `chatstack` package sets), one thread per CPU;
-  * chatstack's policy: what the engine and the training loop apply (chatstack/infer/cpu.py: passive waits and as
-    many threads as CPUs are idle given the other processes' load: 1 on a loaded machine).
+  * all CPUs, passive waits: OMP_WAIT_POLICY=PASSIVE (threads sleep at once when they wait), one thread per CPU;
+  * chatstack's policy: what the engine and the training loop apply (chatstack/infer/cpu.py: a spin bounded to
+    GOMP_SPINCOUNT=10000 rounds, set by the `chatstack` package, and as many threads as CPUs are idle given the
+    other processes' load: 1 on a loaded machine).
 "busy" runs --busy processes spinning in Python beside it. The ratio busy/idle is the slowdown; with T threads
 and K busy processes on N CPUs a fair scheduler leaves this process T/(T+K) of the machine, so speed in
 proportion to the CPU share means a ratio near (T+K)/N for T <= N (2.0 for 2 threads, 2 busy, 2 CPUs).
@@ -31,9 +32,9 @@ import time
 
 
 def child(workload: str, seconds: float) -> None:
-    import torch  # noqa: PLC0415 (the parent never loads torch: each child's environment decides its policy)
-
-    import chatstack  # noqa: F401, PLC0415 (first: it sets the OpenMP wait policy before torch loads)
+    # the parent never loads torch: each child's environment decides its policy
+    import chatstack  # noqa: F401, I001, PLC0415 (first: it sets the OpenMP spin count before torch loads)
+    import torch  # noqa: PLC0415
     from chatstack.model import GPT  # noqa: PLC0415
     from chatstack.presets import get_preset  # noqa: PLC0415
 
@@ -79,13 +80,17 @@ def child(workload: str, seconds: float) -> None:
 def measure(workload: str, policy: str, seconds: float) -> tuple[float, int]:
     env = dict(os.environ)
     env.pop("CHATSTACK_THREADS", None)
+    env.pop("GOMP_SPINCOUNT", None)
     if policy == "torch":
         env.pop("OMP_WAIT_POLICY", None)
         env["CHATSTACK_THREAD_POLICY"] = "0"
     else:
         env.pop("CHATSTACK_THREAD_POLICY", None)
-        if policy == "passive":  # every CPU, waits passive: what the policy does on an idle machine
+        if policy == "passive":  # every CPU, threads that sleep as soon as they wait
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
             env["CHATSTACK_THREADS"] = str(len(os.sched_getaffinity(0)))
+        else:
+            env.pop("OMP_WAIT_POLICY", None)
     out = subprocess.run(
         [sys.executable, __file__, "--child", workload, "--seconds", str(seconds)],
         env=env,

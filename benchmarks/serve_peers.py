@@ -37,6 +37,10 @@ import time
 import httpx
 from _serving import wait_ready  # noqa: E402 (a sibling module of the benchmarks)
 
+# the environment as the user gave it: importing chatstack (for the GGUF's path) sets its OpenMP spin count in
+# os.environ, and the peers' servers must run with their own defaults, not chatstack's
+USER_ENV = dict(os.environ)
+
 # an explicit system message: without one, llama-server and vLLM insert SmolLM2's default system prompt from the
 # model's chat template and chatstack does not, and the engines would read different prompts
 PROMPT = [
@@ -132,6 +136,8 @@ def configs(a):
             "bfloat16",
             "--max-num-seqs",
             str(np_),
+            "--max-model-len",
+            "2048",
         ]
     else:
         out["vLLM CPU (bf16)"] = None
@@ -181,7 +187,15 @@ def main() -> int:
                 continue
             port = a.port
             full = cmd + ["--port", str(port)]
-            env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="4", OMP_NUM_THREADS=str(a.threads))
+            env = dict(
+                USER_ENV,
+                OMP_NUM_THREADS=str(a.threads),
+                # vLLM: offline, a 4 GB KV cache, its OpenMP threads pinned to the first --threads CPUs, none reserved
+                HF_HUB_OFFLINE="1",
+                VLLM_CPU_KVCACHE_SPACE="4",
+                VLLM_CPU_OMP_THREADS_BIND=f"0-{a.threads - 1}",
+                VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+            )
             proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             url = f"http://127.0.0.1:{port}"
             try:

@@ -1,10 +1,12 @@
 """The thread policy (chatstack/infer/cpu.py): as many torch threads as CPUs are idle, never more than torch had
-when it first ran, an explicit count wins, and it can be turned off.
+when it first ran, an explicit count wins, and it can be turned off; importing chatstack bounds OpenMP's spin.
 
     python -m pytest tests/test_cpu_threads.py -q
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,3 +90,24 @@ def test_explicit_counts_win_and_the_policy_can_be_off(machine, monkeypatch):
 
 def test_available_cpus_is_the_affinity_mask_at_most():
     assert 1 <= cpu.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({}, ("10000", None)),  # a bounded spin: not PASSIVE, which halved one-stream decode on an idle machine
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, (None, "PASSIVE")),  # the user's choice stands
+        ({"GOMP_SPINCOUNT": "500"}, ("500", None)),
+        ({"CHATSTACK_THREAD_POLICY": "0"}, (None, None)),  # the policy off: OpenMP's own defaults
+    ],
+)
+def test_importing_chatstack_bounds_the_openmp_spin_before_torch_loads(env, want):
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base.pop("CHATSTACK_THREAD_POLICY", None)
+    code = (
+        "import os, sys, chatstack; assert 'torch' not in sys.modules; "
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    got = tuple(None if w == "None" else w for w in out.stdout.split())
+    assert got == want

@@ -240,9 +240,11 @@ def zeros_unpooled(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 # processes keep the cores busy, one of the threads is often descheduled, and each of the hundreds of regions in a
 # step waits a scheduler time slice for it: measured on a 2-core host at load average 16-31
 # (`python benchmarks/contention.py`, docs/benchmarks.md), a SmolLM2-135M engine step took 3.8 s with torch's 2
-# threads and 0.23 s with one. GNU OpenMP's default wait also spins before it sleeps, burning the core the late
-# thread needs; chatstack/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless it is set, or
-# CHATSTACK_THREAD_POLICY=0). apply_thread_policy() then runs as many threads as there are idle CPUs: the CPUs this
+# threads and 0.23 s with one. GNU OpenMP's default wait also spins (300,000 rounds) before it sleeps, burning the
+# core the late thread needs; chatstack/__init__.py bounds the spin to 10,000 rounds (GOMP_SPINCOUNT) before torch
+# loads, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set or CHATSTACK_THREAD_POLICY=0: sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) misses the next op and halved one-stream decode on an idle machine.
+# apply_thread_policy() then runs as many threads as there are idle CPUs: the CPUs this
 # process may use (affinity, cgroup quota) minus what other processes use of them right now. "Right now" is
 # measured from /proc/stat over a short window (or since the previous look), less this process's own CPU time:
 # the 1-minute load average lags by a minute, so a stage started just after another (the speedrun's pretraining
@@ -357,7 +359,9 @@ def apply_thread_policy(threads: int | None = None, own_busy_threads: float = 0.
 
 def thread_policy_summary() -> str:
     """One line for logs: threads, CPUs available, the load, and the OpenMP wait policy in force."""
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset (spin, then sleep)")
+    wait = os.environ.get("OMP_WAIT_POLICY") or (
+        f"unset, GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}" if os.environ.get("GOMP_SPINCOUNT") else "unset"
+    )
     try:
         load = f"load average {os.getloadavg()[0]:.1f}"
     except (AttributeError, OSError):
