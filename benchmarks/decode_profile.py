@@ -2,6 +2,7 @@
 
     python benchmarks/decode_profile.py                           # SmolLM2-135M shape, random weights, 1 and 16 rows
     python benchmarks/decode_profile.py --checkpoint runs/smollm2 --rows 1 16 --steps 20 --threads 1
+    python benchmarks/decode_profile.py --checkpoint runs/smollm2 --rows 1 16 64 --quantize bf16 --no-profile
 
 For each row count: B rows with a 32-token prompt are prefilled, a few decode steps warm up, then --steps decode
 steps are timed without the profiler (median ms per step, the number to compare) and once more under
@@ -53,8 +54,8 @@ def label_phases(engine: Engine) -> None:
         setattr(engine, name, functools.wraps(fn)(wrapped))
 
 
-def make_engine(model, tok, rows: int, vocab: int) -> Engine:
-    engine = Engine(model, tok, max_batch_size=rows, prefix_cache_mb=0)
+def make_engine(model, tok, rows: int, vocab: int, quantize: str | None = None) -> Engine:
+    engine = Engine(model, tok, max_batch_size=rows, prefix_cache_mb=0, quantize=quantize)
     engine.prepare_weights()
     g = torch.Generator().manual_seed(0)
     for _ in range(rows):
@@ -72,6 +73,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's policy)")
     ap.add_argument("--top", type=int, default=12, help="ops listed per row count")
+    ap.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="the engine's weight copies")
+    ap.add_argument("--no-profile", action="store_true", help="only the plain ms per step")
     a = ap.parse_args()
     if a.threads:  # fixed: the engine's thread policy keeps it (chatstack.infer.cpu)
         os.environ["CHATSTACK_THREADS"] = str(a.threads)
@@ -86,16 +89,19 @@ def main() -> int:
     vocab = model.config.vocab_size
     print(
         f"{a.checkpoint or 'smollm2-135m shape, random weights'}; {torch.get_num_threads()} threads; "
-        f"{cpu_vendor() or 'unknown CPU'}"
+        f"{cpu_vendor() or 'unknown CPU'}; weights {a.quantize or 'fp32'}"
     )
     for rows in a.rows:
-        engine = make_engine(model, tok, rows, vocab)
+        engine = make_engine(model, tok, rows, vocab, a.quantize)
         times = []
         for _ in range(a.steps):
             t = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t)
         plain = statistics.median(times) * 1e3
+        if a.no_profile:
+            print(f"{rows} row(s): {plain:.2f} ms per decode step ({rows / plain * 1e3:.0f} tokens/s)")
+            continue
         label_phases(engine)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()

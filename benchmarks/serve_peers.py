@@ -1,6 +1,6 @@
 """chatstack's server against the servers people run for a small model on a CPU: llama.cpp and vLLM's CPU build.
 
-    python benchmarks/serve_peers.py                                   # chatstack fp32 + int8 (+ peers found)
+    python benchmarks/serve_peers.py                                   # chatstack fp32, bf16, int8 (+ peers found)
     python benchmarks/serve_peers.py --llama-server ~/llama.cpp/build/bin/llama-server --gguf-q8 runs/smollm2-q8_0.gguf
     python benchmarks/serve_peers.py --llama-server B/llama-server --llama-quantize B/llama-quantize --clients 1 16
     python benchmarks/serve_peers.py --vllm-python ~/vllm-venv/bin/python --hf runs/smollm2-hf
@@ -112,7 +112,11 @@ def configs(a):
         "--max-queue",
         "4096",
     ]
-    out = {"chatstack fp32": [py, *cs], "chatstack int8": [py, *cs, "--quantize", "int8"]}
+    out = {
+        "chatstack fp32": [py, *cs],
+        "chatstack bf16": [py, *cs, "--quantize", "bf16"],
+        "chatstack int8": [py, *cs, "--quantize", "int8"],
+    }
     llama = a.llama_server or shutil.which("llama-server")
     np_ = max(a.clients)
     ctx = np_ * (a.max_tokens + 128)
@@ -161,6 +165,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=8437)
+    ap.add_argument("--skip", nargs="+", default=[], help="skip configurations whose label contains any of these")
     a = ap.parse_args()
     if a.gguf is None:
         try:
@@ -179,7 +184,7 @@ def main() -> int:
                     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     os.replace(path + ".tmp", path)
                 setattr(a, attr, path)
-    cfgs = configs(a)
+    cfgs = {k: v for k, v in configs(a).items() if not any(x in k for x in a.skip)}
     res: dict = {}
     for r in range(a.rounds):
         for label, cmd in cfgs.items():

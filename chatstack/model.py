@@ -263,7 +263,7 @@ class Linear(nn.Linear):
     GPT-2's 768->3072 at one row streams its weight at 16 instead of 11.7 GB/s). The engine
     (chatstack.infer.engine) sets it for the duration of one step and removes it after, so everywhere else
     (training, evals, checkpoints) this is plain nn.Linear, except inside `cpu_bf16_matmuls()` (above).
-    For an int8-quantised decode step the engine binds a chatstack.infer.quantize.Int8Weight instead, and on CPUs
+    For lower-precision weights the engine binds a chatstack.infer.quantize.Int8Weight or BF16Weight instead, and on CPUs
     where MKL is slow a chatstack.infer.cpu.CPUWeight (oneDNN-packed); both compute the product themselves.
     """
 

@@ -36,7 +36,7 @@ def _run(engine, prompts, params, join_at=2):
     return [engine.done.pop(r) for r in rids]
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "bf16"])
 @pytest.mark.parametrize("family,over", CASES)
 def test_decode_step_equals_module_forward(family, over, quantize):
     tok = small_tokenizer()

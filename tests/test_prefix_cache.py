@@ -69,6 +69,39 @@ def test_mixed_admission_hits_and_misses_in_one_step(family):
     assert len(got[long_row]) == 19 and got[long_row] == reference_greedy(model, tok.encode("The lazy dog"), 20)[1:]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hits_on_one_prefix_are_one_batched_forward(family):
+    """Clients sending the same history: rows continuing the same cached prefix with remainders of different
+    lengths, and identical prompts, are prefilled as one right-padded batch (identical ones copied) and give the
+    reference tokens and log-probabilities."""
+    tok = small_tokenizer()
+    model = nano_model(family, tok.vocab_size, seed=3)
+    eng = Engine(model, tok, prefix_cache_mb=16, max_batch_size=8)
+    sp = SamplingParams(max_new_tokens=6, logprobs=True, **GREEDY)
+    a = _turns(tok)
+    hist = a + eng.generate([a], sp)[0].token_ids
+    prompts = [hist + tok.encode(" again"), hist + tok.encode(" and once more"), a, a, a]
+    forwards, events = [], []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: forwards.append(tuple(i[0].shape)))
+    try:
+        rids = [eng.add_request(p, sp) for p in prompts]
+        events += eng.step()
+    finally:
+        hook.remove()
+    assert eng.prefix_cache.hits == len(prompts)
+    assert len(forwards) == 2 and forwards[0][0] == 1 and forwards[1][0] == 2  # a once (n = len(a) - 1), then both
+    assert {e.request_id: e.cached_tokens for e in events} == {
+        rid: len(hist if i < 2 else a) - 1 for i, rid in enumerate(rids)
+    }
+    while eng.has_unfinished():
+        events += eng.step()
+    for p, rid in zip(prompts, rids):
+        ids = [e.token_id for e in events if e.request_id == rid]
+        lps = [e.logprob for e in events if e.request_id == rid]
+        assert ids == reference_greedy(model, p, 6)
+        assert lps == pytest.approx(reference_logprobs(model, p, ids), abs=1e-4)
+
+
 def test_budget_lru_and_covering_entries():
     kv = lambda n: torch.zeros(1, 2, 1, n, 4)  # 32 bytes per token
     c = PrefixCache(max_bytes=32 * 60)

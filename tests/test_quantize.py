@@ -1,5 +1,5 @@
-"""int8 weight quantisation for CPU decoding (chatstack.infer.quantize): rounding bounds, the kernel against the
-dequantised weights, and the engine's int8 decode against an independent full-forward reference.
+"""Lower-precision weights for CPU inference (chatstack.infer.quantize): int8 rounding bounds, the kernels against the
+dequantised weights, and the engine's int8 decode and bf16 products against independent full-forward references.
 
     python -m pytest tests/test_quantize.py -q
 """
@@ -7,11 +7,18 @@ dequantised weights, and the engine's int8 decode against an independent full-fo
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_checkpoint, nano_model, reference_greedy, small_tokenizer
+from helpers import make_checkpoint, nano_model, reference_greedy, reference_logprobs, small_tokenizer
 
 from chatstack.cli import main
 from chatstack.infer.engine import Engine, SamplingParams
-from chatstack.infer.quantize import Int8Weight, check_quantize, dequantize_int8, int8_supported, quantize_int8
+from chatstack.infer.quantize import (
+    BF16Weight,
+    Int8Weight,
+    check_quantize,
+    dequantize_int8,
+    int8_supported,
+    quantize_int8,
+)
 from chatstack.model import Linear
 
 GREEDY = dict(temperature=0.0, stop_token_ids=[])
@@ -97,19 +104,73 @@ def test_engine_int8_decode_equals_mixed_full_forward(family, over):
         assert lp8.logprobs == pytest.approx(lp32.logprobs, abs=0.1)
 
 
-def test_engine_int8_follows_weight_updates_and_unbinds():
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 128), (40, 64)])
+def test_bf16_linear_is_the_product_of_bf16_rounded_operands(shape):
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(shape[-1], 96)
+    x = torch.randn(*shape)
+    wb = BF16Weight(lin.weight)
+    y = wb.linear(x, lin.bias)
+    # bf16 inputs and weights, fp32 sums, the product rounded to bf16, the bias added in fp32: the reference differs
+    # only in summation order, so by at most one bf16 step (2^-8 relative) where the order moves a rounding
+    ref = F.linear(x.bfloat16().float(), lin.weight.bfloat16().float()).bfloat16().float() + lin.bias
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    prod = (y - lin.bias).abs()
+    assert torch.all((y - ref).abs() <= prod * 2**-8 + 1e-6)
+    assert (y == ref).float().mean() > 0.9
+    fp32 = F.linear(x, lin.weight, lin.bias)
+    assert 1e-4 < ((fp32 - ref).norm() / ref.norm()).item() < 1e-2  # bf16 rounding really happened; it is small
+
+
+def _bf16_reference(model, fn, *args):
+    """fn(model, *args) with every Linear computing on bf16-rounded inputs and weights, its product rounded to bf16:
+    what the engine computes with quantize="bf16", by full forward passes."""
+    orig = Linear.forward
+
+    def forward(self, x):
+        y = F.linear(x.bfloat16().float(), self.weight.bfloat16().float()).bfloat16().float()
+        return y if self.bias is None else y + self.bias
+
+    Linear.forward = forward
+    try:
+        return fn(model, *args)
+    finally:
+        Linear.forward = orig
+
+
+@pytest.mark.parametrize("family", ["nano", "nano-llama"])
+def test_engine_bf16_equals_bf16_full_forward(family):
+    """Prefill and decode (batched, prompts of different lengths) on bf16 weights give the tokens and
+    log-probabilities of full forward passes with bf16-rounded products, and differ from fp32's."""
+    tok = small_tokenizer()
+    model = nano_model(family, tok.vocab_size, seed=4)
+    prompts = [tok.encode("The quick brown fox"), tok.encode("To"), tok.encode("What is 12 plus 30?")]
+    eng = Engine(model, tok, quantize="bf16")
+    sp = SamplingParams(max_new_tokens=10, logprobs=True, **GREEDY)
+    out = eng.generate(prompts, sp)
+    for p, c in zip(prompts, out):
+        assert c.token_ids == _bf16_reference(model, reference_greedy, p, 10)
+        ref_lp = _bf16_reference(model, reference_logprobs, p, c.token_ids)
+        assert c.logprobs == pytest.approx(ref_lp, abs=1e-4)
+    lp32 = Engine(model, tok).generate(prompts[:1], sp)[0]
+    assert out[0].logprobs[0] != pytest.approx(lp32.logprobs[0], abs=1e-6)  # the prefill ran in bf16 too
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_engine_low_precision_follows_weight_updates_and_unbinds(kind):
     tok = small_tokenizer()
     model = nano_model("nano", tok.vocab_size, seed=6)
     other = nano_model("nano", tok.vocab_size, seed=7)
-    eng = Engine(model, tok, quantize="int8")
+    eng = Engine(model, tok, quantize=kind)
+    ref = _mixed_reference_greedy if kind == "int8" else lambda m, p, n: _bf16_reference(m, reference_greedy, p, n)
     p = tok.encode("The quick")
     sp = SamplingParams(max_new_tokens=8, **GREEDY)
-    assert eng.generate([p], sp)[0].token_ids == _mixed_reference_greedy(model, p, 8)
+    assert eng.generate([p], sp)[0].token_ids == ref(model, p, 8)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all("fast_weight" not in m.__dict__ for m in linears)  # bound only inside a forward
     with torch.no_grad():
-        model.load_state_dict(other.state_dict())  # in place: the int8 copies must be re-made
-    assert eng.generate([p], sp)[0].token_ids == _mixed_reference_greedy(other, p, 8)
+        model.load_state_dict(other.state_dict())  # in place: the copies must be re-made
+    assert eng.generate([p], sp)[0].token_ids == ref(other, p, 8)
 
 
 def test_quantize_errors_are_clear():

@@ -62,7 +62,7 @@ def test_models_health_metrics(server, client):
     assert [m.id for m in models.data] == ["nano-chat"]  # the checkpoint's directory name
     assert client.models.retrieve("nano-chat").id == "nano-chat"
     h = httpx.get(server.url + "/health").json()
-    assert h["status"] == "ok" and h["model"] == "nano-chat"
+    assert h["status"] == "ok" and h["model"] == "nano-chat" and h["weights"] == "float32"
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "chatstack_requests_total",
@@ -459,3 +459,16 @@ def test_cli_serve_bad_checkpoint(tmp_path):
     from chatstack.cli import main
 
     assert main(["serve", str(tmp_path / "missing")]) == 2
+
+
+def test_bf16_server_answers_as_the_bf16_engine(ckpt):
+    """`chatstack serve --quantize bf16`: the server's greedy reply is the bf16 engine's."""
+    app = create_app(ckpt, quantize="bf16")
+    with LiveServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        got = c.chat.completions.create(model="nano-chat", messages=MSGS, max_tokens=12, temperature=0)
+        assert httpx.get(srv.url + "/health").json()["weights"] == "bf16"
+    ck = load_checkpoint(ckpt)
+    ck.model.eval()
+    want = _ref_text(Engine(ck.model, ck.tokenizer, quantize="bf16"), MSGS, max_new_tokens=12, temperature=0.0)
+    assert got.choices[0].message.content == want.text

@@ -67,7 +67,8 @@ def evaluate_tasks(
     quantize: Optional[str] = None,
 ) -> dict[str, dict]:
     """{task: {"accuracy", "n", "well_formed", "samples"}} from greedy generation on held-out examples.
-    quantize="int8": decode with int8 weights (chatstack.infer.quantize), to measure what they cost on tasks."""
+    quantize="int8" | "bf16": generate with those weights (chatstack.infer.quantize), to measure what they cost on
+    tasks."""
 
     names = list(task_names or TASKS)
     items = build_prompts(tokenizer, names, n, seed, mode, shots)

@@ -12,9 +12,10 @@ copies it wants), whether the CPU has AMX for bf16 training, and the allocator s
   * `tune_malloc()`: glibc malloc thresholds that keep freed activations in the heap (called by the loop).
   * `zeros_unpooled()`, `release_free_memory()`, `available_memory_bytes()`: the engine's KV cache memory (pages
     of its own, resident when written, returned on free) and its default budget.
-  * `apply_thread_policy()`: torch's thread count capped at the CPUs this process may use, with OpenMP threads that
-    sleep rather than spin while they wait (set in chatstack/__init__.py), so speed on a busy machine falls in
-    proportion to the CPU share instead of collapsing (called by the engine and the training loop).
+  * `apply_thread_policy()`: torch's thread count capped at the CPUs this process may use and idle, with OpenMP
+    threads that spin only briefly before they sleep (GOMP_SPINCOUNT, set in chatstack/__init__.py), so speed on a
+    busy machine falls in proportion to the CPU share instead of collapsing (called by the engine and the training
+    loop).
 
 Measured by benchmarks/cpu_matmul.py and benchmarks/train_throughput.py; numbers in docs/benchmarks.md.
 """

@@ -45,8 +45,9 @@ alternatives of that same distribution, most likely first.
     out = engine.generate([tokenizer.encode("Once upon a time")], SamplingParams(max_new_tokens=50, temperature=0))
     for ev in engine.stream(ids, SamplingParams(temperature=0.8, seed=1)): print(ev.text, end="", flush=True)
 
-Quantised decoding (CPU): `Engine(..., quantize="int8")` runs decode steps with int8 copies of the weights
-(chatstack.infer.quantize; prefill keeps fp32), ~1.5-2x faster where decoding is bound by weight bytes.
+Lower-precision weights (CPU, chatstack.infer.quantize): `Engine(..., quantize="int8")` runs decode steps with int8
+copies of the weights (prefill keeps fp32), faster at one or two rows; `quantize="bf16"` runs every product, prefill
+and decode, on bf16 copies, faster from a few rows up (a server's batches).
 
 The engine is not thread-safe: one scheduler (the server's, or generate/stream here) drives `step()`.
 """
@@ -75,7 +76,7 @@ from chatstack.infer.cpu import (
 from chatstack.infer.decode_step import DecodeStep
 from chatstack.infer.kv_cache import KV_BLOCK, KVCache, round_up
 from chatstack.infer.prefix_cache import PrefixCache
-from chatstack.infer.quantize import Int8Weight, check_quantize, int8_supported
+from chatstack.infer.quantize import BF16Weight, Int8Weight, check_quantize, int8_supported
 from chatstack.infer.sampling import greedy, sample
 from chatstack.model import GPTConfig, Linear
 from chatstack.tokenizer import Tokenizer
@@ -235,7 +236,8 @@ class Engine:
 
         quantize: "int8" runs every decode step with int8 copies of the weights (CPU only; see
         chatstack.infer.quantize: what it costs is measured by benchmarks/quantize_quality.py); prompts are still
-        prefilled with the fp32 weights. The int8 copies are kept and re-made like the transposed ones below.
+        prefilled with the fp32 weights. "bf16" runs every product (prefill and decode) on bf16 copies of the
+        weights, with fp32 in and out. The copies are kept and re-made like the transposed ones below.
 
         transposed_weights: run every matmul of a step from an (in, out) copy of its weight (each
         chatstack.model.Linear; see Linear.fast_weight): on CPU a few-row product runs faster from that layout
@@ -302,7 +304,7 @@ class Engine:
         # decode steps of a chatstack GPT skip the nn.Module calls (chatstack.infer.decode_step); None: hidden_states
         self._decode_step = DecodeStep.for_model(model)
         self._wt_steps = _optimizer_steps  # optimizer steps seen when the copies in _wt were made
-        # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its Int8Weight or None]
+        # Linear module -> [(data_ptr, version) of its weight, its (in, out) copy or None, its low-precision copy or None]
         self._wt: dict = {}
         self._int8_ok: set = set()  # the Linears the int8 kernel takes (chatstack.infer.quantize)
         self._key_pos = torch.arange(self.block_size, device=self.device)  # key positions, for decode masks
@@ -420,10 +422,10 @@ class Engine:
 
     def _bind_weights(self, quantized: bool = False) -> list:
         """Give each chatstack.model.Linear its fast_weight for one forward: the transposed view of an (in, out)
-        copy of its weight, or (quantized, for decode steps) its Int8Weight; each made or re-made when the
-        weight changed. Returns the modules bound."""
-        quantized = quantized and self.quantize is not None
-        if not (self.transposed or quantized):
+        copy of its weight, or its lower-precision copy (bf16: every forward; int8: decode steps, `quantized`);
+        each made or re-made when the weight changed. Returns the modules bound."""
+        low = self.quantize == "bf16" or (quantized and self.quantize == "int8")
+        if not (self.transposed or low):
             return []
         if self._linears is None:
             self._linears = [m for m in self.model.modules() if isinstance(m, Linear)]
@@ -439,9 +441,9 @@ class Engine:
             entry = wt.get(m)
             if entry is None or entry[0] != key:
                 entry = wt[m] = [key, None, None]
-            if quantized and m in self._int8_ok:
+            if low and (self.quantize == "bf16" or m in self._int8_ok):
                 if entry[2] is None:
-                    entry[2] = Int8Weight(w)
+                    entry[2] = BF16Weight(w) if self.quantize == "bf16" else Int8Weight(w)
                 fast = entry[2]
             elif self.transposed:
                 if entry[1] is None:
@@ -650,39 +652,45 @@ class Engine:
 
     def _prefill(self, rows: list[_Row]) -> list[TokenEvent]:
         hits = self._cached_prefixes(rows)
-        # Slot order: rows prefilled from scratch (one batched forward over contiguous slots), then copies of
-        # them (a prompt admitted several times at once: n > 1 choices, self-consistency paths; prefilled once,
-        # its keys/values copied), then rows that continue a cached prefix, one at a time (each has its own past)
-        first: dict[tuple, int] = {}  # prompt -> index of its first fresh row
-        fresh, copies = [], []
+        # Slot order: one group of rows prefilled from scratch, then one group per cached prefix length n (rows
+        # that continue a prefix from the prefix cache, positions n..). Each group is one batched forward over
+        # contiguous slots, right-padded; a prompt admitted several times at once (n > 1 choices, self-consistency
+        # paths, clients sending the same prompt) is prefilled once and its keys/values copied.
+        groups: dict[int, list[_Row]] = {}
         for r in rows:
-            if r.rid in hits:
-                continue
-            key = tuple(r.prompt) if r.embeds is None else r.rid  # same ids may hold different images
-            if key in first:
-                copies.append((r, first[key]))
-            else:
-                first[key] = len(fresh)
-                fresh.append(r)
-        rows = fresh + [r for r, _ in copies] + [r for r in rows if r.rid in hits]
+            groups.setdefault(hits[r.rid][0] if r.rid in hits else 0, []).append(r)
+        plan = []  # (n, fresh rows, [(copy row, index of its fresh row)])
+        for n in sorted(groups):
+            first: dict[tuple, int] = {}  # prompt -> index of its first fresh row in this group
+            fresh, copies = [], []
+            for r in groups[n]:
+                key = tuple(r.prompt) if r.embeds is None else r.rid  # same ids may hold different images
+                if key in first:
+                    copies.append((r, first[key]))
+                else:
+                    first[key] = len(fresh)
+                    fresh.append(r)
+            plan.append((n, fresh, copies))
         s0 = len(self.running)
-        self.running.extend(rows)
+        self.running.extend(r for _, fresh, copies in plan for r in fresh + [c for c, _ in copies])
         self._fit_or_fail(len(self.running), max(self._need(r) for r in self.running))
         events = []
         bound = self._bind_weights()
         try:
-            if fresh:
+            for n, fresh, copies in plan:
                 B = len(fresh)
-                lens = [len(r.prompt) for r in fresh]
+                lens = [len(r.prompt) - n for r in fresh]  # tokens to run per row
                 T = max(lens)
                 idx = torch.zeros(B, T, dtype=torch.long)
                 for i, r in enumerate(fresh):  # right-padded; padding is never attended
-                    idx[i, : lens[i]] = torch.tensor(r.prompt)
+                    idx[i, : lens[i]] = torch.tensor(r.prompt[n:])
+                    if n:
+                        self.cache.write(s0 + i, hits[r.rid][1], n)
                 idx = idx.to(self.device)
-                positions = torch.arange(T, device=self.device)[None]  # (1, T)
-                self.cache.prefill(s0, B)
+                positions = torch.arange(n, n + T, device=self.device)[None]  # (1, T)
+                self.cache.prefill(s0, B, start=n)
                 extra = {}  # (models without image input take no embeds argument)
-                if any(r.embeds is not None for r in fresh):
+                if any(r.embeds is not None for r in fresh):  # (image rows are never prefix-cache hits: n == 0)
                     x = self.model.tok_emb(idx)  # (B, T, h)
                     for i, r in enumerate(fresh):
                         if r.embeds is not None:
@@ -694,20 +702,15 @@ class Engine:
                 if copies:
                     src = [j for _, j in copies]
                     for i, j in enumerate(src):
-                        self.cache.move(s0 + j, s0 + B + i, lens[j])
+                        self.cache.move(s0 + j, s0 + B + i, n + lens[j])
                     logits = torch.cat([logits, logits[src]])  # (B + copies, V)
-                events += self._accept(fresh + [r for r, _ in copies], logits)
-            n_done = len(fresh) + len(copies)
-            for i, r in enumerate(rows[n_done:]):
-                slot = s0 + n_done + i
-                n, kv = hits[r.rid]
-                self.cache.write(slot, kv, n)
-                self.cache.prefill(slot, 1, start=n)
-                idx = torch.tensor([r.prompt[n:]], device=self.device)  # (1, T - n)
-                h = self.model.hidden_states(idx, cache=self.cache)  # positions n.. (from pos)
-                ev = self._accept([r], self._logits(h[:, -1]))
-                ev[0].cached_tokens = r.cached = n
+                group = fresh + [r for r, _ in copies]
+                ev = self._accept(group, logits)
+                if n:
+                    for e, r in zip(ev[: len(group)], group):
+                        e.cached_tokens = r.cached = n
                 events += ev
+                s0 += len(group)
         finally:
             self._unbind_weights(bound)  # outside a forward the model is untouched (training, evals, saving)
         return events

@@ -94,7 +94,7 @@ class KVCache:
 
     def prefill(self, first_slot: int, B: int, start: int = 0) -> None:
         """Next forward: B prompts (right-padded to T) written to slots first_slot.., positions start..start+T-1
-        (start > 0: a chunk after a prefix already in the slot; B must then be 1)."""
+        (start > 0: a chunk after a prefix of `start` positions already in each of the B slots)."""
         self._mode = ("prefill", first_slot, B, start)
         self.pos = start
 

@@ -87,9 +87,9 @@ class ServerConfig:
     )
     device: Optional[str] = _opt("cpu | cuda | mps (default: cpu)")
     quantize: Optional[str] = _opt(
-        "decode with int8 weights (CPU; faster where decoding is bound by weight bytes; the quality cost: "
-        "benchmarks/quantize_quality.py)",
-        choices=["int8"],
+        "int8: decode with int8 weights (CPU; fastest for one or two streams); bf16: every product on bf16 "
+        "weights (CPU; fastest for many streams); the quality cost: benchmarks/quantize_quality.py",
+        choices=["int8", "bf16"],
     )
     prefix_cache_mb: float = _opt(
         "keep finished requests' keys/values up to this many MB, so a request resending the same history "
@@ -306,6 +306,7 @@ def create_app(
             "model": st.model_id,
             "running": st.scheduler.running,
             "waiting": st.scheduler.queue_depth,
+            "weights": st.scheduler.engine.quantize or str(st.scheduler.engine.cache.dtype).removeprefix("torch."),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse)

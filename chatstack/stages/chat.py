@@ -5,6 +5,7 @@
         --paths 8 --path-temperatures 0.5 0.9      # self-consistency: majority answer + vote share
     chatstack chat runs/x/sft --system "You are a helpful assistant."
     chatstack chat runs/smollm2 --quantize int8      # int8 weights for decoding (CPU), see chatstack/infer/quantize.py
+    chatstack chat runs/smollm2 --quantize bf16      # bf16 weights for every product (CPU)
     printf 'Hi!\\nWhat is 2+2?\\n' | chatstack chat runs/x/sft       # piped: one user turn per line
 
 The chat keeps the whole conversation as ChatML (system, user, assistant turns) and streams each reply.
@@ -80,8 +81,9 @@ class SamplingArgs:
         default="",
         metadata={
             "help": "int8: decode with int8 weights (CPU; faster where decoding "
-            "is bound by weight bytes: 1.25-1.65x on GPT-2 small; see "
-            "chatstack/infer/quantize.py for the measured quality cost)"
+            "is bound by weight bytes: 1.25-1.65x on GPT-2 small); bf16: every "
+            "product on bf16 weights (CPU; faster for batches); see "
+            "chatstack/infer/quantize.py for the measured quality cost"
         },
     )
 

@@ -317,8 +317,8 @@ def register(sub) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8"],
-        help="generate with int8 weights (CPU; chatstack.infer.quantize): what they cost on the tasks "
+        choices=["int8", "bf16"],
+        help="generate with int8 or bf16 weights (CPU; chatstack.infer.quantize): what they cost on the tasks "
         "(the conversation loss stays fp32)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -69,7 +69,7 @@ def _cmd_serve(args) -> int:
         raise CLIError(f"{args.rank_prompts}: no such file")
     if args.quantize and (args.device or "cpu") != "cpu":
         raise CLIError(
-            f"--quantize {args.quantize} is for CPU decoding (got --device {args.device}); on a GPU use bf16"
+            f"--quantize {args.quantize} makes weight copies for CPU kernels (got --device {args.device}); drop it on a GPU"
         )
     if args.threads:  # a fixed count: the engine's thread policy keeps it (chatstack.infer.cpu)
         os.environ["CHATSTACK_THREADS"] = str(args.threads)
