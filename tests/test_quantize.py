@@ -42,13 +42,18 @@ def test_quantize_int8_rounding_bound_and_zero_rows():
     assert (q.abs().amax(1)[torch.arange(48) != 3] >= 126).all()  # each row uses (almost) the full range
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 128)])
-def test_int8_linear_matches_dequantized_weight(shape):
-    torch.manual_seed(1)
+def _product(kind, shape, seed):
+    """A random Linear (in = shape[-1], out = 96), an input of `shape`, the kind's weight copy and its product."""
+    torch.manual_seed(seed)
     lin = torch.nn.Linear(shape[-1], 96)
     x = torch.randn(*shape)
-    w8 = Int8Weight(lin.weight)
-    y = w8.linear(x, lin.bias)
+    copy = kind(lin.weight)
+    return lin, x, copy, copy.linear(x, lin.bias)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 128)])
+def test_int8_linear_matches_dequantized_weight(shape):
+    lin, x, w8, y = _product(Int8Weight, shape, seed=1)
     ref = F.linear(x, w8.dequantize(), lin.bias)
     assert y.shape == ref.shape and y.dtype == torch.float32
     # bf16 activations and a bf16 product: ~0.3% relative error, far below int8's own rounding of weights
@@ -106,11 +111,7 @@ def test_engine_int8_decode_equals_mixed_full_forward(family, over):
 
 @pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 128), (40, 64)])
 def test_bf16_linear_is_the_product_of_bf16_rounded_operands(shape):
-    torch.manual_seed(3)
-    lin = torch.nn.Linear(shape[-1], 96)
-    x = torch.randn(*shape)
-    wb = BF16Weight(lin.weight)
-    y = wb.linear(x, lin.bias)
+    lin, x, _, y = _product(BF16Weight, shape, seed=3)
     # bf16 inputs and weights, fp32 sums, the product rounded to bf16, the bias added in fp32: the reference differs
     # only in summation order, so by at most one bf16 step (2^-8 relative) where the order moves a rounding
     ref = F.linear(x.bfloat16().float(), lin.weight.bfloat16().float()).bfloat16().float() + lin.bias
