@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from chatstack.checkpoint import load_checkpoint
 from chatstack.infer.cpu import cpu_vendor
 from chatstack.infer.engine import Engine, SamplingParams
+from chatstack.infer.quantize import QUANTIZE_KINDS
 from chatstack.model import GPT
 from chatstack.presets import get_preset
 
@@ -73,7 +74,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine's policy)")
     ap.add_argument("--top", type=int, default=12, help="ops listed per row count")
-    ap.add_argument("--quantize", choices=["int8", "bf16"], default=None, help="the engine's weight copies")
+    ap.add_argument("--quantize", choices=QUANTIZE_KINDS, default=None, help="the engine's weight copies")
     ap.add_argument("--no-profile", action="store_true", help="only the plain ms per step")
     a = ap.parse_args()
     if a.threads:  # fixed: the engine's thread policy keeps it (chatstack.infer.cpu)

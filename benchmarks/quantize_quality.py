@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatstack.checkpoint import load_checkpoint  # noqa: E402
-from chatstack.infer.quantize import BF16Weight, Int8Weight, int8_supported  # noqa: E402
+from chatstack.infer.quantize import QUANTIZE_KINDS, BF16Weight, Int8Weight, int8_supported  # noqa: E402
 from chatstack.model import Linear  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--text", default=None, help="a text file (default: the built-in held-out Shakespeare plays)")
     ap.add_argument("--tokens", type=int, default=4096, help="positions to score")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--kinds", nargs="+", choices=["int8", "bf16"], default=["int8", "bf16"])
+    ap.add_argument("--kinds", nargs="+", choices=QUANTIZE_KINDS, default=list(QUANTIZE_KINDS))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

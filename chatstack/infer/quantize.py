@@ -87,15 +87,16 @@ class Int8Weight:
 
 
 class BF16Weight:
-    """A bf16 copy of one Linear's weight, oneDNN-packed where torch has oneDNN's linear (else a plain bf16 tensor);
-    `linear(x, bias)` rounds x to bf16 and returns the bf16 product as fp32, plus the bias in fp32 (the engine binds
-    one as a Linear's fast_weight)."""
+    """A bf16 copy of one Linear's weight: oneDNN-packed where torch has oneDNN's linear, else a plain bf16 tensor
+    (one of the two is kept, not both); `linear(x, bias)` rounds x to bf16 and returns the bf16 product as fp32,
+    plus the bias in fp32 (the engine binds one as a Linear's fast_weight)."""
 
     __slots__ = ("w", "packed")
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.w = weight.detach().to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, PACK_ROWS) if onednn_linear_works() else None
+        w = weight.detach().to(torch.bfloat16)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if onednn_linear_works() else None
+        self.w = None if self.packed is not None else w
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
@@ -106,9 +107,6 @@ class BF16Weight:
         if bias is not None:
             y += bias
         return y
-
-    def dequantize(self) -> torch.Tensor:
-        return self.w.float()
 
 
 def check_quantize(kind: str | None, device: torch.device) -> str | None:

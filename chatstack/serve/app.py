@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from chatstack.checkpoint import load_checkpoint
 from chatstack.infer.cpu import thread_policy_summary
 from chatstack.infer.engine import Engine
+from chatstack.infer.quantize import QUANTIZE_KINDS
 from chatstack.serve import protocol as P
 from chatstack.serve.metrics import ServerMetrics
 from chatstack.serve.middleware import Gate, add_error_handlers
@@ -89,7 +90,7 @@ class ServerConfig:
     quantize: Optional[str] = _opt(
         "int8: decode with int8 weights (CPU; fastest for one or two streams); bf16: every product on bf16 "
         "weights (CPU; fastest for many streams); the quality cost: benchmarks/quantize_quality.py",
-        choices=["int8", "bf16"],
+        choices=list(QUANTIZE_KINDS),
     )
     prefix_cache_mb: float = _opt(
         "keep finished requests' keys/values up to this many MB, so a request resending the same history "

@@ -29,6 +29,7 @@ from chatstack.data.jsonl import iter_jsonl
 from chatstack.data.tasks import TASKS
 from chatstack.evals.sampled import compare_evals, evaluate_questions, qa_questions, task_questions
 from chatstack.evals.tasks_eval import conversation_loss, default_mode, evaluate_tasks, mean_accuracy
+from chatstack.infer.quantize import QUANTIZE_KINDS
 
 
 def evaluate_checkpoint(
@@ -317,7 +318,7 @@ def register(sub) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8", "bf16"],
+        choices=list(QUANTIZE_KINDS),
         help="generate with int8 or bf16 weights (CPU; chatstack.infer.quantize): what they cost on the tasks "
         "(the conversation loss stays fp32)",
     )
