@@ -338,9 +338,18 @@ def test_concurrent_requests_share_the_batch(server, client):
     assert mean_batch > 1.5, f"requests did not share the batch (mean rows per step {mean_batch:.2f})"
 
 
-def test_disconnect_cancels_row(server, ref):
+def test_disconnect_cancels_row(server, ref, monkeypatch):
     st = server.app.state.chatstack
     before = st.metrics.cancelled.get()
+    # each engine step takes at least 20 ms, so the row is still running when the disconnect arrives
+    # (the tiny model can otherwise make all 100 tokens before the server notices the client left)
+    step = st.scheduler.engine.step
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    monkeypatch.setattr(st.scheduler.engine, "step", slow_step)
     # a seed whose reply runs the full 100 tokens (random weights often emit <|im_end|> early); 16 seeds
     # in one batched call, each runs to the end with probability ~0.5
     ids = ref.tok.render_prompt(MSGS)

@@ -57,6 +57,20 @@ async def off_loop_if_long(n_chars: int, fn, *args):
     return fn(*args)
 
 
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its generator when the response ends, however it ends.
+
+    When a client goes away while the generator waits at a `yield` (its chunk is being written), Starlette
+    cancels the writer but leaves the generator suspended; its `finally`, which frees the rows' batch slots,
+    then waited for the garbage collector and the rows kept generating for nobody."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 def _token_text(tok, tid: int) -> tuple[str, list[int]]:
     b = tok.token_bytes(tid)
     return b.decode("utf-8", errors="backslashreplace"), list(b)
@@ -239,7 +253,7 @@ def add_openai_routes(app: FastAPI, st) -> None:
         rid, created = P.new_id("chatcmpl"), P.now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
+            return ClosingStream(
                 _chat_stream(rows, queue, n, rid, created, req.logprobs, len(prompt_ids), include_usage, special),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -403,7 +417,7 @@ def add_openai_routes(app: FastAPI, st) -> None:
         n_prompt = sum(len(p) for p in prompts) * n
         echo_text = [tok.decode(p) if req.echo else "" for p in prompts]
         if req.stream:
-            return StreamingResponse(
+            return ClosingStream(
                 _completion_stream(all_rows, queue, total, rid, created, req, idx_prompt, echo_text, n_prompt, special),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
