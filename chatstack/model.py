@@ -283,6 +283,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+# from this many rows up the grouped-query decode attention runs as two batched products (see decode_attention)
+MATMUL_ATTENTION_ROWS = 8
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -299,7 +303,20 @@ def decode_attention(
         # of being copied H/Hkv times per step (the copy grows with the context)
         if mask is not None and mask.dim() == 4 and mask.size(1) != 1:
             mask = mask[:, :1]  # a key mask is the same for every head
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), k, v, attn_mask=mask)
+        qg = q.reshape(B, Hkv, H // Hkv, hd)
+        if B < MATMUL_ATTENTION_ROWS:
+            y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+        else:
+            # many rows: two batched products and a softmax take 0.5-0.8x the time of SDPA's CPU kernel here
+            # (SmolLM2's 3 kv heads x 3 queries, 8-64 rows, 48-160 keys; benchmarks/decode_attention.py)
+            s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, H/Hkv, S)
+            if mask is None:
+                s.mul_(hd**-0.5)
+            elif mask.dtype == torch.bool:
+                s = s.mul_(hd**-0.5).masked_fill_(~mask, float("-inf"))
+            else:
+                s = torch.add(mask, s, alpha=hd**-0.5)
+            y = torch.matmul(s.softmax(-1), v)
     elif mask is not None and mask.dim() == 4 and mask.dtype == q.dtype:
         # rows of different lengths: batched matrix-vector products per (row, head); SDPA's per-call setup costs
         # more at one query per row (benchmarks/decode.py)

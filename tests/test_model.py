@@ -83,3 +83,34 @@ def test_every_preset_builds_a_valid_config():
     for name in PRESETS:
         cfg = get_preset(name)
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+
+
+@pytest.mark.parametrize("rows", [3, 8, 12])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_grouped_decode_attention_matches_brute_force(rows, mask_kind):
+    """decode_attention with grouped kv heads (SDPA below MATMUL_ATTENTION_ROWS rows, two batched products from
+    there) against attention written out per head over repeated keys, with keys as views into a longer cache."""
+    from chatstack.model import MATMUL_ATTENTION_ROWS, decode_attention
+
+    assert 3 < MATMUL_ATTENTION_ROWS <= 8
+    g = torch.Generator().manual_seed(rows)
+    H, Hkv, hd, S = 6, 2, 16, 11
+    kv = torch.randn(2, rows, Hkv, 20, hd, generator=g)
+    k, v = kv[0, :, :, :S], kv[1, :, :, :S]
+    q = torch.randn(rows, H, 1, hd, generator=g)
+    valid = torch.ones(rows, S, dtype=torch.bool)
+    valid[::2, 7:] = False  # rows of different lengths
+    mask = {
+        "none": None,
+        "bool": valid.view(rows, 1, 1, S),
+        "additive": torch.zeros(rows, 1, 1, S).masked_fill(~valid.view(rows, 1, 1, S), float("-inf")),
+    }[mask_kind]
+    keep = valid if mask is not None else torch.ones_like(valid)
+    want = torch.empty(rows, H, hd)
+    for b in range(rows):
+        for h in range(H):
+            kh, vh = k[b, h // (H // Hkv)][keep[b]], v[b, h // (H // Hkv)][keep[b]]
+            w = torch.softmax(kh @ q[b, h, 0] / hd**0.5, dim=0)
+            want[b, h] = w @ vh
+    got = decode_attention(q, k, v, mask)
+    torch.testing.assert_close(got, want.reshape(rows, H * hd), atol=1e-5, rtol=1e-5)
