@@ -61,8 +61,8 @@ class ClosingStream(StreamingResponse):
     """A StreamingResponse that closes its generator when the response ends, however it ends.
 
     When a client goes away while the generator waits at a `yield` (its chunk is being written), Starlette
-    cancels the writer but leaves the generator suspended; its `finally`, which frees the rows' batch slots,
-    then waited for the garbage collector and the rows kept generating for nobody."""
+    cancels the writer but leaves the generator suspended. Without the close, its `finally`, which frees the rows'
+    batch slots, would wait for the garbage collector while the rows keep generating for nobody."""
 
     async def __call__(self, scope, receive, send) -> None:
         try:
