@@ -3,10 +3,11 @@
 One new query per row over that row's cached keys, at the engine's shapes (default: SmolLM2-135M's 9 query
 heads over 3 kv heads of 64; keys are views into a longer cache, as the engine's are; half the rows masked
 to half their keys, as rows of different lengths are). Interleaved rounds; median microseconds per layer and
-the range over rounds. chatstack.model.decode_attention takes the products from MATMUL_ATTENTION_ROWS rows up.
+the range over rounds. chatstack.model.decode_attention takes the products from MATMUL_ATTENTION_ROWS rows up while
+rows x keys is at most MATMUL_ATTENTION_ROW_KEYS.
 
     python benchmarks/decode_attention.py
-    python benchmarks/decode_attention.py --rows 1 4 8 16 64 --keys 64 192 512 --rounds 7
+    python benchmarks/decode_attention.py --rows 8 16 64 --keys 400 1024 2048 --rounds 3 --reps 30
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from chatstack.infer.cpu import cpu_vendor
-from chatstack.model import MATMUL_ATTENTION_ROWS
+from chatstack.model import MATMUL_ATTENTION_ROW_KEYS, MATMUL_ATTENTION_ROWS
 
 
 def sdpa(q, k, v, mask):
@@ -55,7 +56,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     g = a.heads // a.kv_heads
     print(f"{cpu_vendor()}; {a.threads} threads; {a.heads} heads over {a.kv_heads} kv heads of {a.head_dim}")
-    print(f"(the engine uses the products from {MATMUL_ATTENTION_ROWS} rows)\n")
+    print(
+        f"(the engine uses the products from {MATMUL_ATTENTION_ROWS} rows, up to {MATMUL_ATTENTION_ROW_KEYS} rows x keys)\n"
+    )
     print("| rows | keys | SDPA us | products us | products / SDPA |")
     print("|---|---|---|---|---|")
     for B in a.rows:

@@ -283,8 +283,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# from this many rows up the grouped-query decode attention runs as two batched products (see decode_attention)
+# grouped-query decode attention runs as two batched products (see decode_attention) from this many rows up, while
+# rows x keys stays within the second bound (beyond it the score tensor outgrows the L2 cache and SDPA wins)
 MATMUL_ATTENTION_ROWS = 8
+MATMUL_ATTENTION_ROW_KEYS = 16384
 
 
 def decode_attention(
@@ -304,11 +306,12 @@ def decode_attention(
         if mask is not None and mask.dim() == 4 and mask.size(1) != 1:
             mask = mask[:, :1]  # a key mask is the same for every head
         qg = q.reshape(B, Hkv, H // Hkv, hd)
-        if B < MATMUL_ATTENTION_ROWS:
+        if B < MATMUL_ATTENTION_ROWS or B * S > MATMUL_ATTENTION_ROW_KEYS:
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
         else:
-            # many rows: two batched products and a softmax take 0.5-0.8x the time of SDPA's CPU kernel here
-            # (SmolLM2's 3 kv heads x 3 queries, 8-64 rows, 48-160 keys; benchmarks/decode_attention.py)
+            # many rows, short rows: two batched products and a softmax take 0.5-0.9x the time of SDPA's CPU
+            # kernel (SmolLM2's 3 kv heads x 3 queries, 8-64 rows, up to 16k rows x keys; 1.1-1.3x beyond;
+            # benchmarks/decode_attention.py)
             s = torch.matmul(qg, k.transpose(-1, -2))  # (B, Hkv, H/Hkv, S)
             if mask is None:
                 s.mul_(hd**-0.5)

@@ -85,21 +85,22 @@ def test_every_preset_builds_a_valid_config():
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
 
 
-@pytest.mark.parametrize("rows", [3, 8, 12])
+@pytest.mark.parametrize("rows,S", [(3, 11), (8, 11), (12, 11), (12, 1400)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
-def test_grouped_decode_attention_matches_brute_force(rows, mask_kind):
-    """decode_attention with grouped kv heads (SDPA below MATMUL_ATTENTION_ROWS rows, two batched products from
-    there) against attention written out per head over repeated keys, with keys as views into a longer cache."""
-    from chatstack.model import MATMUL_ATTENTION_ROWS, decode_attention
+def test_grouped_decode_attention_matches_brute_force(rows, S, mask_kind):
+    """decode_attention with grouped kv heads (SDPA below MATMUL_ATTENTION_ROWS rows and above
+    MATMUL_ATTENTION_ROW_KEYS rows x keys, two batched products between) against attention written out per head
+    over repeated keys, with keys as views into a longer cache."""
+    from chatstack.model import MATMUL_ATTENTION_ROW_KEYS, MATMUL_ATTENTION_ROWS, decode_attention
 
-    assert 3 < MATMUL_ATTENTION_ROWS <= 8
+    assert 3 < MATMUL_ATTENTION_ROWS <= 8 and 12 * 11 <= MATMUL_ATTENTION_ROW_KEYS < 12 * 1400  # every path runs
     g = torch.Generator().manual_seed(rows)
-    H, Hkv, hd, S = 6, 2, 16, 11
-    kv = torch.randn(2, rows, Hkv, 20, hd, generator=g)
+    H, Hkv, hd = 6, 2, 16
+    kv = torch.randn(2, rows, Hkv, S + 9, hd, generator=g)
     k, v = kv[0, :, :, :S], kv[1, :, :, :S]
     q = torch.randn(rows, H, 1, hd, generator=g)
     valid = torch.ones(rows, S, dtype=torch.bool)
-    valid[::2, 7:] = False  # rows of different lengths
+    valid[::2, S // 2 + 1 :] = False  # rows of different lengths
     mask = {
         "none": None,
         "bool": valid.view(rows, 1, 1, S),
