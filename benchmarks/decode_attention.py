@@ -21,16 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from chatstack.infer.cpu import cpu_vendor
-from chatstack.model import MATMUL_ATTENTION_ROW_KEYS, MATMUL_ATTENTION_ROWS
+from chatstack.model import MATMUL_ATTENTION_ROW_KEYS, MATMUL_ATTENTION_ROWS, attention_products
 
 
 def sdpa(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def products(q, k, v, mask):
-    s = torch.add(mask, torch.matmul(q, k.transpose(-1, -2)), alpha=q.size(-1) ** -0.5)
-    return torch.matmul(s.softmax(-1), v)
 
 
 def time_us(f, reps: int) -> float:
@@ -68,10 +63,10 @@ def main() -> None:
             q = torch.randn(B, a.kv_heads, g, a.head_dim)
             mask = torch.zeros(B, 1, 1, S)
             mask[::2, ..., S // 2 :] = float("-inf")
-            torch.testing.assert_close(products(q, k, v, mask), sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(attention_products(q, k, v, mask), sdpa(q, k, v, mask), atol=1e-5, rtol=1e-4)
             ts = {"sdpa": [], "products": []}
             for _ in range(a.rounds):
-                for name, f in (("sdpa", sdpa), ("products", products)):
+                for name, f in (("sdpa", sdpa), ("products", attention_products)):
                     ts[name].append(time_us(lambda f=f: f(q, k, v, mask), a.reps))
             s, p = statistics.median(ts["sdpa"]), statistics.median(ts["products"])
             ratios = [pp / ss for pp, ss in zip(ts["products"], ts["sdpa"])]
