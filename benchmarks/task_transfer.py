@@ -100,9 +100,10 @@ def zero_shot_correct(base: str, kind: str, train: list[dict], test: list[dict])
     """The base LM with no fine-tuning, where its next-line likelihood answers the task (GPT-1's zero-shot
     heuristics), scored by pointwise mutual information log p(line | previous text) - log p(line | newline),
     so short or common lines get no edge: choice = the option with the highest PMI given the context;
-    entail = PMI of the hypothesis given the premise above a threshold chosen on the training examples.
-    None for the other task types."""
-    if kind not in ("choice", "entail"):
+    entail = PMI of the hypothesis given the premise above a threshold chosen on the training examples;
+    similar = the PMI of b given a plus that of a given b (symmetric), thresholded the same way.
+    None for classification."""
+    if kind not in ("choice", "entail", "similar"):
         return None
     ck = load_checkpoint(base)
     model, tok = ck.model.eval(), ck.tokenizer
@@ -120,8 +121,14 @@ def zero_shot_correct(base: str, kind: str, train: list[dict], test: list[dict])
             right.append(int(max(range(k), key=lambda j: lp[i + j]) == r["label"]))
             i += k
         return right
-    s_tr = pmi([(r["premise"], r["hypothesis"]) for r in train])
-    s_te = pmi([(r["premise"], r["hypothesis"]) for r in test])
+
+    def score(rows: list[dict]) -> list[float]:
+        if kind == "entail":
+            return pmi([(r["premise"], r["hypothesis"]) for r in rows])
+        ab, ba = pmi([(r["a"], r["b"]) for r in rows]), pmi([(r["b"], r["a"]) for r in rows])
+        return [x + y for x, y in zip(ab, ba)]
+
+    s_tr, s_te = score(train), score(test)
     # the threshold with the best training accuracy: predict 1 above it (one pass over the sorted scores)
     pairs = sorted(zip(s_tr, (bool(r["label"]) for r in train)))
     right = sum(y for _, y in pairs)  # threshold below every score: all predicted 1

@@ -119,7 +119,7 @@ def test_from_base_copies_weights_and_adds_three_rows():
 
 
 def test_builtin_sets_are_built_and_split_by_play():
-    for name in ("shakespeare-entail", "shakespeare-similar", "shakespeare-choice"):
+    for name in ("shakespeare-entail", "shakespeare-similar", "shakespeare-choice", "shakespeare-speaker"):
         tr, te = builtin_task_set(name)
         assert len(tr) > 500 and len(te) > 200
         text = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
@@ -128,6 +128,31 @@ def test_builtin_sets_are_built_and_split_by_play():
     assert 0.4 < sum(r["label"] for r in te) / len(te) < 0.6
     tr, te = builtin_task_set("chatterbot-topics")
     assert len({r["label"] for r in tr}) >= 4 and not {r["text"] for r in tr} & {r["text"] for r in te}
+
+
+def test_neighbour_pairs_are_near_or_far_in_the_dialogue():
+    """shakespeare-similar: label 1 exactly when the two lines stand within WINDOW lines of each other, by
+    positions recomputed from the play text; both orders occur."""
+    from chatstack.data.builtin import builtin_documents
+    from chatstack.data.task_sets import FAR, TEST_PLAYS, WINDOW
+
+    docs = dict(builtin_documents("shakespeare", "val"))
+    lines = [l for _, v in play_speeches(docs[TEST_PLAYS[0]]) for l in v]
+    where: dict[str, list[int]] = {}
+    for i, l in enumerate(lines):
+        where.setdefault(l, []).append(i)
+    _, te = builtin_task_set("shakespeare-similar")
+    assert 0.45 < sum(r["label"] for r in te) / len(te) < 0.55
+    forward = 0
+    for r in te:
+        gaps = [j - i for i in where[r["a"]] for j in where[r["b"]]]
+        if r["label"] == 1:
+            assert any(0 < abs(g) <= WINDOW for g in gaps)
+            forward += any(0 < g <= WINDOW for g in gaps)
+        else:
+            assert any(abs(g) > FAR for g in gaps)
+    positives = sum(r["label"] for r in te)
+    assert 0.3 < forward / positives < 0.7  # the order carries no label
 
 
 def test_play_parsing():

@@ -18,7 +18,11 @@ Built-in sets (real text nobody here wrote; the splits are fixed):
   shakespeare-entail (entail): from the three plays held out of pretraining (chatstack.data.builtin:
       Hamlet, Henry V for training, Twelfth Night for testing): premise = a verse line, hypothesis = the
       line that follows it in the same speech (label 1) or a random line of the same play (label 0), 50/50.
-  shakespeare-similar (similar): two lines of the same play, label 1 if the same character speaks both, 50/50.
+  shakespeare-similar (similar): two lines of the same play in random order, label 1 if they stand within
+      WINDOW lines of each other in the play's dialogue (a passage read on across speeches), 0 if they are
+      further apart than FAR lines; one example per line, 50/50. Symmetric by nature, as GPT-1's similarity is.
+  shakespeare-speaker (similar): two lines of the same play, label 1 if the same character speaks both, 50/50
+      (at chance for every method measured: single lines say too little of who speaks them).
   shakespeare-choice (choice): context = two consecutive lines of a speech, four options: the line that
       follows them and three random lines of the same play; label = the true line's (random) position. One
       example per line that has two lines before it in its speech (consecutive examples share context lines).
@@ -54,7 +58,9 @@ BUILTIN_SETS = {
     "shakespeare-entail": "entail",
     "shakespeare-similar": "similar",
     "shakespeare-choice": "choice",
+    "shakespeare-speaker": "similar",
 }
+WINDOW, FAR = 1, 20  # shakespeare-similar: neighbours are adjacent lines (either order), others further than FAR apart
 
 
 # ---- users' files ------------------------------------------------------------------------------------
@@ -189,6 +195,21 @@ def _similar(speeches: list[Speech], rng: random.Random, n: int) -> list[dict]:
     return out
 
 
+def _neighbours(speeches: list[Speech], rng: random.Random) -> list[dict]:
+    lines = [l for _, v in speeches for l in v]  # the play's dialogue in order, across speeches
+    out = []
+    for i in range(len(lines) - WINDOW):
+        if rng.random() < 0.5:
+            j, label = i + rng.randint(1, WINDOW), 1
+        else:
+            j, label = rng.randrange(len(lines)), 0
+            while abs(j - i) <= FAR:
+                j = rng.randrange(len(lines))
+        a, b = (lines[i], lines[j]) if rng.random() < 0.5 else (lines[j], lines[i])
+        out.append({"a": a, "b": b, "label": label})
+    return out
+
+
 def _choice(speeches: list[Speech], rng: random.Random) -> list[dict]:
     lines = [l for _, v in speeches for l in v]
     out = []
@@ -207,6 +228,7 @@ def _choice(speeches: list[Speech], rng: random.Random) -> list[dict]:
 
 
 def shakespeare_task(kind: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """kind: entail | similar (neighbouring lines) | speaker (same character) | choice."""
     split = []
     for i, names in enumerate((TRAIN_PLAYS, TEST_PLAYS)):
         rng = random.Random(seed * 7 + i)
@@ -215,6 +237,8 @@ def shakespeare_task(kind: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
             if kind == "entail":
                 rows += _entail(speeches, rng)
             elif kind == "similar":
+                rows += _neighbours(speeches, rng)
+            elif kind == "speaker":
                 rows += _similar(speeches, rng, n=sum(len(v) for _, v in speeches) // 2)
             else:
                 rows += _choice(speeches, rng)
@@ -229,7 +253,7 @@ def builtin_task_set(name: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
         raise DataError(f"unknown built-in task set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
     if name == "chatterbot-topics":
         return chatterbot_topics()
-    return shakespeare_task(BUILTIN_SETS[name], seed)
+    return shakespeare_task(name.removeprefix("shakespeare-"), seed)
 
 
 def label_names(rows: list[dict], kind: str) -> list:

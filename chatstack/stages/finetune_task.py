@@ -13,7 +13,7 @@ compares against). Training runs through the one loop (chatstack.train.loop): wa
 metrics.jsonl with `accuracy` on the evaluation set every --eval-every steps, atomic checkpoint, --resume.
 
 Data: --builtin NAME (chatstack/data/task_sets.py: chatterbot-topics, shakespeare-entail,
-shakespeare-similar, shakespeare-choice; each has a fixed train/test split), or --data FILE.jsonl
+shakespeare-similar, shakespeare-choice, shakespeare-speaker; each has a fixed train/test split), or --data FILE.jsonl
 (+ optional --eval-data; else 10% of --data is held out). JSONL fields per --task:
     classify {"text", "label"} · entail {"premise", "hypothesis", "label"} · similar {"a", "b", "label"}
     choice {"context", "options": [...], "label": index}
@@ -69,8 +69,10 @@ class FinetuneTaskConfig(TrainConfig):
         metadata={"help": "passes over the training examples; > 0 sets the steps to ceil(epochs x n / batch size)"},
     )
     batch_size: int = field(default=16, metadata={"help": "examples per micro-batch"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
-    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine"})
+    lr: float = field(
+        default=3e-4, metadata={"help": "peak learning rate (chosen on held-out training pairs: docs/finetune_task.md)"}
+    )
+    min_lr: float = field(default=3e-5, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=40, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay on matrices"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0 = only at the end)"})
