@@ -422,7 +422,7 @@ VISION_STAGES = [
                         "0",
                     ]
                 )
-                or ["--max-steps", "600", "--time-budget", "0"]
+                or ["--max-steps", "1600", "--time-budget", "0"]
             ),
         ],
         "vision/config.json",
