@@ -178,7 +178,7 @@ def _entail(speeches: list[Speech], rng: random.Random) -> list[dict]:
     return out
 
 
-def _similar(speeches: list[Speech], rng: random.Random, n: int) -> list[dict]:
+def _speaker(speeches: list[Speech], rng: random.Random, n: int) -> list[dict]:
     by_speaker: dict[str, list[str]] = {}
     for who, verse in speeches:
         by_speaker.setdefault(who, []).extend(verse)
@@ -239,7 +239,7 @@ def shakespeare_task(kind: str, seed: int = 0) -> tuple[list[dict], list[dict]]:
             elif kind == "similar":
                 rows += _neighbours(speeches, rng)
             elif kind == "speaker":
-                rows += _similar(speeches, rng, n=sum(len(v) for _, v in speeches) // 2)
+                rows += _speaker(speeches, rng, n=sum(len(v) for _, v in speeches) // 2)
             else:
                 rows += _choice(speeches, rng)
         rng.shuffle(rows)
