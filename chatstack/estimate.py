@@ -280,7 +280,7 @@ def vision_params(vision: dict) -> dict[str, int]:
     """Parameters of the image encoder (chatstack.vision.encoder.ImageEncoder: one 3x3 conv at full size, two at
     1/2 and two at 1/4, each + GroupNorm; a LayerNorm on the tokens; the CLIP head) and of the projection (a
     two-layer MLP width -> n_embd -> n_embd, a position embedding per image token, and with a global token a
-    two-layer MLP embed_dim -> n_embd -> n_embd), from a VisionConfig dict."""
+    two-layer MLP embed_dim -> n_embd -> n_embd; with coords a 2 -> n_embd map), from a VisionConfig dict."""
     c1, c2, c3 = vision["clip"]["channels"]
     e, h = vision["clip"]["embed_dim"], vision["n_embd"]
 
@@ -292,6 +292,8 @@ def vision_params(vision: dict) -> dict[str, int]:
     projection = c3 * h + h + h * h + h + n * h  # the cells' MLP and a position per token
     if vision.get("global_token"):
         projection += e * h + h + h * h + h  # the CLIP embedding's MLP
+    if vision.get("coords"):
+        projection += 2 * h  # the cells' (x, y) map
     return {"image_encoder": encoder, "projection": projection}
 
 

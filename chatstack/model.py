@@ -559,6 +559,21 @@ class GPT(nn.Module):
         return logits, loss
 
 
+def packed_layout(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention for rows that pack several sequences: doc (B, T) says which sequence of its row
+    each token belongs to (equal ids in one run; -1 = padding). Returns positions (B, T) that restart at 0 with
+    every sequence, and a bool attn_mask (B, 1, T, T), causal within each sequence, so each sequence is computed
+    as if it had its row to itself."""
+    B, T = doc.shape
+    ar = torch.arange(T, device=doc.device).expand(B, T)
+    new_doc = torch.ones(B, T, dtype=torch.bool, device=doc.device)
+    new_doc[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    start = torch.where(new_doc, ar, torch.zeros_like(ar)).cummax(dim=1).values
+    same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ar - start, (same & causal)[:, None]
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over counted positions (targets == -1 never count)."""
     V = logits.size(-1)

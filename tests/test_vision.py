@@ -66,7 +66,34 @@ def test_scene_answers_match_the_pixels():
             first = next(o for o in s.objects if o.colour == words[2])
             second = next(o for o in s.objects if o.colour == words[-2])
             assert a == ("left" if first.x < second.x else "right")
+        q, a = D.scene_question(s, "where", rng)
+        o = next(o for o in s.objects if o.colour == q.split()[3])
+        # the band from the pixels: which third of the canvas holds the object's centre
+        assert a == ("left", "middle", "right")[o.x * 3 // 32]
     assert not any(s.held_out() for s in D.scenes("train", 50, 0))
+
+
+def test_question_weights_shape_the_training_conversations():
+    from chatstack.stages.sft_vision import parse_question_weights
+    from chatstack.vision.chat_data import TrainExamples, question_of
+
+    def share(weights):
+        ex, counts = TrainExamples(0, digit_share=0.0, weights=weights), {}
+        for i in range(600):
+            for m in ex(i)["messages"]:
+                if m["role"] == "user":
+                    w = question_of(m).split()[0]
+                    counts[w] = counts.get(w, 0) + 1
+        return counts
+
+    plain, heavy = share(None), share(parse_question_weights("position=4,where=1,count=0"))
+    assert "Where" not in plain and "Where" in heavy  # the training-only type is off unless weighted
+    assert "How" in plain and "How" not in heavy  # count questions begin "How many"
+    assert heavy["Is"] > 1.5 * plain["Is"]  # position questions begin "Is the"
+    assert parse_question_weights("") == {}
+    for bad in ["position", "size=2", "colour=-1", "shape=x", "colour=0,shape=0,count=0,position=0"]:
+        with pytest.raises(ValueError, match="--question-weights"):
+            parse_question_weights(bad)
 
 
 def test_counterfactual_keeps_the_layout_and_changes_the_caption():
@@ -171,6 +198,28 @@ def test_projection_pools_the_grid_row_major():
         VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=9)
 
 
+def test_coords_add_one_direction_per_axis(tmp_path):
+    from chatstack.estimate import vision_params
+
+    torch.manual_seed(0)
+    cfg = VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=4, coords=True)
+    assert (
+        VisionConfig.from_dict(cfg.to_dict()).coords
+        and not VisionConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "coords"}).coords
+    )  # checkpoints written before the field load as they were
+    ad = VisionAdapter(cfg)
+    plain = VisionAdapter(VisionConfig(clip=TINY_CLIP, n_embd=32, image_tokens=4))
+    plain.load_state_dict(ad.state_dict(), strict=False)
+    grid = torch.randn(1, 16, 16)
+    extra = (ad.projection(grid) - plain.projection(grid))[0]  # (4, 32): the coords' part, row-major 2x2 cells
+    wx, wy = ad.projection.coord.weight.T
+    # cell centres at -0.5 and +0.5 on each axis: one step right adds wx, one step down adds wy, in every row
+    assert torch.allclose(extra[1] - extra[0], wx, atol=1e-6) and torch.allclose(extra[3] - extra[2], wx, atol=1e-6)
+    assert torch.allclose(extra[2] - extra[0], wy, atol=1e-6)
+    assert torch.allclose(extra[0], -0.5 * (wx + wy), atol=1e-6)
+    assert vision_params(cfg.to_dict())["projection"] == sum(p.numel() for p in ad.projection.parameters())
+
+
 # ---- ChatML with images -----------------------------------------------------------------------------------
 def test_render_multimodal_places_image_tokens():
     tok = small_tokenizer()
@@ -199,14 +248,42 @@ def test_render_multimodal_places_image_tokens():
 def test_collate_targets_only_the_answer():
     tok = small_tokenizer()
     exs = [TrainExamples(0)(i) for i in range(4)]
-    b = collate(exs, tok, 4, 256)
-    assert b["images"].shape == (4, 3, 32, 32)
+    b = collate(exs, tok, 4, 256, packed=False)
+    assert b["images"].shape == (4, 3, 32, 32) and "attn_mask" not in b
     for r, ex in enumerate(exs):
         t = b["targets"][r]
         answers = [m["content"] + "<|im_end|>" for m in ex["messages"] if m["role"] == "assistant"]
         assert tok.decode(t[t >= 0].tolist()) == "".join(answers) and answers[0] == ex["answer"] + "<|im_end|>"
         s = int(b["img_start"][r])
         assert b["idx"][r, s : s + 4].tolist() == [tok.image_placeholder_id] * 4
+
+
+def test_packed_vision_batch_equals_one_conversation_per_row(tmp_path):
+    from chatstack.vision.chat_data import pack_rows
+
+    assert pack_rows([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]  # best fit, longest first
+    path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4, block_size=256)
+    ck = load_checkpoint(path)
+    m = VisionChatModel(ck.model, load_vision(path)).eval()
+    exs = [TrainExamples(3, weights={"where": 1})(i) for i in range(16)]
+    alone = collate(exs, ck.tokenizer, 4, 256, packed=False)
+    packed = collate(exs, ck.tokenizer, 4, 256, packed=True)
+    assert packed["idx"].shape[0] < alone["idx"].shape[0] and packed["idx"].numel() < alone["idx"].numel()
+    assert int(packed["n_tokens"]) == int(alone["n_tokens"])
+    t_a, t_p = alone["targets"], packed["targets"]
+    assert sorted(t_a[t_a >= 0].tolist()) == sorted(t_p[t_p >= 0].tolist())
+    # every image lands on its placeholders, in the row its conversation was packed into
+    for r, s in zip(packed["img_row"].tolist(), packed["img_start"].tolist()):
+        assert packed["idx"][r, s : s + 4].tolist() == [ck.tokenizer.image_placeholder_id] * 4
+    # the same loss: positions restart and attention stays inside each conversation
+    keys = ["idx", "targets", "images", "img_row", "img_start"]
+    _, loss_a = m(*[alone[k] for k in keys])
+    logits_p, loss_p = m(*[packed[k] for k in keys], packed["positions"], packed["attn_mask"])
+    assert logits_p.shape == (int((t_p >= 0).sum()), ck.model.config.vocab_size)
+    assert torch.allclose(loss_a, loss_p, atol=1e-5), (loss_a, loss_p)
+    # and without the layout, packing would let conversations read each other: a different loss
+    _, loss_leak = m(*[packed[k] for k in keys])
+    assert not torch.allclose(loss_a, loss_leak, atol=1e-4)
 
 
 def test_place_images_matches_a_loop():
@@ -414,6 +491,22 @@ def test_bad_input_errors(tmp_path, cli):
     base = make_tiny_vision_checkpoint(tmp_path / "base", vision=False)
     r = cli("sft-vision", "--base", base, "--clip", base, "--out", tmp_path / "v", check=False)
     assert "not a CLIP checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = cli(
+        "sft-vision",
+        "--base",
+        base,
+        "--clip",
+        base,
+        "--out",
+        tmp_path / "v",
+        "--question-weights",
+        "size=2",
+        check=False,
+    )
+    assert "--question-weights: 'size=2'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "v").exists()
+    r = cli("eval-vision", base, "--tasks", "scene-size", check=False)
+    assert "unknown task 'scene-size'" in r.stderr and "scene-where" in r.stderr
     r = cli("eval-vision", base, check=False)
     assert "text-only" in r.stderr
     r = cli("chat", base, "--image", tmp_path / "x.png", check=False)

@@ -29,6 +29,7 @@ from typing import Iterable
 
 import torch
 
+from chatstack.model import packed_layout
 from chatstack.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -270,16 +271,7 @@ def make_batch(rows: PackedRows, index: torch.Tensor, trim: bool = True) -> dict
     # a target counts if it is assistant text and belongs to the same conversation as its input token
     keep = (mask[:, 1:] > 0) & (d_in == d_out) & (d_out >= 0)
     y[~keep] = -1
-    B, T = x.shape
-    # positions restart at every conversation: index minus the start of its run of equal doc ids
-    ar = torch.arange(T).expand(B, T)
-    new_doc = torch.ones(B, T, dtype=torch.bool)
-    new_doc[:, 1:] = d_in[:, 1:] != d_in[:, :-1]
-    start = torch.where(new_doc, ar, torch.zeros_like(ar)).cummax(dim=1).values
-    positions = ar - start  # (B, T)
-    same = d_in[:, :, None] == d_in[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    attn_mask = (same & causal)[:, None]  # (B, 1, T, T)
+    positions, attn_mask = packed_layout(d_in)  # positions restart at every conversation
     n_tokens = torch.tensor(int((d_in >= 0).sum()))  # real (non-pad) input tokens
     return {"idx": x, "targets": y, "positions": positions, "attn_mask": attn_mask, "n_tokens": n_tokens}
 

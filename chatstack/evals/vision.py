@@ -124,7 +124,8 @@ def chat_metrics(
             for t, v in per.items()
         }
     }
-    scene = [res["tasks"][t]["accuracy"] for t in res["tasks"] if t.startswith("scene-")]
+    # the mean of the four question types (the training-only "where" type is reported, not averaged in)
+    scene = [res["tasks"][t]["accuracy"] for t in res["tasks"] if t.startswith("scene-") and t[6:] in D.QUESTION_TYPES]
     if scene:
         res["scenes_mean"] = round(sum(scene) / len(scene), 4)
     res["examples"] = shown

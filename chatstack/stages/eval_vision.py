@@ -24,7 +24,14 @@ from chatstack.vision.chat_data import TASKS
 from chatstack.vision.vlm import load_clip, load_vision
 
 # answering without looking: 1 in 10 digits, 4 colours, 3 shapes, 3 counts, 2 sides
-CHANCE = {"digits": 0.1, "scene-colour": 0.25, "scene-shape": 1 / 3, "scene-count": 1 / 3, "scene-position": 0.5}
+CHANCE = {
+    "digits": 0.1,
+    "scene-colour": 0.25,
+    "scene-shape": 1 / 3,
+    "scene-count": 1 / 3,
+    "scene-position": 0.5,
+    "scene-where": 1 / 3,
+}
 
 
 def evaluate(path: str, tasks: list[str], n: int = 0, ablation: bool = False) -> dict:
@@ -84,9 +91,11 @@ def table(res: dict) -> str:
 
 def _cmd(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS]
+    bad = [t for t in tasks if t not in TASKS + ["scene-where"]]
     if bad or not tasks:
-        raise CLIError(f"--tasks: unknown task {bad[0] if bad else args.tasks!r} (one of {', '.join(TASKS)})")
+        raise CLIError(
+            f"--tasks: unknown task {bad[0] if bad else args.tasks!r} (one of {', '.join(TASKS)}, or scene-where)"
+        )
     if args.n < 0:
         raise CLIError(f"--n must be >= 0, got {args.n}")
     try:

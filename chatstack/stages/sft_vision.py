@@ -1,6 +1,6 @@
 """`chatstack sft-vision`: teach a chat model to read images through a CLIP encoder and a projection.
 
-    chatstack sft-vision --base runs/speedrun/sft --clip runs/clip_mix --out runs/vision   # ~4 min on 2 CPU cores
+    chatstack sft-vision --base runs/speedrun/sft --clip runs/clip_mix --out runs/vision   # 2,400 steps
     chatstack sft-vision --base ... --clip ... --out ... --image-tokens 4 --train-encoder
     chatstack eval-vision runs/vision --json
 
@@ -25,6 +25,7 @@ from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config
 from chatstack.evals.vision import chat_metrics
 from chatstack.infer.engine import Engine
 from chatstack.train.loop import TrainConfig, train
+from chatstack.vision import data as D
 from chatstack.vision.chat_data import TASKS, TrainExamples, collate
 from chatstack.vision.projection import VisionAdapter, VisionConfig
 from chatstack.vision.vlm import VisionChatModel, load_clip
@@ -40,6 +41,13 @@ class SFTVisionConfig(TrainConfig):
     global_token: bool = field(
         default=True, metadata={"help": "one more token per image: its CLIP embedding (--no-global-token: cells only)"}
     )
+    coords: bool = field(
+        default=True,
+        metadata={
+            "help": "add each cell's (x, y) centre through a learned linear map to its image token "
+            "(--no-coords: a learned embedding per cell only)"
+        },
+    )
     train_encoder: bool = field(
         default=False,
         metadata={"help": "fine-tune the image encoder too, at --encoder-lr-scale times the learning rate"},
@@ -49,19 +57,31 @@ class SFTVisionConfig(TrainConfig):
     )
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
     digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
+    question_weights: str = field(
+        default="position=3,where=1",
+        metadata={
+            "help": "relative weights of the scene question types in training conversations (colour, shape, "
+            "count, position; 'where', a training-only question of one object's column band); unnamed types "
+            "weigh 1, and 'where' 0"
+        },
+    )
     eval_n: int = field(default=40, metadata={"help": "held-out questions per task for the periodic evaluation"})
     out: str = field(default="runs/vision", metadata={"help": "checkpoint directory to write"})
     max_steps: int = field(
-        default=1600, metadata={"help": "optimizer steps (scene answers still rise at 800: docs/vision.md)"}
+        default=2400,
+        metadata={"help": "optimizer steps (left/right answers are learned late, at 1,200-2,800: docs/vision.md)"},
     )
     batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     min_lr: float = field(default=5e-5, metadata={"help": "learning rate at the end of the cosine"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices"})
-    eval_every: int = field(default=200, metadata={"help": "evaluate every N steps (0 = only at the end)"})
+    eval_every: int = field(default=400, metadata={"help": "evaluate every N steps (0 = only at the end)"})
     time_budget: float = field(
-        default=520.0, metadata={"help": "seconds of training; max_steps is cut to fit (0 = no limit)"}
+        default=0.0,
+        metadata={
+            "help": "seconds of training; max_steps is cut to fit (0 = no limit: the run is defined by its steps)"
+        },
     )
 
 
@@ -70,7 +90,7 @@ class VisionSFTTask:
 
     def __init__(self, cfg: SFTVisionConfig, tokenizer, block_size: int, tokens_per_image: int):
         self.cfg, self.tok, self.block_size, self.n_img = cfg, tokenizer, block_size, tokens_per_image
-        self.examples = TrainExamples(cfg.seed, cfg.digit_share)
+        self.examples = TrainExamples(cfg.seed, cfg.digit_share, parse_question_weights(cfg.question_weights))
 
     def train_batch(self, step, micro, rank, world):
         B = self.cfg.batch_size
@@ -81,7 +101,15 @@ class VisionSFTTask:
         return int(batch["n_tokens"])
 
     def loss(self, model, batch):
-        _, loss = model(batch["idx"], batch["targets"], batch["images"], batch["img_row"], batch["img_start"])
+        _, loss = model(
+            batch["idx"],
+            batch["targets"],
+            batch["images"],
+            batch["img_row"],
+            batch["img_start"],
+            batch.get("positions"),
+            batch.get("attn_mask"),
+        )
         return loss, {}
 
     def evaluate(self, model) -> dict:
@@ -94,11 +122,32 @@ class VisionSFTTask:
         return out
 
 
+def parse_question_weights(spec: str) -> dict[str, float]:
+    """'position=3,where=1' -> {"position": 3.0, "where": 1.0}; a clear error for anything else."""
+    known = D.QUESTION_TYPES + D.AUX_QUESTION_TYPES
+    out: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, val = item.partition("=")
+        if not eq or name.strip() not in known:
+            raise ValueError(f"--question-weights: {item!r} is not TYPE=WEIGHT with TYPE one of {', '.join(known)}")
+        try:
+            w = float(val)
+        except ValueError:
+            w = -1.0
+        if not w >= 0:
+            raise ValueError(f"--question-weights: the weight of {name.strip()} must be a number >= 0, got {val!r}")
+        out[name.strip()] = w
+    if out and all(out.get(t, 1.0) == 0 for t in known if t != "where"):
+        raise ValueError("--question-weights: every evaluated question type has weight 0")
+    return out
+
+
 def run_sft_vision(cfg: SFTVisionConfig, log=print):
     if not cfg.base:
         raise ValueError("--base: give the chat checkpoint to build on")
     if not cfg.clip:
         raise ValueError("--clip: give a chatstack clip-train checkpoint")
+    parse_question_weights(cfg.question_weights)  # a bad spec fails before anything is loaded
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(cfg.base, device="cpu")
     if ck.tokenizer is None:
@@ -106,7 +155,11 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
     clip, clip_cfg = load_clip(cfg.clip)
     gpt, tok = ck.model, ck.tokenizer
     vcfg = VisionConfig(
-        clip=clip.config, n_embd=gpt.config.n_embd, image_tokens=cfg.image_tokens, global_token=cfg.global_token
+        clip=clip.config,
+        n_embd=gpt.config.n_embd,
+        image_tokens=cfg.image_tokens,
+        global_token=cfg.global_token,
+        coords=cfg.coords,
     )
     adapter = VisionAdapter(vcfg)
     adapter.encoder.load_state_dict(clip.image.state_dict())

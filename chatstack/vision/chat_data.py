@@ -18,6 +18,7 @@ import random
 
 import torch
 
+from chatstack.model import packed_layout
 from chatstack.tokenizer import Tokenizer
 from chatstack.vision import data as D
 
@@ -63,21 +64,39 @@ def eval_examples(tasks: list[str], n_per_task: int = 0, seed: int = 0) -> list[
             x, y = D.digits("test")
             n = len(x) if n_per_task <= 0 else min(n_per_task, len(x))
             out += [digit_example(x[i], int(y[i]), rng) for i in range(n)]
-        elif t.startswith("scene-") and t[6:] in D.QUESTION_TYPES:
+        elif t.startswith("scene-") and t[6:] in D.QUESTION_TYPES + D.AUX_QUESTION_TYPES:
             q = t[6:]
             n = n_per_task if n_per_task > 0 else 100
             pool = [s for s in D.scenes("test", 4 * n, seed) if q != "position" or len(s.objects) > 1][:n]
             out += [scene_example(s, q, rng) for s in pool]
         else:
-            raise ValueError(f"unknown vision task {t!r} (one of {', '.join(TASKS)})")
+            raise ValueError(f"unknown vision task {t!r} (one of {', '.join(TASKS)}, or scene-where)")
     return out
 
 
-def scene_conversation(scene: D.Scene, rng: random.Random, max_turns: int = 3) -> dict:
+def _weighted_sample(types: list[str], weights: dict[str, float], k: int, rng: random.Random) -> list[str]:
+    """k distinct types drawn one after another in proportion to their weights (missing: 1)."""
+    pool, out = [t for t in types if weights.get(t, 1.0) > 0], []
+    for _ in range(min(k, len(pool))):
+        t = rng.choices(pool, weights=[weights.get(t, 1.0) for t in pool])[0]
+        out.append(t)
+        pool.remove(t)
+    return out
+
+
+def scene_conversation(
+    scene: D.Scene, rng: random.Random, max_turns: int = 3, weights: dict[str, float] | None = None
+) -> dict:
     """One image, then 1..max_turns questions of different types about it, each answered (LLaVA-style
-    multi-turn data: every answer is a target, so one image gives several answers' worth of signal)."""
-    types = D.QUESTION_TYPES if len(scene.objects) > 1 else D.QUESTION_TYPES[:3]
-    qtypes = rng.sample(types, rng.randint(1, min(max_turns, len(types))))
+    multi-turn data: every answer is a target, so one image gives several answers' worth of signal).
+    `weights` (per question type, default 1; the training-only "where" type is off unless weighted) make a
+    type more or less likely to be among the questions."""
+    weights = {"where": 0.0, **(weights or {})}
+    types = D.QUESTION_TYPES + D.AUX_QUESTION_TYPES
+    if len(scene.objects) < 2:
+        types = [t for t in types if t != "position"]
+    n_types = sum(weights.get(t, 1.0) > 0 for t in types)
+    qtypes = _weighted_sample(types, weights, rng.randint(1, min(max_turns, n_types)), rng)
     msgs, first = [], None
     for k, qt in enumerate(qtypes):
         q, a = D.scene_question(scene, qt, rng)
@@ -88,10 +107,10 @@ def scene_conversation(scene: D.Scene, rng: random.Random, max_turns: int = 3) -
 
 class TrainExamples:
     """Training examples by global index: a digit question with probability digit_share, else a scene
-    conversation (1-3 questions about one scene)."""
+    conversation (1-3 questions about one scene, question types drawn by `weights`)."""
 
-    def __init__(self, seed: int, digit_share: float = 0.4) -> None:
-        self.seed, self.digit_share = seed, digit_share
+    def __init__(self, seed: int, digit_share: float = 0.4, weights: dict[str, float] | None = None) -> None:
+        self.seed, self.digit_share, self.weights = seed, digit_share, weights
         self.x, self.y = D.digits("train")
 
     def __call__(self, i: int) -> dict:
@@ -102,38 +121,75 @@ class TrainExamples:
         while True:
             s = D.random_scene(rng)
             if not s.held_out():
-                return scene_conversation(s, rng)
+                return scene_conversation(s, rng, weights=self.weights)
 
 
-def collate(examples: list[dict], tokenizer: Tokenizer, image_tokens: int, max_len: int) -> dict:
-    """Right-padded rows: idx/targets (B, T) with targets -1 off the assistant's tokens, images (N, 3, 32, 32),
-    and img_row / img_start (N,): where each image's `image_tokens` positions begin."""
-    rows, imgs, img_row, img_start = [], [], [], []
-    for b, ex in enumerate(examples):
+def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of sequences per row, each row's lengths summing to <= row_len."""
+    rows: list[list[int]] = []
+    free: list[int] = []  # remaining capacity per row
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r, cap in enumerate(free) if cap >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+        else:
+            r = len(rows)
+            rows.append([])
+            free.append(row_len)
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def collate(
+    examples: list[dict], tokenizer: Tokenizer, image_tokens: int, max_len: int, packed: bool = True, row_len: int = 128
+) -> dict:
+    """Rows for the GPT: idx/targets (B, T) with targets -1 off the assistant's tokens, images (N, 3, 32, 32),
+    and img_row / img_start (N,): where each image's `image_tokens` positions begin.
+
+    packed: several conversations share a row of `row_len` tokens (more if one conversation is longer; at most
+    max_len + 1), with positions restarting at each and attention kept inside each (`positions`, `attn_mask`), so
+    each is computed as if alone; the batch's loss is the same, and the padding (about 40% of a batch of one
+    conversation per row) is not computed. Short rows keep the attention's T x T small."""
+    enc = []
+    for ex in examples:
         ids, mask, pos = tokenizer.render_multimodal(ex["messages"], image_tokens)
         if len(ids) > max_len + 1:
             raise ValueError(f"a {ex['task']} conversation of {len(ids)} tokens exceeds the context {max_len}")
-        rows.append((ids, mask))
-        for k, im in enumerate(ex["images"]):
-            imgs.append(im)
-            img_row.append(b)
-            img_start.append(pos[k * image_tokens])
-    T = max(len(ids) for ids, _ in rows) - 1
-    idx = torch.full((len(rows), T), tokenizer.eot_id, dtype=torch.long)
-    tgt = torch.full((len(rows), T), -1, dtype=torch.long)
-    for b, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        idx[b, :n] = torch.tensor(ids[:-1])
-        t = torch.tensor(ids[1:])
-        tgt[b, :n] = torch.where(torch.tensor(mask[1:]) > 0, t, torch.full_like(t, -1))
-    return {
-        "idx": idx,
+        enc.append((ids, mask, [pos[k * image_tokens] for k in range(len(ex["images"]))]))
+    lengths = [len(e[0]) for e in enc]
+    rows = pack_rows(lengths, min(max_len + 1, max(row_len, *lengths))) if packed else [[i] for i in range(len(enc))]
+    T = max(sum(len(enc[i][0]) for i in row) for row in rows) - 1
+    idx = torch.full((len(rows), T + 1), tokenizer.eot_id, dtype=torch.long)
+    keep = torch.zeros(len(rows), T + 1, dtype=torch.bool)
+    doc = torch.full((len(rows), T + 1), -1, dtype=torch.long)
+    imgs, img_row, img_start = [], [], []
+    for b, row in enumerate(rows):
+        at = 0
+        for d, i in enumerate(row):
+            ids, mask, starts = enc[i]
+            n = len(ids)
+            idx[b, at : at + n] = torch.tensor(ids)
+            keep[b, at : at + n] = torch.tensor(mask) > 0
+            doc[b, at : at + n] = d
+            imgs += examples[i]["images"]
+            img_row += [b] * len(starts)
+            img_start += [at + p for p in starts]
+            at += n
+    tgt = idx[:, 1:].clone()
+    # a target counts if it is the assistant's and belongs to the same conversation as its input token
+    tgt[~(keep[:, 1:] & (doc[:, 1:] == doc[:, :-1]) & (doc[:, 1:] >= 0))] = -1
+    out = {
+        "idx": idx[:, :-1],
         "targets": tgt,
         "images": torch.stack(imgs) if imgs else torch.zeros(0, 3, D.SIZE, D.SIZE),
         "img_row": torch.tensor(img_row, dtype=torch.long),
         "img_start": torch.tensor(img_start, dtype=torch.long),
-        "n_tokens": torch.tensor(sum(len(ids) - 1 for ids, _ in rows)),
+        "n_tokens": torch.tensor(int((doc[:, :-1] >= 0).sum())),
     }
+    if packed:
+        out["positions"], out["attn_mask"] = packed_layout(doc[:, :-1])
+    return out
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ["circle", "square", "triangle"]
 QUESTION_TYPES = ["colour", "shape", "count", "position"]
+# training-only: where one object is on its own (left / middle / right band), a single look-up that the
+# relative position question composes twice
+AUX_QUESTION_TYPES = ["where"]
+BANDS = ("left", "middle", "right")
+BAND_X = (5, 16, 26)  # the column bands' centres, pixels
 BUILTINS = ("digits", "scenes")
 
 
@@ -176,6 +181,11 @@ class Scene:
         return " left of ".join(parts)
 
 
+def band_of(o: Obj) -> int:
+    """The column band (0 left, 1 middle, 2 right) an object was placed in."""
+    return min(range(3), key=lambda b: abs(BAND_X[b] - o.x))
+
+
 def random_scene(rng: random.Random, n: int | None = None) -> Scene:
     """1-3 objects, distinct shapes and colours, one per column band (so left/right is never ambiguous)."""
     n = n or rng.randint(1, 3)
@@ -185,7 +195,7 @@ def random_scene(rng: random.Random, n: int | None = None) -> Scene:
     objs = []
     for b, s, c in zip(bands, shapes, colours):
         r = rng.randint(4, 5)
-        x = (5, 16, 26)[b] + rng.randint(0, 1)  # band centres
+        x = BAND_X[b] + rng.randint(0, 1)
         y = rng.randint(r + 1, SIZE - r - 2)
         objs.append(Obj(s, c, x, y, r))
     return Scene(tuple(objs))
@@ -247,7 +257,10 @@ def scene_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, s
         i, j = rng.sample(range(len(objs)), 2)
         a, b = objs[i], objs[j]
         return f"Is the {a.colour} {a.shape} left or right of the {b.colour} {b.shape}?", "left" if i < j else "right"
-    raise ValueError(f"unknown question type {qtype!r} (one of {', '.join(QUESTION_TYPES)})")
+    if qtype == "where":
+        o = rng.choice(objs)
+        return f"Where is the {o.colour} {o.shape}?", BANDS[band_of(o)]
+    raise ValueError(f"unknown question type {qtype!r} (one of {', '.join(QUESTION_TYPES + AUX_QUESTION_TYPES)})")
 
 
 def random_qtype(scene: Scene, rng: random.Random) -> str:

@@ -30,6 +30,7 @@ class VisionConfig:
     n_embd: int = 128  # the GPT's width
     image_tokens: int = 16  # grid cells per image: a square number <= the encoder's grid cells
     global_token: bool = False  # one more token per image: the image's CLIP embedding, projected
+    coords: bool = False  # add a learned linear map of each cell's (x, y) centre to its token
 
     @property
     def tokens_per_image(self) -> int:
@@ -54,11 +55,12 @@ class VisionConfig:
             "n_embd": self.n_embd,
             "image_tokens": self.image_tokens,
             "global_token": self.global_token,
+            "coords": self.coords,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> VisionConfig:
-        unknown = set(d) - {"clip", "n_embd", "image_tokens", "global_token"}
+        unknown = set(d) - {"clip", "n_embd", "image_tokens", "global_token", "coords"}
         if unknown:
             raise ValueError(f"unknown VisionConfig field(s): {sorted(unknown)}")
         return cls(
@@ -66,6 +68,7 @@ class VisionConfig:
             n_embd=int(d["n_embd"]),
             image_tokens=int(d["image_tokens"]),
             global_token=bool(d.get("global_token", False)),
+            coords=bool(d.get("coords", False)),
         )
 
 
@@ -73,7 +76,9 @@ class Projection(nn.Module):
     """(B, g*g, width) encoder tokens -> (B, n, n_embd): pool to n cells, then a two-layer MLP per cell; with
     embed_dim, a first token more from the image's (unit-length) CLIP embedding through its own MLP."""
 
-    def __init__(self, width: int, n_embd: int, grid: int, image_tokens: int, embed_dim: int = 0) -> None:
+    def __init__(
+        self, width: int, n_embd: int, grid: int, image_tokens: int, embed_dim: int = 0, coords: bool = False
+    ) -> None:
         super().__init__()
         self.grid, self.side = grid, math.isqrt(image_tokens)
         self.fc1 = nn.Linear(width, n_embd)
@@ -88,6 +93,15 @@ class Projection(nn.Module):
         # where each cell is: the convolutions are translation-equivariant, so a cell's features alone do not
         # say where it sits (what ViT's position embeddings add to its patches)
         self.pos = nn.Parameter(torch.randn(image_tokens + int(bool(embed_dim)), n_embd) * 0.02)
+        # with coords, also one direction per axis, scaled by the cell's centre in [-1, 1]: "how far right" is then
+        # the same feature in every row, and comparing two objects' places is a difference along one direction
+        self.coord = None
+        if coords:
+            self.coord = nn.Linear(2, n_embd, bias=False)
+            nn.init.normal_(self.coord.weight, std=0.02)
+            c = (torch.arange(self.side, dtype=torch.float32) + 0.5) / self.side * 2 - 1
+            yy, xx = torch.meshgrid(c, c, indexing="ij")
+            self.register_buffer("cell_xy", torch.stack([xx.flatten(), yy.flatten()], 1), persistent=False)
         # start near the scale of the GPT's token embeddings (std 0.02 at init): the first steps then do not
         # swamp the residual stream
         nn.init.normal_(self.fc2.weight, std=0.02)
@@ -99,6 +113,8 @@ class Projection(nn.Module):
             x = tokens.transpose(1, 2).reshape(B, C, self.grid, self.grid)
             tokens = F.adaptive_avg_pool2d(x, self.side).flatten(2).transpose(1, 2)  # (B, n, C)
         out = self.fc2(F.gelu(self.fc1(tokens)))  # (B, n, h)
+        if self.coord is not None:
+            out = out + self.coord(self.cell_xy)
         if self.glob is not None:
             out = torch.cat([self.glob(F.normalize(embedding, dim=-1))[:, None], out], dim=1)  # (B, 1 + n, h)
         return out + self.pos
@@ -112,7 +128,9 @@ class VisionAdapter(nn.Module):
         self.config = cfg
         self.encoder = ImageEncoder(cfg.clip)
         embed_dim = cfg.clip.embed_dim if cfg.global_token else 0
-        self.projection = Projection(cfg.clip.width, cfg.n_embd, cfg.clip.grid, cfg.image_tokens, embed_dim)
+        self.projection = Projection(
+            cfg.clip.width, cfg.n_embd, cfg.clip.grid, cfg.image_tokens, embed_dim, coords=cfg.coords
+        )
 
     @property
     def image_tokens(self) -> int:

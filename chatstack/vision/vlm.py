@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_model
 
 from chatstack.checkpoint import CheckpointError, load_weights, read_config
@@ -61,14 +62,23 @@ class VisionChatModel(nn.Module):
         images: torch.Tensor | None = None,
         img_row: torch.Tensor | None = None,
         img_start: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V); with targets, the logits at the target positions only (N, V) and the mean
+        cross-entropy there (the output layer over every position of a batch would cost more than the GPT)."""
         x = self.gpt.tok_emb(idx)  # (B, T, h)
         if images is not None and images.numel():
             e = self.vision(images)  # (N, n, h)
             if self.zero_images:
                 e = torch.zeros_like(e)
             x = place_images(x, e, img_row, img_start)
-        return self.gpt(idx, targets, embeds=x)
+        h = self.gpt.hidden_states(idx, positions=positions, attn_mask=attn_mask, embeds=x)
+        if targets is None:
+            return self.gpt.lm_head(h)
+        keep = targets >= 0
+        logits = self.gpt.lm_head(h[keep])  # (N, V)
+        return logits, F.cross_entropy(logits.float(), targets[keep], reduction="sum") / keep.sum().clamp_min(1)
 
 
 def vision_config_of(cfg: dict, where: str | os.PathLike) -> Optional[VisionConfig]:
