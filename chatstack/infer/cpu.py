@@ -67,6 +67,21 @@ def onednn_linear_works() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def onednn_bf16_linear_works() -> bool:
+    """oneDNN's linear also packs bf16 weights: it needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, so an AVX2-only CPU
+    (AMD Zen 3, say) has fp32 packing but not this."""
+    if not onednn_linear_works():
+        return False
+    try:
+        w, x = torch.randn(48, 32).bfloat16(), torch.randn(3, 32).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(y.float(), F.linear(x, w).float(), atol=1e-2, rtol=1e-2))
+    except Exception:  # "bf16 path needs the cpu support ...": F.linear on bf16 tensors instead
+        return False
+
+
 def cpu_matmul_backend(choice: str | None = None) -> str:
     """ "onednn" or "mkl": the kernel family for the engine's CPU products. choice (default: the
     CHATSTACK_CPU_MATMUL environment variable, else "auto"): auto = oneDNN on x86 CPUs that are not Intel's."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from chatstack.infer.cpu import PACK_ROWS, onednn_linear_works
+from chatstack.infer.cpu import PACK_ROWS, onednn_bf16_linear_works
 
 # the kernel's input width must be a multiple of this (see the docstring)
 INT8_IN_MULTIPLE = 16
@@ -87,7 +87,7 @@ class Int8Weight:
 
 
 class BF16Weight:
-    """A bf16 copy of one Linear's weight: oneDNN-packed where torch has oneDNN's linear, else a plain bf16 tensor
+    """A bf16 copy of one Linear's weight: oneDNN-packed where oneDNN packs bf16 here, else a plain bf16 tensor
     (one of the two is kept, not both); `linear(x, bias)` rounds x to bf16 and returns the bf16 product as fp32,
     plus the bias in fp32 (the engine binds one as a Linear's fast_weight)."""
 
@@ -95,7 +95,7 @@ class BF16Weight:
 
     def __init__(self, weight: torch.Tensor) -> None:
         w = weight.detach().to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if onednn_linear_works() else None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if onednn_bf16_linear_works() else None
         self.w = None if self.packed is not None else w
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
