@@ -69,7 +69,9 @@ class SFTVisionConfig(TrainConfig):
     out: str = field(default="runs/vision", metadata={"help": "checkpoint directory to write"})
     max_steps: int = field(
         default=2400,
-        metadata={"help": "optimizer steps (left/right answers are learned late, at 1,200-2,800: docs/vision.md)"},
+        metadata={
+            "help": "optimizer steps (left/right answers are learned late, at 1,200-2,800, and not in every run: docs/vision.md)"
+        },
     )
     batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
