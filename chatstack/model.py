@@ -20,6 +20,7 @@ stays fp32; the training loop uses it for --dtype bf16 on CPU.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import contextvars
 import math
@@ -557,6 +558,27 @@ class GPT(nn.Module):
             return logits
         loss = lm_loss(logits, targets, loss_mask)
         return logits, loss
+
+
+def best_fit_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """Best-fit-decreasing packing: the indices of the sequences in each row, longest first, each placed in the row
+    with the least room that still holds it (ties: the earliest row); every row's lengths sum to <= row_len."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            cap, r = free.pop(j)
+            rows[r].append(i)
+            cap -= n
+        else:
+            r = len(rows)
+            rows.append([i])
+            cap = row_len - n
+        if cap > 0:
+            bisect.insort(free, (cap, r))
+    return rows
 
 
 def packed_layout(doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

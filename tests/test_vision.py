@@ -259,9 +259,9 @@ def test_collate_targets_only_the_answer():
 
 
 def test_packed_vision_batch_equals_one_conversation_per_row(tmp_path):
-    from chatstack.vision.chat_data import pack_rows
+    from chatstack.model import best_fit_rows
 
-    assert pack_rows([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]  # best fit, longest first
+    assert best_fit_rows([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]  # best fit, longest first
     path = make_tiny_vision_checkpoint(tmp_path / "vis", image_tokens=4, block_size=256)
     ck = load_checkpoint(path)
     m = VisionChatModel(ck.model, load_vision(path)).eval()

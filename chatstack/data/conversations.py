@@ -20,7 +20,6 @@ previous one.
 
 from __future__ import annotations
 
-import bisect
 import json
 import random
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from chatstack.model import packed_layout
+from chatstack.model import best_fit_rows, packed_layout
 from chatstack.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -216,23 +215,8 @@ def pack(
     for ids, _ in items:
         if len(ids) > row_len:
             raise ValueError(f"conversation of {len(ids)} tokens exceeds the row length {row_len}")
-    rows: list[list[int]] = []  # indices into items per row
     if packed:
-        order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-        free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index)
-        for i in order:
-            n = len(items[i][0])
-            j = bisect.bisect_left(free, (n, -1))
-            if j < len(free):
-                cap, r = free.pop(j)
-                rows[r].append(i)
-                cap -= n
-            else:
-                r = len(rows)
-                rows.append([i])
-                cap = row_len - n
-            if cap > 0:
-                bisect.insort(free, (cap, r))
+        rows = best_fit_rows([len(ids) for ids, _ in items], row_len)
         random.Random(seed + 1).shuffle(rows)
     else:
         rows = [[i] for i in range(len(items))]

@@ -20,7 +20,7 @@ from chatstack.args import CLIError
 from chatstack.checkpoint import CheckpointError, load_checkpoint, read_config
 from chatstack.evals.vision import chat_metrics, clip_metrics
 from chatstack.infer.engine import Engine
-from chatstack.vision.chat_data import TASKS
+from chatstack.vision.chat_data import AUX_TASKS, TASKS
 from chatstack.vision.vlm import load_clip, load_vision
 
 # answering without looking: 1 in 10 digits, 4 colours, 3 shapes, 3 counts, 2 sides
@@ -91,10 +91,10 @@ def table(res: dict) -> str:
 
 def _cmd(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in tasks if t not in TASKS + ["scene-where"]]
+    bad = [t for t in tasks if t not in TASKS + AUX_TASKS]
     if bad or not tasks:
         raise CLIError(
-            f"--tasks: unknown task {bad[0] if bad else args.tasks!r} (one of {', '.join(TASKS)}, or scene-where)"
+            f"--tasks: unknown task {bad[0] if bad else args.tasks!r} (one of {', '.join(TASKS + AUX_TASKS)})"
         )
     if args.n < 0:
         raise CLIError(f"--n must be >= 0, got {args.n}")

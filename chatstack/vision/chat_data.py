@@ -18,11 +18,12 @@ import random
 
 import torch
 
-from chatstack.model import packed_layout
+from chatstack.model import best_fit_rows, packed_layout
 from chatstack.tokenizer import Tokenizer
 from chatstack.vision import data as D
 
 TASKS = ["digits"] + [f"scene-{q}" for q in D.QUESTION_TYPES]
+AUX_TASKS = [f"scene-{q}" for q in D.AUX_QUESTION_TYPES]  # evaluated when asked for, never in the defaults
 
 
 def image_message(question: str, n_images: int = 1) -> dict:
@@ -70,7 +71,7 @@ def eval_examples(tasks: list[str], n_per_task: int = 0, seed: int = 0) -> list[
             pool = [s for s in D.scenes("test", 4 * n, seed) if q != "position" or len(s.objects) > 1][:n]
             out += [scene_example(s, q, rng) for s in pool]
         else:
-            raise ValueError(f"unknown vision task {t!r} (one of {', '.join(TASKS)}, or scene-where)")
+            raise ValueError(f"unknown vision task {t!r} (one of {', '.join(TASKS + AUX_TASKS)})")
     return out
 
 
@@ -124,23 +125,6 @@ class TrainExamples:
                 return scene_conversation(s, rng, weights=self.weights)
 
 
-def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
-    """Best-fit decreasing: indices of sequences per row, each row's lengths summing to <= row_len."""
-    rows: list[list[int]] = []
-    free: list[int] = []  # remaining capacity per row
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = [r for r, cap in enumerate(free) if cap >= lengths[i]]
-        if fits:
-            r = min(fits, key=lambda r: free[r])
-        else:
-            r = len(rows)
-            rows.append([])
-            free.append(row_len)
-        rows[r].append(i)
-        free[r] -= lengths[i]
-    return rows
-
-
 def collate(
     examples: list[dict], tokenizer: Tokenizer, image_tokens: int, max_len: int, packed: bool = True, row_len: int = 128
 ) -> dict:
@@ -158,7 +142,9 @@ def collate(
             raise ValueError(f"a {ex['task']} conversation of {len(ids)} tokens exceeds the context {max_len}")
         enc.append((ids, mask, [pos[k * image_tokens] for k in range(len(ex["images"]))]))
     lengths = [len(e[0]) for e in enc]
-    rows = pack_rows(lengths, min(max_len + 1, max(row_len, *lengths))) if packed else [[i] for i in range(len(enc))]
+    rows = (
+        best_fit_rows(lengths, min(max_len + 1, max(row_len, *lengths))) if packed else [[i] for i in range(len(enc))]
+    )
     T = max(sum(len(enc[i][0]) for i in row) for row in rows) - 1
     idx = torch.full((len(rows), T + 1), tokenizer.eot_id, dtype=torch.long)
     keep = torch.zeros(len(rows), T + 1, dtype=torch.bool)
