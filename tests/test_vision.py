@@ -70,6 +70,10 @@ def test_scene_answers_match_the_pixels():
         o = next(o for o in s.objects if o.colour == q.split()[3])
         # the band from the pixels: which third of the canvas holds the object's centre
         assert a == ("left", "middle", "right")[o.x * 3 // 32]
+        q, a = D.scene_question(s, "describe", rng)
+        # the description names each object's colour and shape in the order of its centre's column in the pixels
+        by_x = sorted(s.objects, key=lambda o: o.x)
+        assert a.split(" left of ") == [f"a {o.colour} {o.shape}" for o in by_x]
     assert not any(s.held_out() for s in D.scenes("train", 50, 0))
 
 
@@ -87,7 +91,17 @@ def test_question_weights_shape_the_training_conversations():
         return counts
 
     plain, heavy = share(None), share(parse_question_weights("position=4,where=1,count=0"))
-    assert "Where" not in plain and "Where" in heavy  # the training-only type is off unless weighted
+    assert "Where" not in plain and "Where" in heavy  # the training-only types are off unless weighted
+    assert "Describe" not in plain and "Describe" not in heavy
+    described = TrainExamples(0, digit_share=0.0, weights=parse_question_weights("describe=5"))
+    convs = [described(i)["messages"] for i in range(200)]
+    asked = [[question_of(m).split()[0] for m in c if m["role"] == "user"] for c in convs]
+    assert sum("Describe" in a for a in asked) > 100
+    # a description is the last question: no later answer can be read off its text
+    assert all(a.index("Describe") == len(a) - 1 for a in asked if "Describe" in a)
+    one, four = (TrainExamples(0, digit_share=0.0, max_turns=k) for k in (1, 4))
+    assert all(len(one(i)["messages"]) == 2 for i in range(100))
+    assert max(len(four(i)["messages"]) for i in range(100)) == 8  # the four evaluated types, each once
     assert "How" in plain and "How" not in heavy  # count questions begin "How many"
     assert heavy["Is"] > 1.5 * plain["Is"]  # position questions begin "Is the"
     assert parse_question_weights("") == {}
@@ -622,3 +636,16 @@ def test_preempted_image_rows_come_back_with_their_images():
     assert small.preemptions > 0
     ref = Engine(gpt, tok, max_batch_size=8).generate(prompts, params, embeds=embeds)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+
+
+def test_every_vision_task_has_its_chance_level():
+    from collections import Counter
+
+    from chatstack.stages.eval_vision import CHANCE
+    from chatstack.vision.chat_data import AUX_TASKS, TASKS
+
+    assert set(TASKS + AUX_TASKS) <= set(CHANCE)
+    # a description's blind guess: the most frequent caption of many random scenes
+    rng = random.Random(0)
+    counts = Counter(D.random_scene(rng).caption() for _ in range(36_000))
+    assert counts.most_common(1)[0][1] / 36_000 == pytest.approx(CHANCE["scene-describe"], rel=0.15)

@@ -103,7 +103,8 @@ def chat_metrics(
 ) -> dict:
     """{"tasks": {name: {accuracy, n, interval}}, "scenes_mean", "examples": a few (question, expected, got)}."""
     exs = eval_examples(tasks, n_per_task, seed)
-    got = answer_questions(engine, adapter, exs, zero_images)
+    # answers are a word, a description up to 15 tokens
+    got = answer_questions(engine, adapter, exs, zero_images, max_new_tokens=32 if "scene-describe" in tasks else 8)
     per: dict[str, list[int]] = {}
     shown = []
     for ex, a in zip(exs, got):

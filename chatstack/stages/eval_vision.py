@@ -23,7 +23,8 @@ from chatstack.infer.engine import Engine
 from chatstack.vision.chat_data import AUX_TASKS, TASKS
 from chatstack.vision.vlm import load_clip, load_vision
 
-# answering without looking: 1 in 10 digits, 4 colours, 3 shapes, 3 counts, 2 sides
+# answering without looking: 1 in 10 digits, 4 colours, 3 shapes, 3 counts, 2 sides, 3 bands; a description's best
+# blind guess is one of the 12 one-shape captions, and a third of the scenes hold one shape
 CHANCE = {
     "digits": 0.1,
     "scene-colour": 0.25,
@@ -31,6 +32,7 @@ CHANCE = {
     "scene-count": 1 / 3,
     "scene-position": 0.5,
     "scene-where": 1 / 3,
+    "scene-describe": 1 / 36,
 }
 
 

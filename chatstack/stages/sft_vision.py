@@ -1,6 +1,6 @@
 """`chatstack sft-vision`: teach a chat model to read images through a CLIP encoder and a projection.
 
-    chatstack sft-vision --base runs/speedrun/sft --clip runs/clip_mix --out runs/vision   # 2,400 steps
+    chatstack sft-vision --base runs/speedrun/sft --clip runs/clip_mix --out runs/vision   # 2,000 steps
     chatstack sft-vision --base ... --clip ... --out ... --image-tokens 4 --train-encoder
     chatstack eval-vision runs/vision --json
 
@@ -58,19 +58,23 @@ class SFTVisionConfig(TrainConfig):
     zero_images: bool = field(default=False, metadata={"help": "zero every image token (ablation control)"})
     digit_share: float = field(default=0.25, metadata={"help": "share of digit questions (the rest: scene questions)"})
     question_weights: str = field(
-        default="position=3,where=1",
+        default="position=3,where=1,describe=3",
         metadata={
             "help": "relative weights of the scene question types in training conversations (colour, shape, "
-            "count, position; 'where', a training-only question of one object's column band); unnamed types "
-            "weigh 1, and 'where' 0"
+            "count, position; and two training-only types: 'where', one object's column band, and 'describe', "
+            "the scene named left to right); unnamed types weigh 1, the training-only ones 0"
         },
+    )
+    max_questions: int = field(
+        default=3, metadata={"help": "questions about one scene per training conversation: 1 to this many"}
     )
     eval_n: int = field(default=40, metadata={"help": "held-out questions per task for the periodic evaluation"})
     out: str = field(default="runs/vision", metadata={"help": "checkpoint directory to write"})
     max_steps: int = field(
-        default=2400,
+        default=2000,
         metadata={
-            "help": "optimizer steps (left/right answers are learned late, at 1,200-2,800, and not in every run: docs/vision.md)"
+            "help": "optimizer steps (looking an object up by a word of the question is learned late, at "
+            "1,000-1,800 steps with the defaults: docs/vision.md)"
         },
     )
     batch_size: int = field(default=32, metadata={"help": "conversations per micro-batch"})
@@ -92,7 +96,9 @@ class VisionSFTTask:
 
     def __init__(self, cfg: SFTVisionConfig, tokenizer, block_size: int, tokens_per_image: int):
         self.cfg, self.tok, self.block_size, self.n_img = cfg, tokenizer, block_size, tokens_per_image
-        self.examples = TrainExamples(cfg.seed, cfg.digit_share, parse_question_weights(cfg.question_weights))
+        self.examples = TrainExamples(
+            cfg.seed, cfg.digit_share, parse_question_weights(cfg.question_weights), cfg.max_questions
+        )
 
     def train_batch(self, step, micro, rank, world):
         B = self.cfg.batch_size
@@ -139,7 +145,7 @@ def parse_question_weights(spec: str) -> dict[str, float]:
         if not w >= 0:
             raise ValueError(f"--question-weights: the weight of {name.strip()} must be a number >= 0, got {val!r}")
         out[name.strip()] = w
-    if out and all(out.get(t, 1.0) == 0 for t in known if t != "where"):
+    if out and all(out.get(t, 1.0) == 0 for t in D.QUESTION_TYPES):
         raise ValueError("--question-weights: every evaluated question type has weight 0")
     return out
 
@@ -150,6 +156,8 @@ def run_sft_vision(cfg: SFTVisionConfig, log=print):
     if not cfg.clip:
         raise ValueError("--clip: give a chatstack clip-train checkpoint")
     parse_question_weights(cfg.question_weights)  # a bad spec fails before anything is loaded
+    if cfg.max_questions < 1:
+        raise ValueError(f"--max-questions must be at least 1, got {cfg.max_questions}")
     torch.manual_seed(cfg.seed)
     ck = load_checkpoint(cfg.base, device="cpu")
     if ck.tokenizer is None:

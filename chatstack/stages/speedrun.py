@@ -874,6 +874,6 @@ def register(sub) -> None:
     p.add_argument(
         "--vision",
         action="store_true",
-        help="then image input: clip-train, sft-vision on the chat model, eval-vision (+ 8-14 min on 2 cores)",
+        help="then image input: clip-train, sft-vision on the chat model, eval-vision (+ about 10 min on 2 cores)",
     )
     p.set_defaults(func=_cmd)

@@ -90,14 +90,16 @@ def scene_conversation(
 ) -> dict:
     """One image, then 1..max_turns questions of different types about it, each answered (LLaVA-style
     multi-turn data: every answer is a target, so one image gives several answers' worth of signal).
-    `weights` (per question type, default 1; the training-only "where" type is off unless weighted) make a
+    `weights` (per question type, default 1; the training-only types are off unless weighted) make a
     type more or less likely to be among the questions."""
-    weights = {"where": 0.0, **(weights or {})}
+    weights = {**{t: 0.0 for t in D.AUX_QUESTION_TYPES}, **(weights or {})}
     types = D.QUESTION_TYPES + D.AUX_QUESTION_TYPES
     if len(scene.objects) < 2:
         types = [t for t in types if t != "position"]
     n_types = sum(weights.get(t, 1.0) > 0 for t in types)
     qtypes = _weighted_sample(types, weights, rng.randint(1, min(max_turns, n_types)), rng)
+    # a description names every object in order: asked last, so no answer after it can be read off its text
+    qtypes.sort(key=lambda t: t == "describe")
     msgs, first = [], None
     for k, qt in enumerate(qtypes):
         q, a = D.scene_question(scene, qt, rng)
@@ -110,8 +112,10 @@ class TrainExamples:
     """Training examples by global index: a digit question with probability digit_share, else a scene
     conversation (1-3 questions about one scene, question types drawn by `weights`)."""
 
-    def __init__(self, seed: int, digit_share: float = 0.4, weights: dict[str, float] | None = None) -> None:
-        self.seed, self.digit_share, self.weights = seed, digit_share, weights
+    def __init__(
+        self, seed: int, digit_share: float = 0.4, weights: dict[str, float] | None = None, max_turns: int = 3
+    ) -> None:
+        self.seed, self.digit_share, self.weights, self.max_turns = seed, digit_share, weights, max_turns
         self.x, self.y = D.digits("train")
 
     def __call__(self, i: int) -> dict:
@@ -122,7 +126,7 @@ class TrainExamples:
         while True:
             s = D.random_scene(rng)
             if not s.held_out():
-                return scene_conversation(s, rng, weights=self.weights)
+                return scene_conversation(s, rng, self.max_turns, self.weights)
 
 
 def collate(

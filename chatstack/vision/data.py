@@ -37,9 +37,9 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ["circle", "square", "triangle"]
 QUESTION_TYPES = ["colour", "shape", "count", "position"]
-# training-only: where one object is on its own (left / middle / right band), a single look-up that the
-# relative position question composes twice
-AUX_QUESTION_TYPES = ["where"]
+# training-only questions: where one object is on its own (left / middle / right band), a single look-up that
+# the relative position question composes twice; and the whole scene described left to right (its caption)
+AUX_QUESTION_TYPES = ["where", "describe"]
 BANDS = ("left", "middle", "right")
 BAND_X = (5, 16, 26)  # the column bands' centres, pixels
 BUILTINS = ("digits", "scenes")
@@ -260,6 +260,8 @@ def scene_question(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, s
     if qtype == "where":
         o = rng.choice(objs)
         return f"Where is the {o.colour} {o.shape}?", BANDS[band_of(o)]
+    if qtype == "describe":
+        return "Describe the picture.", scene.caption()
     raise ValueError(f"unknown question type {qtype!r} (one of {', '.join(QUESTION_TYPES + AUX_QUESTION_TYPES)})")
 
 
