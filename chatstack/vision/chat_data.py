@@ -110,7 +110,7 @@ def scene_conversation(
 
 class TrainExamples:
     """Training examples by global index: a digit question with probability digit_share, else a scene
-    conversation (1-3 questions about one scene, question types drawn by `weights`)."""
+    conversation (1 to max_turns questions about one scene, their types drawn by `weights`)."""
 
     def __init__(
         self, seed: int, digit_share: float = 0.4, weights: dict[str, float] | None = None, max_turns: int = 3
