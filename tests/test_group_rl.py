@@ -180,6 +180,8 @@ def test_rl_command_resumes_exactly_and_logs_reward_and_kl(sft_ckpt, tmp_path):
         "count,compare",
         "--temperature",
         "1.5",
+        "--logit-scale-lr",
+        "1e-2",
     ]
     assert main(common + ["--out", str(tmp_path / "a"), "--iterations", "4"]) == 0
     assert main(common + ["--out", str(tmp_path / "b"), "--iterations", "2"]) == 0
@@ -190,6 +192,7 @@ def test_rl_command_resumes_exactly_and_logs_reward_and_kl(sft_ckpt, tmp_path):
     rows_a = [r for r in _rows(tmp_path / "a") if not r.get("eval")]
     assert rows_a == [r for r in _rows(tmp_path / "b") if not r.get("eval")]
     assert len(rows_a) == 4 and all("reward" in r and "kl" in r and "kept_frac" in r for r in rows_a)
+    assert any(r["logit_scale"] != 1.0 for r in rows_a)  # the scale trained, and resumed exactly (rows equal)
     assert all(r["engine_logprob_err"] < 1e-4 for r in rows_a)
     conf = json.loads((tmp_path / "a" / "config.json").read_text())
     assert conf["stage"] == "rl" and conf["algo"] == "rloo"
@@ -268,3 +271,33 @@ def test_rl_with_lora_trains_the_adapters_and_the_final_norm(sft_ckpt, tmp_path)
     changed = {k for k in base if not torch.equal(base[k], got[k])}
     assert "norm_f.weight" in changed and any(k.endswith("attn.qkv.weight") for k in changed)
     assert all(k.startswith("norm_f.") or k.endswith("attn.qkv.weight") for k in changed), changed
+
+
+@pytest.mark.parametrize("family", ["nano", "nano-llama"])
+def test_logit_scale_is_a_temperature_and_its_gradient_is_the_chain_rule(family):
+    """LogitScale: dL/ds from the norm's gradients equals autograd through an explicit e^s on the logits, and a
+    step multiplies every logit by exactly e^(delta s) (LayerNorm with bias and RMSNorm alike)."""
+    from chatstack.rlhf.logit_scale import LogitScale
+    from tests.helpers import nano_model
+
+    model = nano_model(family)
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    y = torch.randint(0, model.config.vocab_size, (2, 8))
+    s = torch.zeros((), requires_grad=True)
+    logits, _ = model(x, targets=y)
+    (ds_ref,) = torch.autograd.grad(F.cross_entropy((logits * s.exp()).flatten(0, 1), y.flatten()), [s])
+    _, loss = model(x, targets=y)
+    loss.backward()
+    scale = LogitScale(model.norm_f, lr=0.1)
+    assert scale.grad() == pytest.approx(ds_ref.item(), rel=1e-4, abs=1e-7)
+    with torch.no_grad():
+        before, _ = model(x, targets=y)
+    ds = scale.step()
+    assert ds == pytest.approx(-0.1 if ds_ref.item() > 0 else 0.1, rel=1e-3)  # Adam's first step: lr * sign
+    with torch.no_grad():
+        after, _ = model(x, targets=y)
+    torch.testing.assert_close(after, before * torch.tensor(ds).exp(), rtol=1e-4, atol=1e-5)
+    assert scale.scale == pytest.approx(torch.tensor(ds).exp().item())
+    again = LogitScale(model.norm_f, lr=0.1)
+    again.load_state_dict(scale.state_dict())
+    assert again.state_dict() == scale.state_dict()

@@ -76,6 +76,24 @@ def test_kl_estimators_are_unbiased_and_k3_nonnegative():
     assert k3.var() < k1.var() or true_kl > 1.0  # k3's selling point when p ~ q
 
 
+def test_padding_with_extreme_logprobs_gives_finite_losses_and_gradients():
+    """Under a sharp policy a padding position's log-prob can sit ~100 nats from the reference's: e^100 is inf
+    in float32, and inf * 0 (the mask) is NaN. The k3 KL and the PPO ratio must ignore padding entirely."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    logp = torch.tensor([[-0.1, -0.2, -150.0, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-0.3, -0.1, -20.0, -3.0]])
+    old = torch.tensor([[-0.1, -0.2, 0.0, 0.0]])
+    kl = pc.reduce_loss(pc.kl_estimate(logp, ref, "k3", mask), mask, "token")
+    pg, _ = pc.policy_loss(logp, old, torch.ones(1, 4) * mask, mask)
+    (kl + pg).backward()
+    assert torch.isfinite(kl) and torch.isfinite(pg) and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 2:].abs().max() == 0
+    expect = pc.kl_estimate(logp[:, :2], ref[:, :2], "k3").mean()
+    assert torch.allclose(kl, expect)
+    rewards, k = pc.token_rewards(torch.tensor([1.0]), logp.detach(), ref, mask, 0.1, "k3")
+    assert torch.isfinite(rewards).all() and (k[0, 2:] == 0).all()
+
+
 def test_whiten():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])

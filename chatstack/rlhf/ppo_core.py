@@ -47,16 +47,22 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return out * mask.to(x.dtype)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+def kl_estimate(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1", mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from samples of pi: log-probs of the sampled tokens under both.
 
     k1 = log pi - log ref        unbiased, can be negative on single samples
     k3 = (r - 1) - log r         with r = ref/pi: unbiased, always >= 0, lower variance when pi ~ ref
+    With `mask`, positions off the mask give 0: padding's log-probs are arbitrary, and under a sharp policy
+    e^(log r) there overflows to inf, which a later `* mask` turns into NaN (in the gradient too).
     """
     if kind == "k1":
-        return logp - ref_logp
+        return (logp - ref_logp) if mask is None else (logp - ref_logp) * mask
     if kind == "k3":
         log_r = ref_logp - logp
+        if mask is not None:
+            log_r = log_r * mask
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {kind!r}; use 'k1' or 'k3'")
 
@@ -80,7 +86,7 @@ def token_rewards(
     Returns (rewards, kl) with kl the per-token estimate (masked to 0 on padding).
     """
     m = mask.to(logp.dtype)
-    kl = kl_estimate(logp, ref_logp, kl_kind) * m
+    kl = kl_estimate(logp, ref_logp, kl_kind, m)
     rewards = -kl_coef * kl
     idx = last_index(mask)
     rewards = rewards.scatter_add(1, idx[:, None], score[:, None].to(rewards.dtype))
@@ -141,7 +147,7 @@ def policy_loss(
     horizon: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate (a loss to minimise), with clip fraction and approx-KL (k3, old||new)."""
-    log_ratio = logp - old_logp
+    log_ratio = (logp - old_logp) * mask  # padding's log-probs are arbitrary: keep e^x finite there
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)

@@ -53,6 +53,7 @@ from chatstack.evals.sampled import evaluate_questions, task_questions
 from chatstack.infer.engine import Engine, SamplingParams
 from chatstack.rlhf import ppo_core as pc
 from chatstack.rlhf.group import ALGOS, group_advantages
+from chatstack.rlhf.logit_scale import LogitScale
 from chatstack.rlhf.reward_model import load_reward_model
 from chatstack.rlhf.rollout import PolicyWithValue, build_rows, rollout, score_rows
 from chatstack.stages.label import LabelConfig, file_prompts, judge_score, label, task_prompts
@@ -137,6 +138,13 @@ class PPOConfig(LoraArgs):
             "(how sharp sampling is): Adam moves each parameter by about lr per step, so at the body's lr "
             "sharpening the whole distribution takes thousands of iterations (docs/rlhf.md); with --lora-rank "
             "a multiplier other than 1 also trains the final norm in full (it is saved in the weights)"
+        },
+    )
+    logit_scale_lr: float = field(
+        default=0.0,
+        metadata={
+            "help": "lr of a learned scalar logit scale (the final norm's overall gain: how sharply the policy "
+            "samples; chatstack.rlhf.logit_scale); 0 = off"
         },
     )
     grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
@@ -369,6 +377,7 @@ def policy_update(
     cfg: PPOConfig,
     g: torch.Generator,
     ptx_tokens: torch.Tensor | None = None,
+    scale: LogitScale | None = None,
 ) -> dict[str, float]:
     """`ppo_epochs` passes of minibatch updates over the kept answers of a rollout, shared by every algorithm:
     the clipped surrogate (for one epoch over fresh samples the ratio is 1 and it is the plain policy gradient),
@@ -402,7 +411,7 @@ def policy_update(
                 loss = loss + cfg.vf_coef * vf
                 parts.update(value_loss=vf.item(), **s2)
             if kl_in_loss:
-                kl = pc.reduce_loss(pc.kl_estimate(logp, ro.ref_logp[mb, :R], "k3"), m, cfg.loss_norm, horizon)
+                kl = pc.reduce_loss(pc.kl_estimate(logp, ro.ref_logp[mb, :R], "k3", m), m, cfg.loss_norm, horizon)
                 loss = loss + kl_coef * kl
                 parts["kl_loss"] = kl.item()
             with torch.no_grad():
@@ -433,6 +442,8 @@ def policy_update(
                 loss = loss + cfg.ptx_coef * ptx
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if scale is not None:
+                scale.step()  # from the unclipped gradients; rescales the final norm before opt.step
             gn = torch.nn.utils.clip_grad_norm_(
                 policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             )
@@ -459,6 +470,7 @@ def ppo_iteration(
     cfg: PPOConfig,
     g: torch.Generator,
     ptx_tokens: torch.Tensor | None = None,
+    scale: LogitScale | None = None,
 ) -> dict[str, float]:
     """One iteration of any algorithm: rollout (prompts laid out group by group for rloo/grpo) -> scores ->
     advantages -> policy_update. `rm` is any module rm(idx, lengths, starts) -> (B,) scores. Returns metrics."""
@@ -469,7 +481,11 @@ def ppo_iteration(
     score = ro.score - cfg.no_eos_penalty * (1.0 - ro.ended)
     adv, ret, keep = advantages(ro, score, cfg, kl_ctl)
     kl_seq = ((ro.logp - ro.ref_logp) * ro.mask).sum(1)  # k1 per answer (B,)
-    upd = policy_update(policy, ref, ro, adv, ret, keep, opt, kl_ctl.value, cfg, g, ptx_tokens) if keep.any() else {}
+    upd = (
+        policy_update(policy, ref, ro, adv, ret, keep, opt, kl_ctl.value, cfg, g, ptx_tokens, scale)
+        if keep.any()
+        else {}
+    )
     kl_mean = kl_seq.mean().item()
     kl_ctl.update(kl_mean, len(ro))
     row = {
@@ -483,6 +499,7 @@ def ppo_iteration(
         "engine_logprob_err": ro.engine_logprob_err,
         "kept_frac": keep.float().mean().item(),
         **upd,
+        **({"logit_scale": scale.scale} if scale is not None else {}),
         "rollout_s": round(t_roll, 3),
     }
     return row
@@ -542,6 +559,11 @@ def run_ppo(cfg: PPOConfig) -> Path:
         for p in policy.lm.norm_f.parameters():
             p.requires_grad_(True)  # LoRA froze it; its gain is the logits' scale, the cheapest knob to sharpen
             p.lr_scale = cfg.final_norm_lr_mult  # its own optimizer group (chatstack.train.optim.param_groups)
+    scale = None
+    if cfg.logit_scale_lr > 0:
+        for p in policy.lm.norm_f.parameters():
+            p.requires_grad_(True)  # before the optimizer is built, so opt.zero_grad clears their gradients
+        scale = LogitScale(policy.lm.norm_f, cfg.logit_scale_lr)
     opt = build_adamw(policy, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     kl_ctl = pc.make_kl_controller(cfg.kl_coef, cfg.target_kl or None, cfg.kl_horizon)
 
@@ -558,6 +580,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         policy.value_head.load_state_dict(st["value_head"])
         opt.load_state_dict(st["optimizer"])
         kl_ctl.load_state_dict(st["kl_ctl"])
+        if scale is not None and st.get("logit_scale") is not None:
+            scale.load_state_dict(st["logit_scale"])
         if isinstance(rm, JudgeReward):
             rm.centre = st.get("judge_centre")
         if st.get("pool_keep") is not None:
@@ -627,6 +651,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
                 "kl_ctl": kl_ctl.state_dict(),
                 "judge_centre": getattr(rm, "centre", None),
                 "pool_keep": pool_keep,
+                "logit_scale": scale.state_dict() if scale is not None else None,
             }
         }
         conf = dict(ckpt_config)
@@ -658,6 +683,8 @@ def run_ppo(cfg: PPOConfig) -> Path:
         lr = lr_at(it, cfg.lr, cfg.lr, cfg.warmup, max_iters)
         for gr in opt.param_groups:
             gr["lr"] = lr * gr.get("lr_scale", 1.0)
+        if scale is not None:
+            scale.lr_factor = lr / cfg.lr
         g = torch.Generator().manual_seed(_seed(cfg.seed, it, 2))
         pick = torch.randint(0, len(pool), (cfg.rollout_batch,), generator=g).tolist()
         pick = [j for j in pick for _ in range(cfg.group)]  # a group's answers sit next to each other
@@ -684,6 +711,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
             cfg,
             g,
             tr_tokens if cfg.ptx_coef > 0 else None,
+            scale,
         )
         it += 1
         row = {

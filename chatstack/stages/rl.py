@@ -11,9 +11,11 @@ minus the mean of its K-1 siblings (RLOO) or of its group (GRPO, no std scaling 
 groups whose K rewards are all equal are dropped; no critic; the KL to the frozen SFT model is in the loss
 (k3, weight `--kl-coef`); each answer's token losses are summed (`--loss-norm sum`: the policy gradient of
 the whole answer, whatever its length); small steps (lr 2e-5, two passes of minibatch 64 per rollout) with the
-final norm, which scales the logits, at 50x the lr. metrics.jsonl has per iteration
+final norm at 50x the lr, and one learned scalar for the scale of all the logits (`--logit-scale-lr`, an Adam
+step of its own on the final norm's overall gain: sampling at T = 1 from a policy whose logits RL has scaled
+by e^s is sampling the SFT model at T = e^-s, the sharpening RL does at this size). metrics.jsonl has per iteration
 `reward` (mean score), `kl` (k1 nats per answer to the reference), `kept_frac` (answers in groups with a
-signal), `entropy`, `response_length`, ... The defaults were chosen by the sweep in docs/rlhf.md.
+signal), `entropy`, `response_length`, `logit_scale`, ... The defaults were chosen by the sweep in docs/rlhf.md.
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ class RLConfig(PPOConfig):
         },
     )
     warmup: int = field(default=5, metadata={"help": "warmup iterations (Adam's first steps are the largest)"})
-    kl_coef: float = field(default=0.05, metadata={"help": "weight of the k3 KL to the reference in the loss"})
+    logit_scale_lr: float = field(
+        default=2e-2,
+        metadata={
+            "help": "lr of the learned logit scale (one scalar: how sharply the policy samples; "
+            "chatstack.rlhf.logit_scale); 0 = off"
+        },
+    )
+    kl_coef: float = field(default=0.01, metadata={"help": "weight of the k3 KL to the reference in the loss"})
     iterations: int = field(default=40, metadata={"help": "iterations (rollout + update)"})
     time_budget: float = field(default=0.0, metadata={"help": "seconds for the whole run, evals included (0 = none)"})
     eval_every: int = field(default=0, metadata={"help": "held-out eval every N iterations (0 = start and end only)"})
