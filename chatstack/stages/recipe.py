@@ -136,11 +136,13 @@ RECIPE_STAGES = {
         ),
         Stage(
             "rl",
-            # the best method of docs/rlhf.md's comparison: RLOO against the built-in judge, LoRA on the policy
+            # the best method of docs/rlhf.md's comparison: RLOO against the built-in judge, LoRA on the policy; the
+            # KL weight and the logit scale as measured for this recipe (docs/finetune.md), not chatstack rl's
+            # newer defaults (a learned logit scale, KL 0.01), which were measured on the speedrun's model only
             lambda r: (
                 ["rl", "--policy", r.p("sft"), "--reward", "judge", "--algo", "rloo", "--out", r.p("rl"), *LORA]
                 + ["--group", "4", "--rollout-batch", "8", "--minibatch", "16", "--max-new-tokens", "48"]
-                + ["--lr", "1e-4", "--seed", "0"]
+                + ["--lr", "1e-4", "--seed", "0", "--kl-coef", "0.05", "--logit-scale-lr", "0"]
                 + (
                     r.pick(["--iterations", "1", "--eval-n", "2", "--time-budget", "0"])
                     or ["--iterations", "60", "--eval-n", "8", "--save-every", "5", "--time-budget", "0"]

@@ -248,6 +248,7 @@ HEADLINE_ROWS = (
     ("rl_reward_first", "RL mean judge score, first iterations"),
     ("rl_reward_last", "RL mean judge score, last iterations (no overlap with the first)"),
     ("rl_kl", "RL mean KL to the reference, last iterations (nats per answer)"),
+    ("rl_logit_scale", "RL learned logit scale e^s at the end (samples at T = 1 as the SFT model at T = e^-s)"),
 )
 
 
