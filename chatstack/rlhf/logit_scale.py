@@ -1,6 +1,6 @@
 """A learned logit scale for RL: one scalar that sharpens (or flattens) the policy's whole distribution.
 
-    scale = LogitScale(policy.lm.norm_f, lr=5e-3)
+    scale = LogitScale(policy.lm.norm_f, lr=2e-2)           # chatstack rl's default
     loss.backward(); scale.step(); opt.step()        # before the optimizer's step, from the same gradients
 
 The final norm's output is the only input of the tied output layer, so multiplying its gain (and bias) by
